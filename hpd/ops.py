@@ -1,0 +1,254 @@
+"""A minimal array-ops shim so that the objectives run on torch tensors and mlx arrays.
+
+Arithmetic, comparisons and `&`/`|` work the same on both frameworks, so the shim
+only covers what is spelled differently. The framework is chosen from the array's
+type; neither torch nor mlx is imported until an array of theirs arrives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Log-probabilities are floored here before they meet a zero probability: exp(-1e4)
+# is 0 in every float format, so no value changes, but 0 * (-inf) can no longer
+# produce NaN where the vocabulary is masked with -inf logits.
+LOG_FLOOR = -1e4
+
+
+class TorchOps:
+    name = "torch"
+
+    def __init__(self):
+        import torch
+
+        self.t = torch
+
+    def is_array(self, x) -> bool:
+        return isinstance(x, self.t.Tensor)
+
+    def compute_dtype(self, x):
+        return self.t.float64 if x.dtype == self.t.float64 else self.t.float32
+
+    def astype(self, x, dtype):
+        return x.to(dtype)
+
+    def float_dtype(self, x):
+        return x.dtype
+
+    def int_array(self, x):
+        return x.long()
+
+    def log_softmax(self, x):
+        return self.t.log_softmax(x, dim=-1)
+
+    def logsumexp(self, x):
+        return self.t.logsumexp(x, dim=-1)
+
+    def exp(self, x):
+        return self.t.exp(x)
+
+    def log(self, x):
+        return self.t.log(x)
+
+    def sigmoid(self, x):
+        return self.t.sigmoid(x)
+
+    def sign(self, x):
+        return self.t.sign(x)
+
+    def abs(self, x):
+        return self.t.abs(x)
+
+    def maximum(self, x, value):
+        if not self.is_array(value):
+            value = self.t.tensor(value, dtype=x.dtype, device=x.device)
+        return self.t.maximum(x, value)
+
+    def where(self, cond, x, y):
+        return self.t.where(cond, x, y)
+
+    def sum(self, x, axis=None):
+        return x.sum() if axis is None else x.sum(dim=axis)
+
+    def max(self, x):
+        return x.max()
+
+    def min(self, x):
+        return x.min()
+
+    def cumsum(self, x):
+        return self.t.cumsum(x, dim=-1)
+
+    def argsort_desc(self, x):
+        return self.t.argsort(x, dim=-1, descending=True)
+
+    def take(self, x, idx):
+        """x: (..., V), idx: (...) -> (...): x[..., idx]."""
+        return self.t.gather(x, -1, idx.unsqueeze(-1)).squeeze(-1)
+
+    def take_along(self, x, idx):
+        """x: (..., V), idx: (..., K) -> (..., K)."""
+        return self.t.gather(x, -1, idx)
+
+    def put(self, shape_like, idx, values):
+        """Zeros shaped like `shape_like` (..., V) with `values` (...) added at `idx` (...)."""
+        out = self.t.zeros_like(shape_like)
+        return out.scatter_add(-1, idx.unsqueeze(-1), values.unsqueeze(-1))
+
+    def stop_gradient(self, x):
+        return x.detach()
+
+    def zeros_like(self, x):
+        return self.t.zeros_like(x)
+
+    def full_like(self, x, value):
+        return self.t.full_like(x, value)
+
+    def argmax(self, x):
+        return x.argmax(dim=-1)
+
+    def gumbel_like(self, x, generator=None):
+        # -log(-log(U)) with U in (0, 1); torch.rand can return exactly 0.
+        u = self.t.rand(x.shape, dtype=self.t.float32, device=x.device, generator=generator)
+        tiny = self.t.finfo(self.t.float32).tiny
+        return -self.t.log(-self.t.log(u.clamp(min=tiny, max=1.0 - 1e-7))).to(x.dtype)
+
+    def item(self, x) -> float:
+        return float(x.detach().item())
+
+    def count(self, mask) -> float:
+        return float(mask.sum().item())
+
+    def shape(self, x) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    def no_grad(self):
+        return self.t.no_grad()
+
+
+class MlxOps:
+    name = "mlx"
+
+    def __init__(self):
+        import mlx.core as mx
+
+        self.mx = mx
+
+    def is_array(self, x) -> bool:
+        return isinstance(x, self.mx.array)
+
+    def compute_dtype(self, x):
+        # mlx has float64 on the CPU only; keep it when given, else compute in float32.
+        return self.mx.float64 if x.dtype == getattr(self.mx, "float64", None) else self.mx.float32
+
+    def astype(self, x, dtype):
+        return x.astype(dtype)
+
+    def float_dtype(self, x):
+        return x.dtype
+
+    def int_array(self, x):
+        return x.astype(self.mx.int32)
+
+    def log_softmax(self, x):
+        return x - self.mx.logsumexp(x, axis=-1, keepdims=True)
+
+    def logsumexp(self, x):
+        return self.mx.logsumexp(x, axis=-1)
+
+    def exp(self, x):
+        return self.mx.exp(x)
+
+    def log(self, x):
+        return self.mx.log(x)
+
+    def sigmoid(self, x):
+        return self.mx.sigmoid(x)
+
+    def sign(self, x):
+        return self.mx.sign(x)
+
+    def abs(self, x):
+        return self.mx.abs(x)
+
+    def maximum(self, x, value):
+        return self.mx.maximum(x, value)
+
+    def where(self, cond, x, y):
+        return self.mx.where(cond, x, y)
+
+    def sum(self, x, axis=None):
+        return self.mx.sum(x) if axis is None else self.mx.sum(x, axis=axis)
+
+    def max(self, x):
+        return self.mx.max(x)
+
+    def min(self, x):
+        return self.mx.min(x)
+
+    def cumsum(self, x):
+        return self.mx.cumsum(x, axis=-1)
+
+    def argsort_desc(self, x):
+        return self.mx.argsort(-x, axis=-1)
+
+    def take(self, x, idx):
+        return self.mx.take_along_axis(x, idx[..., None], axis=-1)[..., 0]
+
+    def take_along(self, x, idx):
+        return self.mx.take_along_axis(x, idx, axis=-1)
+
+    def put(self, shape_like, idx, values):
+        # one_hot(idx) * values: (..., V); used only on chunk-sized arrays.
+        vocab = shape_like.shape[-1]
+        hot = idx[..., None] == self.mx.arange(vocab)
+        return self.mx.where(hot, values[..., None], self.mx.zeros_like(shape_like))
+
+    def stop_gradient(self, x):
+        return self.mx.stop_gradient(x)
+
+    def zeros_like(self, x):
+        return self.mx.zeros_like(x)
+
+    def full_like(self, x, value):
+        return self.mx.full(x.shape, value, dtype=x.dtype)
+
+    def argmax(self, x):
+        return self.mx.argmax(x, axis=-1)
+
+    def gumbel_like(self, x, generator=None):
+        key = generator if generator is not None else None
+        return self.mx.random.gumbel(shape=x.shape, dtype=x.dtype, key=key)
+
+    def item(self, x) -> float:
+        return float(x.item())
+
+    def count(self, mask) -> float:
+        return float(self.mx.sum(mask).item())
+
+    def shape(self, x) -> tuple[int, ...]:
+        return tuple(x.shape)
+
+    def no_grad(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+_OPS: dict[str, Any] = {}
+
+
+def ops_for(x) -> TorchOps | MlxOps:
+    """The shim for the framework that owns array `x`."""
+    module = type(x).__module__ or ""
+    root = module.split(".")[0]
+    if root not in ("torch", "mlx"):
+        raise TypeError(
+            f"expected a torch tensor or an mlx array, got {type(x).__module__}.{type(x).__name__}"
+        )
+    if root not in _OPS:
+        _OPS[root] = TorchOps() if root == "torch" else MlxOps()
+    return _OPS[root]
+
+
+__all__ = ["ops_for", "TorchOps", "MlxOps", "LOG_FLOOR"]
