@@ -1,0 +1,290 @@
+"""The torch backend: transformers models, AdamW, generate, safetensors state."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from hpd.backend import Outputs
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name != "auto":
+        if name == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("--device cuda: CUDA is not available on this machine")
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_model_path(path: str) -> str:
+    """A local model folder, or a hub id (org/name); anything else fails clearly."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} exists but holds no config.json: not a model folder")
+        return str(p)
+    if not path or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    return path  # a hub id such as Qwen/Qwen2.5-1.5B
+
+
+def from_pretrained(loader, path: str, **kwargs):
+    resolved = resolve_model_path(path)
+    try:
+        return loader.from_pretrained(resolved, **kwargs)
+    except OSError as e:
+        if resolved == str(Path(path).expanduser()) and Path(resolved).exists():
+            raise
+        raise FileNotFoundError(f"{path!r} is not a local folder, and loading it as a hub id failed: {e}") from e
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, config=None):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # our own bar is the one that matters
+        self.config = config
+        self.device = pick_device(getattr(config, "device", "auto"))
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+
+    # ------------------------------------------------------------------ loading
+    def seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+
+    def load_tokenizer(self, path: str):
+        from transformers import AutoTokenizer
+
+        return from_pretrained(AutoTokenizer, path)
+
+    def dtype_for(self, name: str) -> torch.dtype:
+        if name == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        return _DTYPES[name]
+
+    def load_model(self, path: str, *, trainable: bool, dtype: str = "auto", quantize: int = 0):
+        from transformers import AutoModelForCausalLM
+
+        if quantize:
+            raise ValueError("--teacher-quantize is supported by the mlx backend only")
+        model = from_pretrained(AutoModelForCausalLM, path, dtype=self.dtype_for(dtype))
+        model.to(self.device)
+        if trainable:
+            model.train()
+            if getattr(self.config, "gradient_checkpointing", False):
+                model.gradient_checkpointing_enable()
+                model.config.use_cache = False
+        else:
+            model.eval()
+            model.requires_grad_(False)
+        return model
+
+    def vocab_size(self, model) -> int:
+        return int(model.get_output_embeddings().weight.shape[0])
+
+    def supports_chunked(self, model) -> bool:
+        """Plain linear head without bias or logit scaling: logits = hidden @ W.T."""
+        head = model.get_output_embeddings()
+        cfg = model.config
+        plain = isinstance(head, torch.nn.Linear) and head.bias is None
+        scaled = any(getattr(cfg, k, None) not in (None, 1.0, 0.0)
+                     for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
+        try:
+            import hpd.chunked  # noqa: F401
+        except ImportError:
+            return False
+        return plain and not scaled
+
+    # ------------------------------------------------------------------ compute
+    def to_arrays(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        return {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
+
+    def _run(self, model, batch, hidden: bool) -> Outputs:
+        if hidden:
+            base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+            h = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            return Outputs(hidden=h, head=model.get_output_embeddings().weight)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        return Outputs(logits=out.logits)
+
+    def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
+        with torch.no_grad():
+            return self._run(model, batch, hidden)
+
+    def forward_backward(self, model, batch, loss_fn, *, hidden: bool = False):
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
+            and next(model.parameters()).dtype == torch.float32 else _null()
+        with autocast:
+            out = self._run(model, batch, hidden)
+        loss, metrics = loss_fn(out)
+        loss.backward()
+        return float(loss.detach()), metrics
+
+    # ------------------------------------------------------------------ optimisation
+    def make_optimizer(self, model, config):
+        decay, no_decay = [], []
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                (no_decay if p.ndim < 2 else decay).append(p)
+        groups = [{"params": decay, "weight_decay": config.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
+                                 eps=config.adam_eps)
+
+    def optimizer_step(self, model, optimizer, lr: float, max_grad_norm: float) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def zero_grad(self, model, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    def all_reduce_sum(self, value: float) -> float:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def barrier(self) -> None:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, model, tokenizer, prompts, *, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, greedy: bool = False):
+        """Continuations of token-id prompts, cut after EOS (left padding, KV cache).
+
+        Plain temperature sampling unless top_p/top_k are set: transformers' own
+        default of top_k=50 is overridden explicitly."""
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        pad = eos if pad is None else pad
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[i, width - len(p):] = 1
+        kwargs = dict(do_sample=False) if greedy else dict(
+            do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+                                 use_cache=True, **kwargs)
+        model.train(was_training)
+        result = []
+        for row in out[:, width:].tolist():
+            result.append(row[: row.index(eos) + 1] if eos in row else row)
+        return result
+
+    # ------------------------------------------------------------------ state
+    def save_model(self, model, tokenizer, folder: Path) -> None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(folder, safe_serialization=True, max_shard_size="4GB")
+        tokenizer.save_pretrained(folder)
+        from hpd.export import fix_config, write_generation_config
+
+        fix_config(folder)
+        write_generation_config(folder, tokenizer)
+
+    def save_training_state(self, model, optimizer, folder: Path) -> None:
+        sd = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{idx}.{k}"] = v.detach().to("cpu").contiguous()
+                else:
+                    scalars[f"{idx}.{k}"] = v
+        save_file(tensors, str(Path(folder) / "optimizer.safetensors"))
+        meta = {"param_groups": [{k: v for k, v in g.items()} for g in sd["param_groups"]], "scalars": scalars}
+        (Path(folder) / "optimizer.json").write_text(json.dumps(meta, default=_json_default))
+
+    def load_training_state(self, model, optimizer, folder: Path) -> None:
+        folder = Path(folder)
+        tensors = load_file(str(folder / "optimizer.safetensors"))
+        meta = json.loads((folder / "optimizer.json").read_text())
+        state: dict[int, dict] = {}
+        for key, v in tensors.items():
+            idx, k = key.split(".", 1)
+            state.setdefault(int(idx), {})[k] = v.to(self.device) if k != "step" else v
+        for key, v in meta["scalars"].items():
+            idx, k = key.split(".", 1)
+            state.setdefault(int(idx), {})[k] = v
+        groups = meta["param_groups"]
+        for g in groups:
+            if isinstance(g.get("betas"), list):
+                g["betas"] = tuple(g["betas"])
+        optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+    def rng_state(self) -> dict[str, np.ndarray]:
+        state = {"torch": torch.get_rng_state().numpy(),
+                 "numpy": np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8),
+                 "python": np.frombuffer(json.dumps(_py_state()).encode(), dtype=np.uint8)}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state().numpy()
+        return state
+
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
+        torch.set_rng_state(torch.from_numpy(np.asarray(state["torch"], dtype=np.uint8)))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(torch.from_numpy(np.asarray(state["cuda"], dtype=np.uint8)))
+        _set_np_state(json.loads(bytes(state["numpy"]).decode()))
+        _set_py_state(json.loads(bytes(state["python"]).decode()))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _json_default(v):
+    if torch.is_tensor(v):
+        return v.tolist()
+    if isinstance(v, (np.generic,)):
+        return v.item()
+    raise TypeError(f"cannot store {type(v).__name__} as JSON")
+
+
+def _np_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_np_state(s):
+    np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+
+
+def _py_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_py_state(s):
+    random.setstate((s[0], tuple(s[1]), s[2]))

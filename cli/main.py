@@ -1,0 +1,47 @@
+"""The `hpd` command: each subcommand lives in its own module; this file only dispatches."""
+
+from __future__ import annotations
+
+import click
+
+from hpd import __version__
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="hpd")
+def cli():
+    """Distil a large language model into a small one (Hybrid Policy Distillation).
+
+    \b
+    hpd distill --recipe tiny                 the embedded tiny default, no download
+    hpd distill --teacher T --student S --data train.jsonl --out students/s
+    hpd export students/s/checkpoints/step-100 --out students/s-100
+    """
+
+
+def _register():
+    from hpd.cli.distill import distill
+    from hpd.cli.export import export
+
+    cli.add_command(distill)
+    cli.add_command(export)
+    for module, name in (("hpd.cli.evaluate", "evaluate"), ("hpd.cli.generate", "generate"),
+                         ("hpd.cli.plot", "plot")):
+        try:
+            mod = __import__(module, fromlist=[name])
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue
+        cli.add_command(getattr(mod, name))
+
+
+_register()
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

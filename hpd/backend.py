@@ -1,0 +1,96 @@
+"""The backend interface: what the training loop needs from torch or mlx.
+
+A backend is a second implementation of this Protocol, never a second loop.
+Arrays crossing the interface from the core are numpy; arrays going back into
+`hpd.loss` are the backend's own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+
+@dataclass
+class Outputs:
+    """A model's outputs for a batch: logits (B, T, V), or final hidden states (B, T, H)
+    with the output-projection weight (V, H) for the chunked loss."""
+
+    logits: Any = None
+    hidden: Any = None
+    head: Any = None
+
+
+LossFn = Callable[[Outputs], "tuple[Any, dict[str, float]]"]
+
+
+class Backend(Protocol):
+    name: str
+    rank: int
+    world_size: int
+
+    def seed(self, seed: int) -> None: ...
+
+    def load_tokenizer(self, path: str) -> Any: ...
+
+    def load_model(self, path: str, *, trainable: bool, dtype: str, quantize: int = 0) -> Any: ...
+
+    def vocab_size(self, model) -> int: ...
+
+    def supports_chunked(self, model) -> bool: ...
+
+    def to_arrays(self, batch: dict[str, np.ndarray]) -> dict[str, Any]: ...
+
+    def forward(self, model, batch: dict[str, Any], *, hidden: bool = False) -> Outputs:
+        """Outputs without gradient (teacher, evaluation)."""
+        ...
+
+    def forward_backward(self, model, batch: dict[str, Any], loss_fn: LossFn, *, hidden: bool = False
+                         ) -> tuple[float, dict[str, float]]:
+        """Student forward, loss_fn, backward; gradients accumulate until optimizer_step."""
+        ...
+
+    def make_optimizer(self, model, config) -> Any: ...
+
+    def optimizer_step(self, model, optimizer, lr: float, max_grad_norm: float) -> float:
+        """Clip, step, zero the gradients; returns the pre-clip global gradient norm."""
+        ...
+
+    def zero_grad(self, model, optimizer) -> None: ...
+
+    def generate(self, model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
+                 temperature: float, top_p: float, top_k: int, seed: int) -> list[list[int]]:
+        """Sampled continuations (token ids, without the prompt, cut after EOS)."""
+        ...
+
+    def save_model(self, model, tokenizer, folder: Path) -> None:
+        """config.json, safetensors weights, tokenizer files: a folder both ecosystems load."""
+        ...
+
+    def save_training_state(self, model, optimizer, folder: Path) -> None: ...
+
+    def load_training_state(self, model, optimizer, folder: Path) -> None: ...
+
+    def rng_state(self) -> dict[str, np.ndarray]: ...
+
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None: ...
+
+    def all_reduce_sum(self, value: float) -> float: ...
+
+    def barrier(self) -> None: ...
+
+
+def get_backend(name: str, config=None) -> Backend:
+    """The backend named `name`, imported only now."""
+    if name == "torch":
+        from hpd.backends.torch import TorchBackend
+
+        return TorchBackend(config)
+    if name == "mlx":
+        from hpd.backends.mlx import MlxBackend
+
+        return MlxBackend(config)
+    raise ValueError(f"unknown backend {name!r}; allowed: torch, mlx")

@@ -1,0 +1,198 @@
+"""The run configuration: the single source of defaults, help text and range checks.
+
+A recipe YAML holds these fields; the CLI builds its options from them, and only the
+flags a user sets override the recipe.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _f(default, help: str, choices: tuple | None = None, low=None, high=None, low_open=False, cli=True):
+    meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "cli": cli}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DistillConfig:
+    # what to distil
+    teacher: str = _f("", "teacher model: a local folder or a hub id")
+    student: str = _f("", "student initialisation: a local folder or a hub id")
+    data: str = _f("", "training data, JSONL rows of {messages}, {prompt, completion} or {text}")
+    out: str = _f("", "output folder: final student at the top, checkpoints/, metrics.jsonl, config.yaml")
+    backend: str = _f("torch", "training backend", choices=("torch", "mlx"))
+    method: str = _f("hpd", "distillation objective (see `hpd.METHODS`)")
+    method_params: dict = _f({}, "parameters of the method, e.g. {beta: 0.5} for jsd", cli=False)
+    temperature: float = _f(1.0, "softmax temperature applied to both models", low=0.0, low_open=True)
+    schedule: dict = _f({}, "hybrid sampling schedule (on-policy fraction, objective phases)", cli=False)
+    # how long
+    steps: int = _f(0, "optimizer steps; 0 means derive from --epochs", low=0)
+    epochs: float = _f(1.0, "passes over the data when --steps is 0", low=0.0, low_open=True)
+    batch_size: int = _f(8, "sequences per micro-batch (per process)", low=1)
+    grad_accum: int = _f(1, "micro-batches per optimizer step", low=1)
+    max_length: int = _f(1024, "longest sequence in tokens; longer rows are truncated", low=2)
+    group_by_length: bool = _f(False, "batch rows of similar length together (less padding)")
+    # optimisation
+    lr: float = _f(1e-5, "peak learning rate", low=0.0, low_open=True)
+    lr_schedule: str = _f("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
+    warmup_ratio: float = _f(0.0, "fraction of steps of linear warmup", low=0.0, high=1.0)
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of the peak", low=0.0, high=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay", low=0.0)
+    adam_beta1: float = _f(0.9, "AdamW beta1", low=0.0, high=1.0)
+    adam_beta2: float = _f(0.999, "AdamW beta2", low=0.0, high=1.0)
+    adam_eps: float = _f(1e-8, "AdamW epsilon", low=0.0, low_open=True)
+    max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables", low=0.0)
+    seed: int = _f(0, "seed for data order, sampling and schedule decisions")
+    # evaluation, checkpoints, logs
+    eval_data: str = _f("", "held-out JSONL for evaluation (same formats as --data)")
+    eval_every: int = _f(0, "evaluate every N steps (0: only at the end, when --eval-data is set)", low=0)
+    save_every: int = _f(0, "checkpoint every N steps (0: only at the end)", low=0)
+    keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", low=1)
+    resume: bool = _f(False, "continue from the latest checkpoint in --out")
+    overwrite: bool = _f(False, "replace what is in --out (never done silently)")
+    max_bad_steps: int = _f(5, "stop after this many consecutive NaN/Inf losses", low=1)
+    # hardware and memory
+    dtype: str = _f("auto", "model dtype (auto: bfloat16 on CUDA, float32 elsewhere)",
+                    choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = _f("auto", "device for the torch backend", choices=("auto", "cpu", "cuda", "mps"))
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
+    chunked: str = _f("auto", "chunked loss from hidden states (never holds batch x length x vocab)",
+                      choices=("auto", "on", "off"))
+    chunk_size: int = _f(1024, "positions per chunk on the chunked path", low=1)
+    teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
+    progress: bool = _f(True, "show a progress bar")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(cls.field_names())}"
+            )
+        return cls(**{k: _coerce(cls, k, v) for k, v in d.items()})
+
+    @classmethod
+    def from_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "DistillConfig":
+        path = resolve_recipe(path)
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: a recipe is a mapping of config fields, got {type(data).__name__}")
+        data = {**data, **(overrides or {})}
+        try:
+            return cls.from_dict(data)
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, *, require_paths: bool = True) -> "DistillConfig":
+        """Raise one ValueError listing every problem."""
+        from hpd.objectives import TEMPERATURE, get_method, resolve_params
+
+        errors = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            meta = f.metadata
+            choices, low, high = meta.get("choices"), meta.get("low"), meta.get("high")
+            if choices is not None and value not in choices:
+                errors.append(f"{f.name}={value!r}: allowed {', '.join(map(str, choices))}")
+            if low is not None and isinstance(value, (int, float)):
+                if isinstance(value, float) and math.isnan(value):
+                    errors.append(f"{f.name} is NaN")
+                elif value < low or (meta.get("low_open") and value == low):
+                    errors.append(f"{f.name}={value}: must be {'>' if meta.get('low_open') else '>='} {low}")
+            if high is not None and isinstance(value, (int, float)) and value > high:
+                errors.append(f"{f.name}={value}: must be <= {high}")
+        if require_paths:
+            for name in ("teacher", "student", "data", "out"):
+                if not getattr(self, name):
+                    errors.append(f"{name} is required (--{name.replace('_', '-')})")
+        try:
+            resolve_params(get_method(self.method), dict(self.method_params))
+            TEMPERATURE.check(self.method, "temperature", self.temperature)
+        except ValueError as e:
+            errors.append(str(e))
+        if self.schedule:
+            try:
+                self.schedule_config()
+            except ValueError as e:
+                errors.append(f"schedule: {e}")
+        if self.eval_every and not self.eval_data:
+            errors.append("eval_every is set but eval_data is not")
+        if errors:
+            raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
+        return self
+
+    def schedule_config(self):
+        from hpd.schedule import ScheduleConfig
+
+        return ScheduleConfig.from_dict(dict(self.schedule))
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file, or the name of one shipped with hpd (e.g. `tiny`)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    import hpd.recipes
+
+    folder = Path(next(iter(hpd.recipes.__path__)))
+    for candidate in (folder / str(path), folder / f"{path}.yaml"):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"recipe {str(path)!r} not found (neither a file nor a shipped recipe name)")
+
+
+def _coerce(cls, name: str, value):
+    """YAML gives ints for floats (lr: 1) and strings for numbers (1e-5); normalise."""
+    ftype = {f.name: f.type for f in dataclasses.fields(cls)}[name]
+    if value is None:
+        return _default(cls, name)
+    try:
+        if ftype in ("float", float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            return float(value)
+        if ftype in ("int", int) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            if float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if ftype in ("bool", bool):
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        if ftype in ("str", str):
+            return str(value)
+        if ftype in ("dict", dict):
+            if not isinstance(value, dict):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: expected {ftype}, got {value!r}") from None
+    return value
+
+
+def _default(cls, name):
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+__all__ = ["DistillConfig", "resolve_recipe"]

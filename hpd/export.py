@@ -1,0 +1,142 @@
+"""The exported student folder: the contract both backends write.
+
+config.json (with a top-level rope_theta, which mlx-lm reads), safetensors weights
+(sharded with an index when large), tokenizer files, generation_config.json and a
+README.md model card. It loads unchanged with `mlx_lm.load` and with transformers'
+`AutoModelForCausalLM.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from hpd.checkpoint import RNG_FILE, STATE_FILE
+
+TRAINING_FILES = {RNG_FILE, STATE_FILE, "optimizer.safetensors", "optimizer.json"}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
+def fix_config(folder: Path) -> None:
+    """Add a top-level rope_theta when transformers only wrote it inside rope_parameters."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if "rope_theta" not in config:
+        for key in ("rope_parameters", "rope_scaling"):
+            params = config.get(key)
+            if isinstance(params, dict) and "rope_theta" in params:
+                config["rope_theta"] = params["rope_theta"]
+                break
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def write_generation_config(folder: Path, tokenizer) -> None:
+    path = Path(folder) / "generation_config.json"
+    if path.exists():
+        return
+    gen = {"eos_token_id": tokenizer.eos_token_id}
+    if tokenizer.bos_token_id is not None:
+        gen["bos_token_id"] = tokenizer.bos_token_id
+    if tokenizer.pad_token_id is not None:
+        gen["pad_token_id"] = tokenizer.pad_token_id
+    path.write_text(json.dumps(gen, indent=2) + "\n")
+
+
+def check_model_folder(folder: Path) -> None:
+    """Fail clearly when a folder lacks what both ecosystems need to load it."""
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{folder}: no config.json")
+    if not list(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{folder}: no safetensors weights")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); mlx-lm would silently "
+            "build an empty tokenizer"
+        )
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_card(info: dict) -> str:
+    params = info.get("method_params") or {}
+    params_text = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
+    metrics = info.get("final_metrics") or {}
+    rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                     for k, v in metrics.items())
+    return f"""---
+library_name: transformers
+tags: [hpd, distillation]
+---
+# {info.get('name', 'hpd student')}
+
+Distilled with [hpd](https://pypi.org/project/hpd/) ({info.get('backend', '?')} backend).
+
+| | |
+|---|---|
+| teacher | `{info.get('teacher', '?')}` |
+| student initialisation | `{info.get('student', '?')}` |
+| method | `{info.get('method', '?')}` ({params_text}), temperature {info.get('temperature', 1.0)} |
+| data | `{info.get('data', '?')}` (sha256 `{info.get('data_sha256', '?')}`) |
+| steps | {info.get('steps', '?')} |
+
+## Final metrics
+
+| metric | value |
+|---|---|
+{rows}
+
+## Command
+
+```
+{info.get('command', '')}
+```
+
+Loads with `transformers.AutoModelForCausalLM.from_pretrained` and `mlx_lm.load`.
+"""
+
+
+def finalize(folder: Path, tokenizer, info: dict) -> None:
+    folder = Path(folder)
+    fix_config(folder)
+    write_generation_config(folder, tokenizer)
+    (folder / "README.md").write_text(model_card(info))
+    (folder / "hpd_export.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    check_model_folder(folder)
+
+
+def ensure_writable(folder: Path, overwrite: bool) -> None:
+    """Never write into a non-empty folder unless asked to."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{folder} is not empty; pass --overwrite to replace it")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
+    """`hpd export`: the checkpoint's student, without training state, as an exported folder."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    if not (checkpoint / STATE_FILE).exists():
+        raise FileNotFoundError(f"{checkpoint} is not an hpd checkpoint (no {STATE_FILE})")
+    check_model_folder(checkpoint)
+    ensure_writable(out, overwrite)
+    for p in checkpoint.iterdir():
+        if p.is_file() and p.name not in TRAINING_FILES:
+            shutil.copy2(p, out / p.name)
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    info = dict(state.get("run_info", {}))
+    info["steps"] = state.get("step")
+    from transformers import AutoTokenizer
+
+    finalize(out, AutoTokenizer.from_pretrained(str(out)), info)
+    return out

@@ -1,0 +1,100 @@
+"""Fixtures: a small BPE tokenizer and tiny random Llama / Qwen2 models, built offline."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+WORDS = ("the cat sat on a mat and the dog ran to it while one two three four five six seven "
+         "eight nine ten plus minus equals answer is what how many apples pears has gives").split()
+
+
+def corpus(n: int = 400, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+def build_tokenizer(folder: Path, vocab_size: int = 200):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus(), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = (
+        "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+    )
+    fast.save_pretrained(folder)
+    return fast
+
+
+def build_model(folder: Path, tokenizer_dir: Path, *, family: str = "llama", hidden: int = 32,
+                layers: int = 2, vocab: int | None = None, tie: bool = False, seed: int = 0):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    vocab = vocab or len(tok)
+    cfg = AutoConfig.for_model(
+        family, vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 2,
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=tie, rope_theta=10000.0,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():  # larger random weights so teacher and student disagree clearly
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_theta"] = 10000.0
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def write_rows(path: Path, n: int = 64, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    texts = corpus(n * 2, seed + 1)
+    with open(path, "w") as fh:
+        for i in range(n):
+            kind = i % 3
+            if kind == 0:
+                row = {"prompt": texts[2 * i], "completion": texts[2 * i + 1]}
+            elif kind == 1:
+                row = {"text": texts[2 * i]}
+            else:
+                row = {"messages": [{"role": "user", "content": texts[2 * i]},
+                                    {"role": "assistant", "content": texts[2 * i + 1]}]}
+            fh.write(json.dumps(row) + "\n")
+    rng.random()
+    return path
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """Tokenizer, teacher/student pairs (llama untied, qwen2 tied), and a data file."""
+    root = tmp_path_factory.mktemp("assets")
+    tok_dir = root / "tokenizer"
+    build_tokenizer(tok_dir)
+    out = {"root": root, "tokenizer": tok_dir}
+    out["teacher"] = build_model(root / "teacher", tok_dir, hidden=48, layers=2, seed=1)
+    out["student"] = build_model(root / "student", tok_dir, hidden=32, layers=1, seed=2)
+    out["qwen_teacher"] = build_model(root / "qwen_teacher", tok_dir, family="qwen2", hidden=48,
+                                      layers=2, seed=3, tie=True, vocab=None)
+    out["qwen_student"] = build_model(root / "qwen_student", tok_dir, family="qwen2", hidden=32,
+                                      layers=1, seed=4, tie=True, vocab=None)
+    out["data"] = write_rows(root / "train.jsonl", 64)
+    out["held"] = write_rows(root / "held.jsonl", 16, seed=5)
+    return out
