@@ -3,17 +3,21 @@
 `import hpd` imports neither torch nor mlx; a backend is imported when first used.
 """
 
+from hpd.chunked import chunked_loss
 from hpd.losses import loss
 from hpd.objectives import METHODS
 
 __version__ = "0.1.0"
 
 
-def distill(config):
-    """Run a distillation from a `hpd.config.DistillConfig` (or a dict of its fields)."""
+def distill(config, **hooks):
+    """Run a distillation from a `hpd.config.DistillConfig` (or a dict of its fields).
+
+    Returns a dict with the output folder, the steps run, the final metrics and the
+    trained student in memory."""
     from hpd.run import distill as _distill
 
-    return _distill(config)
+    return _distill(config, **hooks)
 
 
-__all__ = ["loss", "distill", "METHODS", "__version__"]
+__all__ = ["loss", "chunked_loss", "distill", "METHODS", "__version__"]

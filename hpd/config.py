@@ -34,6 +34,11 @@ class DistillConfig:
     method_params: dict = _f({}, "parameters of the method, e.g. {beta: 0.5} for jsd", cli=False)
     temperature: float = _f(1.0, "softmax temperature applied to both models", low=0.0, low_open=True)
     schedule: dict = _f({}, "hybrid sampling schedule (on-policy fraction, objective phases)", cli=False)
+    # student rollouts (on-policy steps of the schedule)
+    rollout_max_new_tokens: int = _f(128, "longest student rollout, in new tokens", low=1)
+    rollout_temperature: float = _f(1.0, "sampling temperature of rollouts", low=0.0, low_open=True)
+    rollout_top_p: float = _f(1.0, "nucleus sampling of rollouts (1: off)", low=0.0, high=1.0, low_open=True)
+    rollout_top_k: int = _f(0, "top-k sampling of rollouts (0: off)", low=0)
     # how long
     steps: int = _f(0, "optimizer steps; 0 means derive from --epochs", low=0)
     epochs: float = _f(1.0, "passes over the data when --steps is 0", low=0.0, low_open=True)

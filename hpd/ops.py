@@ -125,6 +125,16 @@ class TorchOps:
     def no_grad(self):
         return self.t.no_grad()
 
+    def zeros(self, shape, dtype, like):
+        """Zeros of `shape` and `dtype` on the device of array `like`."""
+        return self.t.zeros(tuple(shape), dtype=dtype, device=like.device)
+
+    def concat(self, xs, axis=0):
+        return self.t.cat(list(xs), dim=axis)
+
+    def evaluate(self, *xs):
+        """Force pending computation (lazy frameworks only); torch computes eagerly."""
+
 
 class MlxOps:
     name = "mlx"
@@ -233,6 +243,17 @@ class MlxOps:
         import contextlib
 
         return contextlib.nullcontext()
+
+    def zeros(self, shape, dtype, like):
+        return self.mx.zeros(tuple(shape), dtype=dtype)
+
+    def concat(self, xs, axis=0):
+        return self.mx.concatenate(list(xs), axis=axis)
+
+    def evaluate(self, *xs):
+        # mlx is lazy: evaluating per chunk keeps a chunked loop from building one
+        # graph whose scheduling could hold every chunk's intermediates at once.
+        self.mx.eval(*xs)
 
 
 _OPS: dict[str, Any] = {}

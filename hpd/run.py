@@ -115,6 +115,10 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
             "data": batches.state_dict(), "schedule": schedule.state_dict(), "loop": loop.state.to_dict(),
             "total_steps": total, "run_info": run_info}, keep=cfg.keep_checkpoints)
 
+    from hpd.rollout import Sampling, make_rollout
+
+    loop_hooks.setdefault("rollout", make_rollout(Sampling(
+        cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_top_k)))
     loop = Loop(backend=backend, config=cfg, student=student, teacher=teacher, tokenizer=tokenizer,
                 optimizer=optimizer, batches=batches, schedule=schedule, total_steps=total, vocab=vocab,
                 chunked=chunked, state=state, eval_batches=eval_batches, log=metrics_log, save=save,

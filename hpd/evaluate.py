@@ -1,0 +1,107 @@
+"""`hpd eval`: exact-match accuracy of generations, perplexity, token-level KL to a teacher."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Callable
+
+from hpd.data import collate, load_dataset, pad_id_of, read_jsonl
+from hpd.loop import MetricMeans
+from hpd.rollout import prompt_ids
+
+
+def _last_number(text: str) -> str | None:
+    found = re.findall(r"-?\d+(?:\.\d+)?", text)
+    return found[-1] if found else None
+
+
+def _answer_line(text: str) -> str | None:
+    from hpd.tasks.arith import extract_answer
+
+    return extract_answer(text)
+
+
+EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "answer": _answer_line,  # the number after the last "Answer:"
+    "last-number": _last_number,
+    "exact": lambda text: text.strip(),
+}
+
+
+def get_extractor(spec: str) -> Callable[[str], str | None]:
+    """A named extractor, or `regex:PATTERN` (the first group, else the match, of the last match)."""
+    if spec.startswith("regex:"):
+        pattern = re.compile(spec[len("regex:"):])
+
+        def extract(text: str) -> str | None:
+            matches = list(pattern.finditer(text))
+            if not matches:
+                return None
+            m = matches[-1]
+            return (m.group(1) if m.groups() else m.group(0)).strip()
+
+        return extract
+    if spec not in EXTRACTORS:
+        raise ValueError(f"unknown extractor {spec!r}; allowed: {', '.join(EXTRACTORS)}, regex:PATTERN")
+    return EXTRACTORS[spec]
+
+
+def reference_of(row: dict) -> str:
+    if "messages" in row:
+        last = row["messages"][-1]
+        if last.get("role") != "assistant":
+            raise ValueError("the last message must be the assistant's reference answer")
+        return last["content"]
+    if isinstance(row.get("completion"), str):
+        return row["completion"]
+    raise ValueError('expected a "completion" or a final assistant message to compare against')
+
+
+def accuracy(backend, model, tokenizer, data, *, extractor: str = "answer", samples: int = 1,
+             max_new_tokens: int = 128, temperature: float = 1.0, batch_size: int = 16,
+             limit: int | None = None, progress: bool = True) -> dict[str, float]:
+    """Exact match of the extracted answer: greedy when samples == 1, else the mean over K samples."""
+    extract = get_extractor(extractor)
+    rows = read_jsonl(data)[:limit] if limit else read_jsonl(data)
+    jobs = []
+    for lineno, row in rows:
+        try:
+            ids, _ = prompt_ids(row, tokenizer)
+            ref = extract(reference_of(row))
+        except ValueError as e:
+            raise ValueError(f"{data}:{lineno}: {e}") from None
+        jobs.extend((ids, ref) for _ in range(samples))
+    from tqdm.auto import tqdm
+
+    correct = 0
+    with tqdm(total=len(jobs), desc="eval", unit="gen", disable=not progress) as bar:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            gens = backend.generate(model, tokenizer, [c[0] for c in chunk], max_new_tokens=max_new_tokens,
+                                    temperature=temperature, top_p=1.0, top_k=0, greedy=samples == 1)
+            for (_, ref), gen in zip(chunk, gens):
+                text = tokenizer.decode([t for t in gen if t != tokenizer.eos_token_id], skip_special_tokens=True)
+                correct += int(ref is not None and extract(text) == ref)
+            bar.update(len(chunk))
+    return {"accuracy": correct / max(len(jobs), 1), "rows": len(rows), "samples": samples}
+
+
+def likelihood(backend, model, tokenizer, data, *, teacher=None, batch_size: int = 16,
+               max_length: int = 1024) -> dict[str, float]:
+    """Per-token NLL and perplexity on the data's targets; KL(teacher || model) when a teacher is given."""
+    import hpd
+
+    dataset = load_dataset(data, tokenizer, max_length)
+    means = MetricMeans()
+    for i in range(0, len(dataset), batch_size):
+        batch = backend.to_arrays(collate(dataset.examples[i:i + batch_size], pad_id_of(tokenizer)))
+        logits = backend.forward(model, batch).logits
+        reference = backend.forward(teacher, batch).logits if teacher is not None else logits
+        _, m = hpd.loss("fkl", logits, reference, batch["targets"])
+        means.add(m, m["tokens"])
+    r = means.result()
+    out = {"nll": r["nll"], "perplexity": math.exp(min(r["nll"], 700.0)), "tokens": r["tokens"]}
+    if teacher is not None:
+        out["kl_to_teacher"] = r["fkl"]
+    return out

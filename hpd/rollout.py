@@ -1,0 +1,142 @@
+"""Student rollouts and teacher generation, over the backends' `generate`.
+
+A rollout keeps each row's prompt and replaces its target with a sampled continuation;
+the loss then covers only generated tokens (prompt tokens and anything after EOS carry
+none), and the teacher scores the whole rollout in one forward pass, as any batch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from hpd.data import DataError, Example, _chat_ids, _encode, collate, pad_id_of, read_jsonl, row_kind
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def prompts_of(batch: dict[str, np.ndarray]) -> list[list[int]]:
+    """The prompt of every row of a right-padded batch."""
+    return [row[:n].tolist() for row, n in zip(batch["input_ids"], batch["prompt_lens"])]
+
+
+def rollout_batch(backend, model, tokenizer, batch: dict[str, np.ndarray], sampling: Sampling,
+                  max_length: int) -> dict[str, np.ndarray]:
+    """The batch's prompts continued by `model`; targets are the generated tokens only."""
+    prompts = prompts_of(batch)
+    generated = backend.generate(model, tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
+                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    examples = []
+    for prompt, gen in zip(prompts, generated):
+        gen = list(gen)[: max(0, max_length - len(prompt))]
+        if not gen:  # nothing to learn from; keep the shapes valid
+            gen = [tokenizer.eos_token_id]
+        examples.append(Example(prompt + gen, [False] * len(prompt) + [True] * len(gen), len(prompt)))
+    out = collate(examples, pad_id_of(tokenizer))
+    out["generated_tokens"] = np.asarray(sum(len(g) for g in generated))
+    return out
+
+
+def make_rollout(sampling: Sampling):
+    """The Loop's rollout hook: (loop, student, batch) -> rollout batch."""
+
+    def rollout(loop, student, batch):
+        return rollout_batch(loop.backend, student, loop.tokenizer, batch, sampling, loop.config.max_length)
+
+    return rollout
+
+
+# ----------------------------------------------------------------------------- hpd generate
+
+
+def prompt_ids(row: dict, tokenizer) -> tuple[list[int], list[dict] | str]:
+    """Prompt token ids of a data row, and what to write back before the response."""
+    kind = row_kind_for_prompt(row)
+    if kind == "messages":
+        msgs = row["messages"]
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        return _chat_ids(tokenizer, msgs, add_generation_prompt=True), msgs
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + _encode(tokenizer, row["prompt"]), row["prompt"]
+
+
+def row_kind_for_prompt(row: dict) -> str:
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or msgs[0].get("role") is None:
+            raise ValueError('"messages" must be a non-empty list of {role, content}')
+        return "messages"
+    if isinstance(row.get("prompt"), str):
+        return "prompt"
+    raise ValueError('expected a "prompt" string or a "messages" list')
+
+
+def generate_file(backend, model, tokenizer, data: str | Path, out: str | Path, *, samples: int = 1,
+                  sampling: Sampling, batch_size: int = 8, greedy: bool = False, progress: bool = True) -> int:
+    """Write `samples` responses per prompt row of `data` to `out` as prompt/completion (or messages)
+    rows; an interrupted file is resumed without duplicating rows. Returns rows written now."""
+    rows = read_jsonl(data)
+    jobs = []
+    for lineno, row in rows:
+        try:
+            ids, head = prompt_ids(row, tokenizer)
+        except ValueError as e:
+            raise DataError(f"{data}:{lineno}: {e}") from None
+        jobs.extend((lineno, k, ids, head) for k in range(samples))
+    out = Path(out)
+    done = _completed(out)
+    todo = [j for j in jobs if (j[0], j[1]) not in done]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), desc="generate", unit="row",
+               disable=not progress)
+    written = 0
+    with open(out, "a", encoding="utf-8") as fh:
+        for start in range(0, len(todo), batch_size):
+            chunk = todo[start:start + batch_size]
+            gens = backend.generate(model, tokenizer, [c[2] for c in chunk], greedy=greedy,
+                                    max_new_tokens=sampling.max_new_tokens, temperature=sampling.temperature,
+                                    top_p=sampling.top_p, top_k=sampling.top_k)
+            for (lineno, k, _, head), gen in zip(chunk, gens):
+                text = tokenizer.decode([t for t in gen if t != tokenizer.eos_token_id], skip_special_tokens=True)
+                if isinstance(head, list):
+                    record = {"messages": head + [{"role": "assistant", "content": text}]}
+                else:
+                    record = {"prompt": head, "completion": text}
+                record["source"] = {"line": lineno, "sample": k}
+                fh.write(json.dumps(record) + "\n")
+                written += 1
+            fh.flush()
+            bar.update(len(chunk))
+    bar.close()
+    return written
+
+
+def _completed(out: Path) -> set[tuple[int, int]]:
+    """(source line, sample) pairs already in `out`; a torn last line is dropped."""
+    if not out.exists():
+        return set()
+    lines = out.read_text(encoding="utf-8").splitlines(keepends=True)
+    done, good = set(), []
+    for line in lines:
+        try:
+            src = json.loads(line)["source"]
+            done.add((int(src["line"]), int(src["sample"])))
+            good.append(line if line.endswith("\n") else line + "\n")
+        except (json.JSONDecodeError, KeyError, TypeError):
+            break  # an interrupted write: keep what came before
+    out.write_text("".join(good), encoding="utf-8")
+    return done
+
+
+__all__ = ["Sampling", "rollout_batch", "make_rollout", "generate_file", "prompts_of", "row_kind"]
