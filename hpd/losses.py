@@ -90,7 +90,9 @@ def sample_tokens(o, logits, generator=None):
 def summarize(o, m: Method, w: Weights, lq_y, mask, count: float) -> dict[str, float]:
     """Means over active positions (and min/max for the k statistics) as Python floats."""
     n = max(count, 1.0)
-    zero = 0.0 * lq_y
+    # Not 0.0 * lq_y: lq_y is -inf where an ignored position's placeholder token is a
+    # masked (-inf) vocabulary entry, and 0 * -inf would turn every mean into NaN.
+    zero = o.zeros_like(lq_y)
 
     def mean(x):
         return o.item(o.sum(o.where(mask, o.stop_gradient(x), zero))) / n

@@ -227,8 +227,9 @@ class MlxOps:
         return self.mx.argmax(x, axis=-1)
 
     def gumbel_like(self, x, generator=None):
-        key = generator if generator is not None else None
-        return self.mx.random.gumbel(shape=x.shape, dtype=x.dtype, key=key)
+        # drawn in float32: mlx's CPU float64 has no random kernels
+        noise = self.mx.random.gumbel(shape=x.shape, dtype=self.mx.float32, key=generator)
+        return noise.astype(x.dtype)
 
     def item(self, x) -> float:
         return float(x.item())
