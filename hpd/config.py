@@ -144,6 +144,8 @@ class DistillConfig:
                 errors.append(f"schedule: {e}")
         if self.eval_every and not self.eval_data:
             errors.append("eval_every is set but eval_data is not")
+        if (self.schedule or {}).get("lambda_schedule") == "adaptive" and not (self.eval_data and self.eval_every):
+            errors.append("schedule.lambda_schedule=adaptive reacts to held-out loss: set eval_data and eval_every")
         if errors:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
         return self

@@ -1,0 +1,147 @@
+"""Student rollouts, the schedule inside a run, and `hpd generate` (torch backend)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import hpd
+from hpd.backend import get_backend
+from hpd.cli.main import cli
+from hpd.data import IGNORE_INDEX, collate, load_dataset
+from hpd.rollout import Sampling, rollout_batch
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def torch_student(assets):
+    backend = get_backend("torch", SimpleNamespace(device="cpu", gradient_checkpointing=False))
+    backend.seed(0)
+    tok = backend.load_tokenizer(str(assets["student"]))
+    model = backend.load_model(str(assets["student"]), trainable=False)
+    return backend, model, tok
+
+
+def _prompt_batch(assets, tok, n=4):
+    data = load_dataset(assets["data"], tok, 256)
+    prompts = [e for e in data.examples if e.prompt_len > 1][:n]
+    return collate(prompts, tok.pad_token_id)
+
+
+def test_rollout_targets_cover_generated_tokens_only(assets, torch_student):
+    backend, model, tok = torch_student
+    batch = _prompt_batch(assets, tok)
+    out = rollout_batch(backend, model, tok, batch, Sampling(max_new_tokens=12, temperature=1.5), 256)
+    assert int(out["generated_tokens"]) > 0
+    for i in range(len(batch["input_ids"])):
+        n_prompt = int(batch["prompt_lens"][i])
+        prompt = batch["input_ids"][i, :n_prompt]
+        np.testing.assert_array_equal(out["input_ids"][i, :n_prompt], prompt)
+        length = int(out["attention_mask"][i].sum())
+        gen = out["input_ids"][i, n_prompt:length].tolist()
+        assert 1 <= len(gen) <= 12
+        if tok.eos_token_id in gen:  # nothing after EOS
+            assert gen.index(tok.eos_token_id) == len(gen) - 1
+        targets = out["targets"][i]
+        # prompt tokens carry no loss; logits[t] scores input_ids[t + 1] for every generated token
+        assert (targets[: n_prompt - 1] == IGNORE_INDEX).all()
+        assert targets[n_prompt - 1: length - 1].tolist() == gen
+        assert (targets[length - 1:] == IGNORE_INDEX).all()
+
+
+def test_teacher_scores_align_with_generated_tokens(assets, torch_student):
+    backend, model, tok = torch_student
+    batch = _prompt_batch(assets, tok, n=2)
+    out = rollout_batch(backend, model, tok, batch, Sampling(max_new_tokens=8, temperature=1.5), 256)
+    teacher = backend.load_model(str(assets["teacher"]), trainable=False)
+    arrays = backend.to_arrays({k: v for k, v in out.items() if k != "generated_tokens"})
+    logits = backend.forward(teacher, arrays).logits
+    _, metrics = hpd.loss("sft", logits, logits, arrays["targets"])
+    # the same log-likelihood, one generated token at a time, each from its own prefix
+    total, count = 0.0, 0
+    for i in range(2):
+        n_prompt, length = int(out["prompt_lens"][i]), int(out["attention_mask"][i].sum())
+        ids = out["input_ids"][i]
+        for t in range(n_prompt, length):
+            with torch.no_grad():
+                step_logits = teacher(input_ids=torch.tensor(ids[None, :t])).logits[0, -1]
+            total -= torch.log_softmax(step_logits, -1)[int(ids[t])].item()
+            count += 1
+    assert metrics["tokens"] == count
+    assert metrics["nll"] == pytest.approx(total / count, rel=1e-5)
+
+
+def test_torch_generate_uses_plain_temperature_sampling(assets, torch_student, monkeypatch):
+    backend, model, tok = torch_student
+    seen = {}
+    original = type(model).generate
+
+    def spy(self, *args, **kwargs):
+        seen.update(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "generate", spy)
+    backend.generate(model, tok, [[1, 5, 9]], max_new_tokens=3, temperature=0.7)
+    assert seen["top_k"] == 0 and seen["do_sample"] is True and seen["temperature"] == 0.7
+
+
+def _run(assets, out, schedule, **kw):
+    cfg = dict(teacher=str(assets["teacher"]), student=str(assets["student"]), data=str(assets["data"]),
+               out=str(out), steps=4, batch_size=4, lr=1e-3, progress=False, chunked="off",
+               rollout_max_new_tokens=8, schedule=schedule)
+    cfg.update(kw)
+    result = hpd.distill(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return result, [r for r in records if "loss" in r]
+
+
+def test_fully_on_policy_run(assets, tmp_path):
+    result, steps = _run(assets, tmp_path / "run", {"lambda_start": 1.0})
+    assert all(r["schedule/on_policy"] == 1 and r["rollout/tokens"] > 0 for r in steps)
+    assert all(np.isfinite(r["loss"]) and r["rollout/tokens_per_s"] > 0 for r in steps)
+
+
+def test_mixed_run_with_ramp_and_objective_switch(assets, tmp_path):
+    schedule = {"lambda_schedule": "linear", "lambda_start": 0.0, "lambda_end": 0.5,
+                "phases": [{"until": 0.5, "objectives": {"fkl": 1.0}},
+                           {"objectives": {"hpd": 1.0, "sft": 0.1}}]}
+    _, steps = _run(assets, tmp_path / "run", schedule, steps=6)
+    assert [r["schedule/lambda"] for r in steps] == pytest.approx([0, 0.5 / 6, 1 / 6, 0.25, 2 / 6, 2.5 / 6])
+    assert [r.get("schedule/w/fkl", 0) for r in steps] == [1, 1, 1, 0, 0, 0]
+    assert [r.get("schedule/w/sft", 0) for r in steps] == [0, 0, 0, 0.1, 0.1, 0.1]
+    assert "hpd/sample_differs" in steps[-1] and "sft/objective" in steps[-1] and "fkl" in steps[0]
+    on_policy = [r["schedule/on_policy"] for r in steps]
+    assert on_policy[0] == 0
+    assert all(("rollout/tokens" in r) == bool(r["schedule/on_policy"]) for r in steps)
+
+
+def test_generate_writes_and_resumes(assets, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": "the cat sat"}, {"prompt": "one two"},
+            {"messages": [{"role": "user", "content": "how many apples"}]}]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "responses.jsonl"
+    args = ["generate", "--model", str(assets["teacher"]), "--data", str(prompts), "--out", str(out),
+            "--samples", "2", "--max-new-tokens", "6", "--no-progress", "--batch-size", "4"]
+    first = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert first.exit_code == 0, first.output
+    lines = out.read_text().splitlines()
+    assert len(lines) == 6
+    # simulate an interruption: two rows lost and a torn last line
+    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][:10])
+    again = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert "wrote 2 rows" in again.output
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    keys = [(r["source"]["line"], r["source"]["sample"]) for r in records]
+    assert sorted(keys) == [(1, 0), (1, 1), (2, 0), (2, 1), (3, 0), (3, 1)]
+    assert records[0]["prompt"] == "the cat sat" and isinstance(records[0]["completion"], str)
+    assert records[-1]["messages"][-1]["role"] == "assistant"
+    tok = get_backend("torch", SimpleNamespace(device="cpu")).load_tokenizer(str(assets["teacher"]))
+    # the file is offline data for hpd distill (empty completions aside)
+    load_dataset(out, tok, 256)
