@@ -60,6 +60,10 @@ class DistillConfig:
     # evaluation, checkpoints, logs
     eval_data: str = _f("", "held-out JSONL for evaluation (same formats as --data)")
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end, when --eval-data is set)", low=0)
+    eval_generate: int = _f(0, "at each evaluation, also generate greedily for the first N held-out rows "
+                            "and report exact-match accuracy (0: off)", low=0)
+    eval_extractor: str = _f("answer", "answer extractor for eval accuracy: answer, last-number, exact, "
+                             "or regex:PATTERN")
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)", low=0)
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", low=1)
     resume: bool = _f(False, "continue from the latest checkpoint in --out")

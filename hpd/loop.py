@@ -231,5 +231,13 @@ class Loop:
             _, m = hpd.loss("fkl", s_out.logits, t_out.logits, arrays["targets"], temperature=1.0)
             means.add(m, m["tokens"])
         r = means.result()
-        return {"eval/loss": r.get("nll", float("nan")), "eval/kl": r.get("fkl", float("nan")),
-                "eval/tokens": r.get("tokens", 0.0)}
+        out = {"eval/loss": r.get("nll", float("nan")), "eval/kl": r.get("fkl", float("nan")),
+               "eval/tokens": r.get("tokens", 0.0)}
+        if self.config.eval_generate:
+            from hpd.evaluate import accuracy
+
+            acc = accuracy(backend, self.student, self.tokenizer, self.config.eval_data,
+                           extractor=self.config.eval_extractor, limit=self.config.eval_generate,
+                           max_new_tokens=self.config.rollout_max_new_tokens, progress=False)
+            out["eval/accuracy"] = acc["accuracy"]
+        return out

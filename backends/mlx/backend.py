@@ -1,0 +1,381 @@
+"""The mlx backend: mlx-lm models and loaders, mlx.optimizers.AdamW, mlx-lm generation.
+
+It mirrors `hpd.backends.torch.backend` method for method; the loop, data, checkpoint
+layout and export contract are the same. Differences that a user can notice:
+
+- dtype "auto": the student is float32 everywhere (AdamW updates are too small for
+  bfloat16 weights); the teacher is bfloat16 on a GPU (Metal), where memory is the limit,
+  and float32 on the CPU, where mlx has no fast bfloat16 kernels. An explicit --dtype
+  applies to both models.
+- --teacher-quantize 4|8 quantizes the teacher's linear and embedding layers at load
+  (mlx affine quantization, group size 64, or 32 where a layer's input width needs it).
+- mlx-lm models take no attention mask: batches must be right-padded (hpd.data's are),
+  which a causal mask already handles for every real position.
+- The step is not wrapped in mx.compile: the loss reads its metrics (`.item()`) inside
+  the differentiated function, which compile forbids.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
+
+from hpd.backend import Outputs
+
+_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+_QUANT_GROUP_SIZES = (64, 32)  # mlx also allows 128; 64 is mlx-lm's default
+_LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_STATE_FORMAT = "hpd-mlx-optimizer-1"
+
+
+@dataclass
+class ModelInfo:
+    """What hpd remembers about a loaded model: the config to export, and how it was loaded."""
+
+    config: dict
+    path: str
+    quantize: int = 0
+    layers_quantized: int = 0
+    bytes_before_quantize: int = 0
+
+
+def resolve_model_path(path: str) -> Path:
+    """A local model folder, or a hub id (org/name) fetched with huggingface_hub; else a clear error."""
+    p = Path(path).expanduser()
+    if p.exists():
+        if not (p / "config.json").exists():
+            raise FileNotFoundError(f"{p} exists but holds no config.json: not a model folder")
+        return p
+    if not path or path.startswith((".", "/", "~")) or path.count("/") != 1:
+        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    from huggingface_hub import snapshot_download
+    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
+    try:
+        return Path(snapshot_download(path, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception as e:  # the hub client raises several unrelated types
+        raise FileNotFoundError(f"{path!r} is not a local folder, and loading it as a hub id failed: {e}") from e
+
+
+def param_bytes(model) -> int:
+    """Bytes held by a model's arrays (quantized weights count their scales and biases)."""
+    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def info_of(model) -> ModelInfo:
+    info = getattr(model, "hpd_info", None)
+    if info is None:
+        raise ValueError("this model was not loaded by the mlx backend (no hpd_info)")
+    return info
+
+
+class MlxBackend:
+    name = "mlx"
+
+    def __init__(self, config=None):
+        self.config = config
+        self.group = mx.distributed.init() if mx.distributed.is_available() else None
+        self.rank = self.group.rank() if self.group is not None else 0
+        self.world_size = self.group.size() if self.group is not None else 1
+        self._grads: dict[int, dict] = {}  # id(model) -> gradients accumulated since the last step
+
+    # ------------------------------------------------------------------ loading
+    def seed(self, seed: int) -> None:
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        mx.random.seed(seed % 2**64)
+
+    def load_tokenizer(self, path: str):
+        """The Hugging Face tokenizer that mlx-lm loads (not its TokenizerWrapper), so that
+        hpd.data sees exactly the object and ids the torch backend sees."""
+        from hpd.export import TOKENIZER_FILES
+        from mlx_lm.utils import load_tokenizer
+
+        folder = resolve_model_path(path)
+        if not any((folder / name).exists() for name in TOKENIZER_FILES):
+            raise FileNotFoundError(
+                f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); mlx-lm would silently "
+                "build an empty tokenizer"
+            )
+        return load_tokenizer(folder)._tokenizer
+
+    def dtype_for(self, name: str, *, trainable: bool):
+        if name == "auto":
+            on_gpu = mx.default_device().type == mx.DeviceType.gpu  # Metal (or CUDA builds of mlx)
+            return mx.bfloat16 if on_gpu and not trainable else mx.float32
+        return _DTYPES[name]
+
+    def load_model(self, path: str, *, trainable: bool, dtype: str = "auto", quantize: int = 0):
+        from mlx_lm.utils import load_model
+
+        if quantize and trainable:
+            raise ValueError("only the teacher can be quantized (--teacher-quantize); the student trains")
+        if quantize not in (0, 4, 8):
+            raise ValueError(f"quantize={quantize}: allowed 0, 4, 8")
+        folder = resolve_model_path(path)
+        model, config = load_model(folder, lazy=True)  # weights are read as they are evaluated below
+        if "quantization" in config:
+            if trainable:
+                raise ValueError(f"{folder} holds a quantized model; a student must be full precision")
+            quantize = 0  # already quantized by its author: keep it
+        model.set_dtype(self.dtype_for(dtype, trainable=trainable))
+        info = ModelInfo(config=config, path=str(folder))
+        if quantize:
+            info.bytes_before_quantize = param_bytes(model)
+            info.layers_quantized = quantize_model(model, quantize)
+            info.quantize = quantize
+        for _, array in tree_flatten(model.parameters()):
+            # one array at a time: a quantized teacher never holds all its full-precision weights
+            mx.eval(array)
+        if trainable:
+            model.train()
+            model.unfreeze()
+        else:
+            model.eval()
+            model.freeze()
+        model.hpd_info = info  # a plain object: nn.Module keeps it out of the parameter tree
+        return model
+
+    def vocab_size(self, model) -> int:
+        return int(_head_module(model).weight.shape[0])  # rows: also right when quantized
+
+    def supports_chunked(self, model) -> bool:
+        """Plain, unquantized linear head without bias or logit scaling: logits = hidden @ W.T."""
+        try:
+            import hpd.chunked  # noqa: F401
+            import hpd.backends.mlx.chunked  # noqa: F401
+        except ImportError:
+            return False
+        if not hasattr(model, "model") or not hasattr(model.model, "embed_tokens"):
+            return False
+        head = _head_module(model)
+        if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return False
+        if isinstance(head, nn.Linear) and "bias" in head:
+            return False
+        args = getattr(model, "args", None)
+        scaled = any(getattr(args, k, None) not in (None, 1.0, 0.0) for k in _LOGIT_SCALING)
+        return not scaled
+
+    # ------------------------------------------------------------------ compute
+    def to_arrays(self, batch: dict[str, np.ndarray]) -> dict[str, mx.array]:
+        mask = batch.get("attention_mask")
+        if mask is not None and not _right_padded(np.asarray(mask)):
+            raise ValueError("the mlx backend needs right-padded batches (mlx-lm models take no attention mask)")
+        out = {}
+        for k, v in batch.items():
+            v = np.asarray(v)
+            if np.issubdtype(v.dtype, np.integer):
+                v = v.astype(np.int32)
+            elif np.issubdtype(v.dtype, np.floating) and v.dtype != np.float32:
+                v = v.astype(np.float32)
+            out[k] = mx.array(v)
+        return out
+
+    def _run(self, model, batch, hidden: bool) -> Outputs:
+        if hidden:
+            head = _head_module(model)
+            if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+                raise ValueError("the chunked loss needs an unquantized output head; use --chunked off "
+                                 "with --teacher-quantize")
+            return Outputs(hidden=model.model(batch["input_ids"]), head=head.weight)
+        return Outputs(logits=model(batch["input_ids"]))
+
+    def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
+        out = self._run(model, batch, hidden)
+        out = Outputs(**{k: (None if v is None else mx.stop_gradient(v)) for k, v in vars(out).items()})
+        mx.eval([v for v in vars(out).values() if v is not None])  # keep the teacher out of the student's graph
+        return out
+
+    def forward_backward(self, model, batch, loss_fn, *, hidden: bool = False):
+        metrics: dict[str, float] = {}
+
+        def objective():
+            value, found = loss_fn(self._run(model, batch, hidden))
+            metrics.update(found)  # Python floats: returned aside, not through the transform
+            return value
+
+        value, grads = nn.value_and_grad(model, objective)()
+        previous = self._grads.get(id(model))
+        if previous is not None:
+            grads = tree_map(mx.add, previous, grads)
+        mx.eval(value, grads)
+        self._grads[id(model)] = grads
+        return float(value.item()), metrics
+
+    # ------------------------------------------------------------------ optimisation
+    def make_optimizer(self, model, config):
+        """torch.optim.AdamW as TorchBackend configures it: bias-corrected, decoupled weight
+        decay on >= 2-D parameters only."""
+        def adamw(weight_decay: float):
+            return optim.AdamW(learning_rate=config.lr, betas=[config.adam_beta1, config.adam_beta2],
+                               eps=config.adam_eps, weight_decay=weight_decay, bias_correction=True)
+
+        return optim.MultiOptimizer([adamw(config.weight_decay), adamw(0.0)],
+                                    filters=[lambda path, g: g.ndim >= 2])
+
+    def optimizer_step(self, model, optimizer, lr: float, max_grad_norm: float) -> float:
+        grads = self._grads.pop(id(model), None)
+        if grads is None:
+            raise RuntimeError("optimizer_step without gradients: call forward_backward first")
+        if self.world_size > 1:
+            # each rank's loss is already divided by the global token count: sum, not average
+            grads = tree_map(lambda g: mx.distributed.all_sum(g, group=self.group), grads)
+        if max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+        else:
+            norm = mx.sqrt(tree_reduce(lambda acc, g: acc + mx.sum(mx.square(g.astype(mx.float32))), grads, 0.0))
+        optimizer.learning_rate = lr
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, norm)
+        return float(norm.item())
+
+    def zero_grad(self, model, optimizer) -> None:
+        self._grads.pop(id(model), None)
+
+    def all_reduce_sum(self, value: float) -> float:
+        if self.world_size == 1:
+            return value
+        return float(mx.distributed.all_sum(mx.array(value, dtype=mx.float32), group=self.group).item())
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            mx.eval(mx.distributed.all_sum(mx.array(1.0), group=self.group))
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, model, tokenizer, prompts, *, max_new_tokens: int, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = 0, greedy: bool = False):
+        """Continuations of token-id prompts, cut after EOS (kept, as in the torch backend),
+        by mlx-lm's batched generator with a KV cache. Plain temperature sampling unless
+        top_p < 1 or top_k > 0; greedy (or temperature 0) takes the argmax."""
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.sample_utils import make_sampler
+
+        eos = tokenizer.eos_token_id
+        sampler = make_sampler(temp=0.0) if greedy or temperature <= 0 else \
+            make_sampler(temp=temperature, top_p=top_p, top_k=top_k)
+        gen = BatchGenerator(model, max_tokens=max_new_tokens, stop_tokens=[[eos]], sampler=sampler)
+        try:
+            uids = gen.insert([list(p) for p in prompts], [max_new_tokens] * len(prompts))
+            tokens: dict[int, list[int]] = {u: [] for u in uids}
+            while responses := gen.next_generated():
+                for r in responses:
+                    tokens[r.uid].append(int(r.token))
+        finally:
+            gen.close()
+        return [tokens[u] for u in uids]
+
+    # ------------------------------------------------------------------ state
+    def save_model(self, model, tokenizer, folder: Path) -> None:
+        from mlx_lm.utils import save_config, save_model
+
+        from hpd.export import fix_config, write_generation_config
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_model(folder, model, donate_model=False)
+        config = json.loads(json.dumps(info_of(model).config))  # save_config mutates its argument
+        dtypes = {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
+        if len(dtypes) == 1 and (name := _DTYPE_NAMES.get(dtypes.pop())):
+            config["dtype"] = name  # what the files hold, so transformers does not cast on load
+            if "torch_dtype" in config:
+                config["torch_dtype"] = name
+        save_config(config, folder / "config.json")
+        tokenizer.save_pretrained(folder)
+        fix_config(folder)
+        write_generation_config(folder, tokenizer)
+
+    def save_training_state(self, model, optimizer, folder: Path) -> None:
+        folder = Path(folder)
+        arrays = dict(tree_flatten(optimizer.state))
+        mx.eval(arrays)
+        mx.save_safetensors(str(folder / "optimizer.safetensors"), arrays, metadata={"format": "mlx"})
+        meta = {"format": _STATE_FORMAT, "backend": self.name, "optimizer": "AdamW",
+                "groups": [{"weight_decay": float(o.weight_decay), "betas": [float(b) for b in o.betas],
+                            "eps": float(o.eps)} for o in optimizer.optimizers]}
+        (folder / "optimizer.json").write_text(json.dumps(meta, indent=2) + "\n")
+
+    def load_training_state(self, model, optimizer, folder: Path) -> None:
+        folder = Path(folder)
+        meta = json.loads((folder / "optimizer.json").read_text())
+        if meta.get("format") != _STATE_FORMAT:
+            raise ValueError(f"{folder} holds optimizer state of another backend "
+                             f"({meta.get('backend', 'torch')}); resume it with that backend")
+        arrays = mx.load(str(folder / "optimizer.safetensors"))
+        optimizer.state = tree_unflatten(list(arrays.items()))
+        self._grads.pop(id(model), None)
+
+    def rng_state(self) -> dict[str, np.ndarray]:
+        return {"mlx": np.array(mx.random.state[0], dtype=np.uint32),
+                "numpy": np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8),
+                "python": np.frombuffer(json.dumps(_py_state()).encode(), dtype=np.uint8)}
+
+    def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
+        if "mlx" not in state:
+            raise ValueError(f"the RNG state holds {sorted(state)}, not an mlx key: written by another backend")
+        # mx.random.seed(s) sets the key to (s >> 32, s & 0xffffffff): any key can be restored
+        hi, lo = (int(x) for x in np.asarray(state["mlx"], dtype=np.uint32))
+        mx.random.seed((hi << 32) | lo)
+        _set_np_state(json.loads(bytes(state["numpy"]).decode()))
+        _set_py_state(json.loads(bytes(state["python"]).decode()))
+
+
+def quantize_model(model, bits: int) -> int:
+    """Affine-quantize every linear and embedding layer whose input width allows a group
+    size; returns how many layers were quantized."""
+    count = 0
+    own = getattr(model, "quant_predicate", None)
+
+    def predicate(path, module):
+        nonlocal count
+        if not hasattr(module, "to_quantized"):
+            return False
+        width = module.weight.shape[-1]
+        group = next((g for g in _QUANT_GROUP_SIZES if width % g == 0), None)
+        if group is None or (own is not None and not own(path, module)):
+            return False
+        count += 1
+        return {"group_size": group, "bits": bits}
+
+    nn.quantize(model, class_predicate=predicate)
+    return count
+
+
+def _head_module(model):
+    if "lm_head" in model:
+        return model.lm_head
+    return model.model.embed_tokens
+
+
+def _right_padded(mask: np.ndarray) -> bool:
+    """No real token after a padded one in any row."""
+    if mask.ndim != 2 or mask.shape[1] < 2:
+        return True
+    return not bool(((mask[:, 1:] != 0) & (mask[:, :-1] == 0)).any())
+
+
+def _np_state():
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
+
+
+def _set_np_state(s):
+    np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), s[2], s[3], s[4]))
+
+
+def _py_state():
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def _set_py_state(s):
+    random.setstate((s[0], tuple(s[1]), s[2]))
