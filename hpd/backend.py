@@ -62,8 +62,10 @@ class Backend(Protocol):
     def zero_grad(self, model, optimizer) -> None: ...
 
     def generate(self, model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-                 temperature: float, top_p: float, top_k: int, seed: int) -> list[list[int]]:
-        """Sampled continuations (token ids, without the prompt, cut after EOS)."""
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False
+                 ) -> list[list[int]]:
+        """Continuations (token ids, without the prompt, cut after EOS): plain temperature
+        sampling unless top_p/top_k are set, or greedy. Draws use the framework's RNG."""
         ...
 
     def save_model(self, model, tokenizer, folder: Path) -> None:

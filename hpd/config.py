@@ -70,7 +70,8 @@ class DistillConfig:
     overwrite: bool = _f(False, "replace what is in --out (never done silently)")
     max_bad_steps: int = _f(5, "stop after this many consecutive NaN/Inf losses", low=1)
     # hardware and memory
-    dtype: str = _f("auto", "model dtype (auto: bfloat16 on CUDA, float32 elsewhere)",
+    dtype: str = _f("auto", "model dtype (auto: student float32, teacher bfloat16 on CUDA and Metal, "
+                    "float32 on CPU; the torch student trains under bfloat16 autocast on CUDA)",
                     choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "device for the torch backend", choices=("auto", "cpu", "cuda", "mps"))
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")

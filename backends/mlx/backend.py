@@ -29,6 +29,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from hpd.backend import Outputs
+from hpd.models import hub_failure, local_or_hub
+from hpd.rng import host_rng_state, set_host_rng_state
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -49,21 +51,17 @@ class ModelInfo:
 
 
 def resolve_model_path(path: str) -> Path:
-    """A local model folder, or a hub id (org/name) fetched with huggingface_hub; else a clear error."""
-    p = Path(path).expanduser()
-    if p.exists():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} exists but holds no config.json: not a model folder")
-        return p
-    if not path or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"model folder {path!r} does not exist")
+    """A local model folder, or a hub id fetched with huggingface_hub."""
+    source = local_or_hub(path)
+    if isinstance(source, Path):
+        return source
     from huggingface_hub import snapshot_download
     from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
 
     try:
-        return Path(snapshot_download(path, allow_patterns=DEFAULT_ALLOW_PATTERNS))
+        return Path(snapshot_download(source, allow_patterns=DEFAULT_ALLOW_PATTERNS))
     except Exception as e:  # the hub client raises several unrelated types
-        raise FileNotFoundError(f"{path!r} is not a local folder, and loading it as a hub id failed: {e}") from e
+        raise hub_failure(path, e) from e
 
 
 def param_bytes(model) -> int:
@@ -315,9 +313,7 @@ class MlxBackend:
         self._grads.pop(id(model), None)
 
     def rng_state(self) -> dict[str, np.ndarray]:
-        return {"mlx": np.array(mx.random.state[0], dtype=np.uint32),
-                "numpy": np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8),
-                "python": np.frombuffer(json.dumps(_py_state()).encode(), dtype=np.uint8)}
+        return {"mlx": np.array(mx.random.state[0], dtype=np.uint32), **host_rng_state()}
 
     def set_rng_state(self, state: dict[str, np.ndarray]) -> None:
         if "mlx" not in state:
@@ -325,8 +321,7 @@ class MlxBackend:
         # mx.random.seed(s) sets the key to (s >> 32, s & 0xffffffff): any key can be restored
         hi, lo = (int(x) for x in np.asarray(state["mlx"], dtype=np.uint32))
         mx.random.seed((hi << 32) | lo)
-        _set_np_state(json.loads(bytes(state["numpy"]).decode()))
-        _set_py_state(json.loads(bytes(state["python"]).decode()))
+        set_host_rng_state(state)
 
 
 def quantize_model(model, bits: int) -> int:
@@ -361,21 +356,3 @@ def _right_padded(mask: np.ndarray) -> bool:
     if mask.ndim != 2 or mask.shape[1] < 2:
         return True
     return not bool(((mask[:, 1:] != 0) & (mask[:, :-1] == 0)).any())
-
-
-def _np_state():
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _set_np_state(s):
-    np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), s[2], s[3], s[4]))
-
-
-def _py_state():
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_py_state(s):
-    random.setstate((s[0], tuple(s[1]), s[2]))

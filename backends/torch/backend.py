@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hpd.backend import Outputs
+from hpd.models import hub_failure, local_or_hub
+from hpd.rng import host_rng_state, set_host_rng_state
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,26 +30,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_model_path(path: str) -> str:
-    """A local model folder, or a hub id (org/name); anything else fails clearly."""
-    p = Path(path).expanduser()
-    if p.exists():
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(f"{p} exists but holds no config.json: not a model folder")
-        return str(p)
-    if not path or path.startswith((".", "/", "~")) or path.count("/") != 1:
-        raise FileNotFoundError(f"model folder {path!r} does not exist")
-    return path  # a hub id such as Qwen/Qwen2.5-1.5B
-
-
 def from_pretrained(loader, path: str, **kwargs):
-    resolved = resolve_model_path(path)
+    source = local_or_hub(path)
     try:
-        return loader.from_pretrained(resolved, **kwargs)
+        return loader.from_pretrained(str(source), **kwargs)
     except OSError as e:
-        if resolved == str(Path(path).expanduser()) and Path(resolved).exists():
+        if isinstance(source, Path):
             raise
-        raise FileNotFoundError(f"{path!r} is not a local folder, and loading it as a hub id failed: {e}") from e
+        raise hub_failure(path, e) from e
 
 
 class TorchBackend:
@@ -73,9 +63,11 @@ class TorchBackend:
 
         return from_pretrained(AutoTokenizer, path)
 
-    def dtype_for(self, name: str) -> torch.dtype:
+    def dtype_for(self, name: str, trainable: bool) -> torch.dtype:
+        """auto: on CUDA the teacher in bfloat16 and the student in float32 under bfloat16
+        autocast (AdamW on bfloat16 weights loses small updates); float32 elsewhere."""
         if name == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+            return torch.bfloat16 if self.device.type == "cuda" and not trainable else torch.float32
         return _DTYPES[name]
 
     def load_model(self, path: str, *, trainable: bool, dtype: str = "auto", quantize: int = 0):
@@ -83,7 +75,7 @@ class TorchBackend:
 
         if quantize:
             raise ValueError("--teacher-quantize is supported by the mlx backend only")
-        model = from_pretrained(AutoModelForCausalLM, path, dtype=self.dtype_for(dtype))
+        model = from_pretrained(AutoModelForCausalLM, path, dtype=self.dtype_for(dtype, trainable))
         model.to(self.device)
         if trainable:
             model.train()
@@ -241,9 +233,7 @@ class TorchBackend:
         optimizer.load_state_dict({"state": state, "param_groups": groups})
 
     def rng_state(self) -> dict[str, np.ndarray]:
-        state = {"torch": torch.get_rng_state().numpy(),
-                 "numpy": np.frombuffer(json.dumps(_np_state()).encode(), dtype=np.uint8),
-                 "python": np.frombuffer(json.dumps(_py_state()).encode(), dtype=np.uint8)}
+        state = {"torch": torch.get_rng_state().numpy(), **host_rng_state()}
         if torch.cuda.is_available():
             state["cuda"] = torch.cuda.get_rng_state().numpy()
         return state
@@ -252,8 +242,7 @@ class TorchBackend:
         torch.set_rng_state(torch.from_numpy(np.asarray(state["torch"], dtype=np.uint8)))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(torch.from_numpy(np.asarray(state["cuda"], dtype=np.uint8)))
-        _set_np_state(json.loads(bytes(state["numpy"]).decode()))
-        _set_py_state(json.loads(bytes(state["python"]).decode()))
+        set_host_rng_state(state)
 
 
 class _null:
@@ -270,21 +259,3 @@ def _json_default(v):
     if isinstance(v, (np.generic,)):
         return v.item()
     raise TypeError(f"cannot store {type(v).__name__} as JSON")
-
-
-def _np_state():
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return [name, keys.tolist(), int(pos), int(has_gauss), float(cached)]
-
-
-def _set_np_state(s):
-    np.random.set_state((s[0], np.asarray(s[1], dtype=np.uint32), s[2], s[3], s[4]))
-
-
-def _py_state():
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _set_py_state(s):
-    random.setstate((s[0], tuple(s[1]), s[2]))
