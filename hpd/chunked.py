@@ -34,12 +34,10 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from hpd.losses import _check_sampled, active_positions, sample_tokens
+from hpd.losses import MetricTally, _check_sampled, active_positions, sample_tokens
 from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, get_method, resolve_params
 from hpd.ops import ops_for
 
-# Same sentinel as hpd.losses.summarize: a min/max over no active position.
-_BIG = 3.0e38
 
 
 @dataclass(frozen=True)
@@ -136,7 +134,7 @@ def forward_and_grads(o, plan: ChunkPlan, student_hidden, student_head, *, want_
         head_t = o.astype(plan.teacher_head, dtype)  # (V, H_t)
         scale = 1.0 / (plan.temperature * plan.denom)
         total = o.zeros((), dtype, hidden)
-        tally = _Tally(o, plan.method, dtype, hidden)
+        tally = MetricTally(o, plan.method, dtype, hidden)
         grad_hidden = []
         grad_head = o.zeros((plan.vocab, width), dtype, hidden) if want_head else None
         for start in range(0, n, plan.chunk_size):
@@ -189,55 +187,6 @@ def logit_grad(o, w, log_q):
         weights = placed if weights is None else weights + placed
     weights = o.where(log_q > LOG_FLOOR, weights, o.zeros_like(weights))
     return o.exp(log_q) * o.sum(weights, axis=-1)[:, None] - weights
-
-
-class _Tally:
-    """Running sums (and k_* minima and maxima) of the metrics that hpd.loss reports."""
-
-    def __init__(self, o, method: Method, dtype, like):
-        self.o, self.method = o, method
-        self.zero = o.zeros((), dtype, like)
-        self.sums: dict[str, Any] = {"objective": self.zero, "nll": self.zero}
-        self.lows: dict[str, Any] = {}
-        self.highs: dict[str, Any] = {}
-
-    def add(self, w, log_q_y, mask):
-        o = self.o
-
-        def masked_sum(x):
-            return o.sum(o.where(mask, x, o.zeros_like(x)))
-
-        self.sums["objective"] = self.sums["objective"] + masked_sum(w.value)
-        self.sums["nll"] = self.sums["nll"] - masked_sum(log_q_y)
-        for name, x in w.diagnostics.items():
-            self.sums[name] = self.sums.get(name, self.zero) + masked_sum(x)
-            if name.startswith("k_"):
-                low = o.min(o.where(mask, x, o.zeros_like(x) + _BIG))
-                high = o.max(o.where(mask, x, o.zeros_like(x) - _BIG))
-                old_low, old_high = self.lows.get(name, low), self.highs.get(name, high)
-                self.lows[name] = o.where(low < old_low, low, old_low)
-                self.highs[name] = o.where(high > old_high, high, old_high)
-
-    def arrays(self) -> list:
-        return [*self.sums.values(), *self.lows.values(), *self.highs.values()]
-
-    def metrics(self, count: float) -> dict[str, float]:
-        """The same keys, in the same order, as hpd.losses.summarize."""
-        o, name = self.o, self.method.name
-        n = max(count, 1.0)
-        out = {"tokens": count, "objective": o.item(self.sums["objective"]) / n,
-               "nll": o.item(self.sums["nll"]) / n}
-        if self.method.full_vocab:
-            out[name] = out["objective"]
-        for key, total in self.sums.items():
-            if key in ("objective", "nll"):
-                continue
-            out[f"{name}/{key}"] = o.item(total) / n
-            if key.startswith("k_"):
-                empty = count == 0
-                out[f"{name}/{key}_min"] = 0.0 if empty else o.item(self.lows[key])
-                out[f"{name}/{key}_max"] = 0.0 if empty else o.item(self.highs[key])
-        return out
 
 
 def _check_chunk_size(chunk_size) -> int:

@@ -89,28 +89,70 @@ def sample_tokens(o, logits, generator=None):
 
 def summarize(o, m: Method, w: Weights, lq_y, mask, count: float) -> dict[str, float]:
     """Means over active positions (and min/max for the k statistics) as Python floats."""
-    n = max(count, 1.0)
-    # Not 0.0 * lq_y: lq_y is -inf where an ignored position's placeholder token is a
-    # masked (-inf) vocabulary entry, and 0 * -inf would turn every mean into NaN.
-    zero = o.zeros_like(lq_y)
+    tally = MetricTally(o, m, o.float_dtype(lq_y), lq_y)
+    tally.add(w, lq_y, mask)
+    return tally.metrics(count)
 
-    def mean(x):
-        return o.item(o.sum(o.where(mask, o.stop_gradient(x), zero))) / n
 
-    metrics = {"tokens": count, "objective": mean(w.value), "nll": mean(-lq_y)}
-    if m.full_vocab:
-        metrics[m.name] = metrics["objective"]
-    for name, x in w.diagnostics.items():
-        x = o.stop_gradient(x)
-        metrics[f"{m.name}/{name}"] = mean(x)
-        if name.startswith("k_"):
-            big = zero + 3.0e38
-            if count > 0:
-                metrics[f"{m.name}/{name}_min"] = o.item(o.min(o.where(mask, x, big)))
-                metrics[f"{m.name}/{name}_max"] = o.item(o.max(o.where(mask, x, -big)))
-            else:
-                metrics[f"{m.name}/{name}_min"] = metrics[f"{m.name}/{name}_max"] = 0.0
-    return metrics
+_BIG = 3.0e38  # min/max sentinel over positions that do not count
+
+
+class MetricTally:
+    """Running sums (and k_* minima and maxima) of the metrics hpd.loss reports.
+
+    They stay arrays until `metrics`, so a chunked caller synchronises once."""
+
+    def __init__(self, o, method: Method, dtype, like):
+        self.o, self.method = o, method
+        self.zero = o.zeros((), dtype, like)
+        self.sums: dict[str, Any] = {"objective": self.zero, "nll": self.zero}
+        self.counts: dict[str, Any] = {}  # diagnostics with a narrower domain: its size
+        self.lows: dict[str, Any] = {}
+        self.highs: dict[str, Any] = {}
+
+    def add(self, w: Weights, log_q_y, mask) -> None:
+        o = self.o
+
+        def masked_sum(x, where):
+            # where(), not a product: lq_y is -inf at ignored positions that point at a
+            # masked vocabulary entry, and 0 * -inf is NaN
+            x = o.stop_gradient(x)
+            return o.sum(o.where(where, x, o.zeros_like(x)))
+
+        self.sums["objective"] = self.sums["objective"] + masked_sum(w.value, mask)
+        self.sums["nll"] = self.sums["nll"] - masked_sum(log_q_y, mask)
+        for name, x in w.diagnostics.items():
+            where = mask
+            if name in w.domains:
+                where = mask & w.domains[name]
+                self.counts[name] = self.counts.get(name, self.zero) + masked_sum(o.zeros_like(x) + 1.0, where)
+            self.sums[name] = self.sums.get(name, self.zero) + masked_sum(x, where)
+            if name.startswith("k_"):
+                x = o.stop_gradient(x)
+                low = o.min(o.where(where, x, o.zeros_like(x) + _BIG))
+                high = o.max(o.where(where, x, o.zeros_like(x) - _BIG))
+                old_low, old_high = self.lows.get(name, low), self.highs.get(name, high)
+                self.lows[name] = o.where(low < old_low, low, old_low)
+                self.highs[name] = o.where(high > old_high, high, old_high)
+
+    def arrays(self) -> list:
+        return [*self.sums.values(), *self.counts.values(), *self.lows.values(), *self.highs.values()]
+
+    def metrics(self, count: float) -> dict[str, float]:
+        o, name = self.o, self.method.name
+        out = {"tokens": count, "objective": o.item(self.sums["objective"]) / max(count, 1.0),
+               "nll": o.item(self.sums["nll"]) / max(count, 1.0)}
+        if self.method.full_vocab:
+            out[name] = out["objective"]
+        for key, total in self.sums.items():
+            if key in ("objective", "nll"):
+                continue
+            n = o.item(self.counts[key]) if key in self.counts else count
+            out[f"{name}/{key}"] = o.item(total) / max(n, 1.0)
+            if key.startswith("k_"):
+                out[f"{name}/{key}_min"] = 0.0 if n == 0 else o.item(self.lows[key])
+                out[f"{name}/{key}_max"] = 0.0 if n == 0 else o.item(self.highs[key])
+        return out
 
 
 def _shared_vocab(student_logits, teacher_logits, targets):

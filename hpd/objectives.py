@@ -29,6 +29,8 @@ class Weights:
     full: Any = None  # (..., V) weights over the whole vocabulary, or None
     sparse: list[tuple[Any, Any]] = field(default_factory=list)  # [(token ids (...), weights (...))]
     diagnostics: dict[str, Any] = field(default_factory=dict)  # name -> (...) per-position values
+    # name -> (...) bool: positions a diagnostic is averaged over, where narrower than all active ones
+    domains: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -180,7 +182,9 @@ def hpd(o, lq, lp, y, s):
         "k_y": k_y,
         "k_s": k_s,
     }
-    return Weights(value=value, sparse=[(y, w_y), (s, w_s)], diagnostics=diagnostics)
+    # as in the authors' logs, k at the sample is summarised where the sample differs from y
+    return Weights(value=value, sparse=[(y, w_y), (s, w_s)], diagnostics=diagnostics,
+                   domains={"k_s": s != y})
 
 
 _BETA_JSD = Param(0.5, 0.0, 1.0, help="mixture weight of the teacher (0: forward KL, 1: reverse KL)")

@@ -186,9 +186,10 @@ def reference_hpd(zs, zt, y, s):
         "hpd/active_w_s": share("s_active"),
         "hpd/both_masks": share("both"),
     }
-    for k in ("k_y", "k_s"):
-        vals = [r[k] for r in act]
-        metrics[f"hpd/{k}"] = sum(vals) / n
+    # k at the data token over active positions; k at the sample where it differs from y
+    for k, rows_k in (("k_y", act), ("k_s", [r for r in act if not r["same"]])):
+        vals = [r[k] for r in rows_k]
+        metrics[f"hpd/{k}"] = sum(vals) / len(vals)
         metrics[f"hpd/{k}_min"] = min(vals)
         metrics[f"hpd/{k}_max"] = max(vals)
     return value, metrics, rows
