@@ -67,7 +67,12 @@ def distill(recipe, params, **flags):
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    if result["backend"].rank != 0:  # under torchrun or mlx.launch, rank 0 reports
+        return
     summary = result["metrics"]
     keys = [k for k in ("loss", "eval/loss", "eval/kl") if k in summary]
-    click.echo(f"done: {result['steps']} steps; " + ", ".join(f"{k} {summary[k]:.4f}" for k in keys)
-               + f"; student in {result['out']}")
+    click.echo(f"done: {result['steps']} steps; " + ", ".join(f"{k} {summary[k]:.4f}" for k in keys))
+    if "eval/accuracy" in summary and "eval/student_accuracy_before" in summary:
+        click.echo(f"held-out exact match: student {summary['eval/student_accuracy_before']:.3f} before, "
+                   f"{summary['eval/accuracy']:.3f} after; teacher {summary['eval/teacher_accuracy_before']:.3f}")
+    click.echo(f"student exported to {result['out']}")

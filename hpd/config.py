@@ -74,6 +74,12 @@ class DistillConfig:
                     "float32 on CPU; the torch student trains under bfloat16 autocast on CUDA)",
                     choices=("auto", "float32", "bfloat16", "float16"))
     device: str = _f("auto", "device for the torch backend", choices=("auto", "cpu", "cuda", "mps"))
+    parallel: str = _f("fsdp", "torch under torchrun (several processes): fsdp shards the student's weights, "
+                       "gradients and optimizer state across processes; ddp keeps a full copy on each",
+                       choices=("fsdp", "ddp"))
+    teacher_placement: str = _f("replicate", "torch under torchrun: a full teacher on every process, or "
+                                "shard it across processes (inference only: less memory, more traffic)",
+                                choices=("replicate", "shard"))
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     chunked: str = _f("auto", "chunked loss from hidden states (never holds batch x length x vocab)",
                       choices=("auto", "on", "off"))

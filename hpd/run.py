@@ -106,10 +106,13 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
-    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from else None)
+    # only rank 0 writes metrics.jsonl (and trims it on resume)
+    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from and rank == 0 else None)
+    # a backend with collective_checkpoint (torch under torchrun) needs every rank in saves
+    collective = getattr(backend, "collective_checkpoint", False)
 
     def save(loop: Loop) -> None:
-        if rank != 0:
+        if rank != 0 and not collective:
             return
         ckpt.save_checkpoint(out, loop.state.step, backend, student, tokenizer, optimizer, {
             "data": batches.state_dict(), "schedule": schedule.state_dict(), "loop": loop.state.to_dict(),
@@ -126,6 +129,13 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     say(f"distilling {cfg.teacher} -> {cfg.student} with {cfg.method} on {cfg.backend}: "
         f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} x {backend.world_size} sequences"
         f"{', chunked loss' if chunked else ''}", rank)
+    baseline = {}
+    if cfg.eval_generate and eval_batches and resume_from is None:
+        baseline = _accuracy_baseline(backend, student, teacher, tokenizer, cfg)
+        say("held-out exact match before distilling: student {student:.3f}, teacher {teacher:.3f}"
+            .format(**baseline), rank)
+        if rank == 0:
+            metrics_log({"step": 0, "eval/accuracy": baseline["student"], "eval/teacher_accuracy": baseline["teacher"]})
     started = time.perf_counter()
     progress = _progress_bar(total, state.step, enabled=cfg.progress and rank == 0)
     try:
@@ -134,19 +144,32 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         if progress is not None:
             progress.close()
     final = {k: v for k, v in last.items() if not k.startswith("schedule/")}
+    final.update({f"eval/{k}_accuracy_before": v for k, v in baseline.items()})
     if eval_batches:
         evaluation = loop.evaluate()
         final.update(evaluation)
         if rank == 0:
             metrics_log({"step": loop.state.step, **evaluation})
     save(loop)
-    if rank == 0:
+    if rank == 0 or collective:
         backend.save_model(student, tokenizer, out)
+    if rank == 0:
         finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final})
         say(f"exported the student to {out} ({time.perf_counter() - started:.0f} s)", rank)
     backend.barrier()
     return {"out": str(out), "steps": loop.state.step, "metrics": final, "student": student,
             "tokenizer": tokenizer, "backend": backend}
+
+
+def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, float]:
+    from hpd.evaluate import accuracy
+
+    def acc(model):
+        return accuracy(backend, model, tokenizer, cfg.eval_data, extractor=cfg.eval_extractor,
+                        limit=cfg.eval_generate, max_new_tokens=cfg.rollout_max_new_tokens,
+                        progress=False)["accuracy"]
+
+    return {"student": acc(student), "teacher": acc(teacher)}
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

@@ -138,7 +138,9 @@ def test_accumulation_equivalence(assets, tmp_path, method):
                                     method=method), **hooks)
     assert big["metrics"]["tokens"] == small["metrics"]["tokens"]
     np.testing.assert_allclose(big["metrics"]["loss"], small["metrics"]["loss"], rtol=1e-5)
-    assert max_weight_diff(weights(big["student"]), weights(small["student"])) < 2e-6
+    # summation order differs (one batch of 8 vs 8 of 1); Adam's normalised update turns that
+    # rounding in near-zero gradients into ~1e-6 of weight, against updates of ~3e-3 per step
+    assert max_weight_diff(weights(big["student"]), weights(small["student"])) < 1e-5
 
 
 @pytest.mark.parametrize("method", ["fkl", "jsd"])

@@ -43,6 +43,15 @@ def from_pretrained(loader, path: str, **kwargs):
 class TorchBackend:
     name = "torch"
 
+    def __new__(cls, config=None):
+        # under torchrun (WORLD_SIZE > 1) the data-parallel subclass in distributed.py;
+        # a single process never imports it
+        if cls is TorchBackend and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+            from hpd.backends.torch.distributed import DistributedTorchBackend
+
+            cls = DistributedTorchBackend
+        return super().__new__(cls)
+
     def __init__(self, config=None):
         from transformers.utils import logging as hf_logging
 
