@@ -12,7 +12,7 @@ import click
 @click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True)
 @click.option("--model", required=True, help="model folder or hub id to evaluate")
 @click.option("--teacher", default=None, help="teacher folder: also report token-level KL(teacher || model)")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--data", required=True, type=str,
               help="JSONL of prompt/completion (or messages) rows with reference answers")
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
               help="1: greedy decoding; K: mean accuracy over K sampled generations")
@@ -33,6 +33,9 @@ def evaluate(backend, model, teacher, data, samples, extractor, max_new_tokens, 
     KL to --teacher."""
     from hpd.backend import get_backend
     from hpd.evaluate import accuracy, get_extractor, likelihood
+    from hpd.models import asset_path
+
+    data = asset_path(data)
 
     try:
         get_extractor(extractor)

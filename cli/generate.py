@@ -11,7 +11,7 @@ import click
 @click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
               help="framework that runs the model")
 @click.option("--model", required=True, help="model folder or hub id (usually the teacher)")
-@click.option("--data", required=True, type=click.Path(exists=True, dir_okay=False),
+@click.option("--data", required=True, type=str,
               help="JSONL of {prompt} or {messages} rows (a final assistant turn is dropped)")
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="JSONL to write; an existing file is resumed without duplicating rows")
@@ -34,6 +34,9 @@ def generate(backend, model, data, out, samples, max_new_tokens, temperature, to
     ready for `hpd distill --data OUT`."""
     from hpd.backend import get_backend
     from hpd.data import DataError
+    from hpd.models import asset_path
+
+    data = asset_path(data)
     from hpd.rollout import Sampling, generate_file
 
     be = get_backend(backend, SimpleNamespace(device=device, dtype=dtype, gradient_checkpointing=False))

@@ -25,8 +25,8 @@ def _f(default, help: str, choices: tuple | None = None, low=None, high=None, lo
 @dataclass
 class DistillConfig:
     # what to distil
-    teacher: str = _f("", "teacher model: a local folder or a hub id")
-    student: str = _f("", "student initialisation: a local folder or a hub id")
+    teacher: str = _f("", "teacher model: a local folder, a hub id, or hpd:tiny/teacher (shipped)")
+    student: str = _f("", "student initialisation: a local folder, a hub id, or hpd:tiny/student")
     data: str = _f("", "training data, JSONL rows of {messages}, {prompt, completion} or {text}")
     out: str = _f("", "output folder: final student at the top, checkpoints/, metrics.jsonl, config.yaml")
     backend: str = _f("torch", "training backend", choices=("torch", "mlx"))
@@ -100,6 +100,12 @@ class DistillConfig:
                 f"unknown config key(s): {', '.join(unknown)}; known keys: {', '.join(cls.field_names())}"
             )
         return cls(**{k: _coerce(cls, k, v) for k, v in d.items()})
+
+    def __post_init__(self):
+        from hpd.models import asset_path
+
+        for name in ("teacher", "student", "data", "eval_data"):
+            setattr(self, name, asset_path(getattr(self, name)))
 
     @classmethod
     def from_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "DistillConfig":
