@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-import json
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the hpd CLI does; see cli/main.py
+
+import json  # noqa: E402
 import random
 from pathlib import Path
 

@@ -1,0 +1,113 @@
+"""Config, recipes and the CLI's flag handling (fast: no model is loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from hpd.config import DistillConfig, resolve_recipe
+from hpd.schedule import Schedule
+
+RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    assert {"tiny", "paper-math", "paper-code", "paper-dialogue"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_every_recipe_validates(path):
+    cfg = DistillConfig.from_recipe(path)
+    cfg.validate(require_paths=False)
+    Schedule(cfg.schedule_config(), method=cfg.method, method_params=dict(cfg.method_params),
+             total_steps=1000, seed=cfg.seed)
+
+
+def test_shipped_recipe_by_name():
+    assert resolve_recipe("tiny").name == "tiny.yaml"
+    with pytest.raises(FileNotFoundError, match="not found"):
+        resolve_recipe("no-such-recipe")
+
+
+def test_unknown_key_lists_known_keys(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"teacher": "a", "learning_rate": 1e-5}))
+    with pytest.raises(ValueError, match=r"unknown config key\(s\): learning_rate; known keys: .*\blr\b"):
+        DistillConfig.from_recipe(path)
+
+
+def test_validation_reports_every_error_at_once():
+    cfg = DistillConfig.from_dict({"lr": -1, "batch_size": 0, "lr_schedule": "step", "method": "kl"})
+    with pytest.raises(ValueError) as err:
+        cfg.validate()
+    text = str(err.value)
+    for needle in ("lr=-1.0", "batch_size=0", "lr_schedule='step'", "unknown method 'kl'", "teacher is required"):
+        assert needle in text, text
+
+
+def test_yaml_numbers_are_coerced():
+    cfg = DistillConfig.from_dict({"lr": "5e-6", "steps": 10.0, "epochs": 2})
+    assert cfg.lr == 5e-6 and cfg.steps == 10 and isinstance(cfg.epochs, float)
+    with pytest.raises(ValueError, match="steps: expected int"):
+        DistillConfig.from_dict({"steps": 2.5})
+
+
+def test_only_flags_the_user_set_override_the_recipe(tmp_path, monkeypatch):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({"teacher": "t", "student": "s", "data": "d.jsonl", "out": "o",
+                                      "lr": 5e-6, "batch_size": 2, "method": "jsd",
+                                      "method_params": {"beta": 0.3}}))
+    seen = {}
+
+    def fake_run(cfg, command=None):
+        seen["cfg"] = cfg
+        return {"steps": 0, "metrics": {}, "out": cfg.out, "backend": SimpleNamespace(rank=0)}
+
+    monkeypatch.setattr("hpd.run.distill", fake_run)
+    from hpd.cli.main import cli
+
+    result = CliRunner().invoke(cli, ["distill", "--recipe", str(recipe), "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert cfg.batch_size == 4 and cfg.lr == 5e-6 and cfg.method == "jsd"
+    assert cfg.method_params == {"beta": 0.3} and cfg.seed == 0
+
+
+def test_cli_param_sets_method_parameters(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("hpd.run.distill", lambda cfg, command=None: seen.setdefault("cfg", cfg) and
+                        {"steps": 0, "metrics": {}, "out": cfg.out, "backend": SimpleNamespace(rank=0)})
+    from hpd.cli.main import cli
+
+    args = ["distill", "--teacher", "t", "--student", "s", "--data", "d", "--out", "o", "--method", "jsd",
+            "--param", "beta=0.9"]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    assert seen["cfg"].method_params == {"beta": 0.9}
+    bad = CliRunner().invoke(cli, args[:-1] + ["gamma=1"])
+    assert bad.exit_code != 0 and "unknown parameter" in bad.output
+
+
+def test_help_explains_every_option():
+    from hpd.cli.main import cli
+
+    text = CliRunner().invoke(cli, ["distill", "--help"]).output
+    for f in DistillConfig.field_names():
+        if f in ("method_params", "schedule"):
+            continue
+        assert "--" + f.replace("_", "-") in text, f
+    assert "[default:" in text
+
+
+def test_import_hpd_is_light():
+    import subprocess
+    import sys
+
+    code = "import hpd, hpd.config, hpd.schedule, hpd.data, hpd.loop, sys; " \
+           "print(any(m.split('.')[0] in ('torch', 'mlx') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
