@@ -151,18 +151,19 @@ def forward_and_grads(o, plan: ChunkPlan, student_hidden, student_head, *, want_
             log_q = o.log_softmax(zs)
             lq = o.maximum(log_q, LOG_FLOOR)
             lp = o.maximum(o.log_softmax(zt), LOG_FLOOR)
+            del zs, zt  # (C, V) each, not needed past here: kept out of the chunk's peak
             w = plan.method.rule(o, lq, lp, y, s, **plan.params)
             total = total + o.sum(o.where(mask, w.value, o.zeros_like(w.value)))
             tally.add(w, o.take(log_q, y), mask)
             pending = [total, *tally.arrays()]
             if want_hidden or want_head:
-                g = logit_grad(o, w, log_q)
-                g = o.where(mask[:, None], g, o.zeros_like(g)) * scale  # (C, V)
+                g = logit_grad(o, w, log_q, mask)  # (C, V): inactive rows zero, not yet scaled
+                # The scale goes on the (C, H) side of each matmul, not over (C, V).
                 if want_hidden:
-                    grad_hidden.append(g @ head_s)  # (C, H_s)
+                    grad_hidden.append((g @ head_s) * scale)  # (C, H_s)
                     pending.append(grad_hidden[-1])
                 if want_head:
-                    grad_head = grad_head + g.T @ h
+                    grad_head = grad_head + g.T @ (h * scale)
                     pending.append(grad_head)
             o.evaluate(*pending)
         if want_hidden:
@@ -175,18 +176,32 @@ def forward_and_grads(o, plan: ChunkPlan, student_hidden, student_head, *, want_
         return total / plan.denom, grad_hidden, grad_head, tally.metrics(plan.count)
 
 
-def logit_grad(o, w, log_q):
+def logit_grad(o, w, log_q, mask=None):
     """d/dz of -sum_v w_v log q_v per position, from the rule's weights: (C, V).
 
-    Below LOG_FLOOR the plain path's floor passes no gradient; the weights there are
-    dropped to match (q is 0 there in any float format, so only -inf logits notice).
+    Rows where `mask` (C,) is False get a zero gradient. Below LOG_FLOOR the plain path's
+    floor passes no gradient; the weights there are dropped to match (q is 0 there in
+    any float format, so only -inf logits notice). Sparse weights are masked and summed
+    as (C,) arrays, so the (C, V) work is one `where` for a full-vocabulary rule, one
+    `put` per sparse term, and q * row_sum - weights (on CPU each fresh (C, V) array
+    also costs page faults, so every pass saved counts twice).
     """
-    weights = w.full
+    weights, row_sum = None, None
+    if w.full is not None:
+        keep = log_q > LOG_FLOOR
+        if mask is not None:
+            keep = keep & mask[:, None]
+        weights = o.where(keep, w.full, 0.0)
+        row_sum = o.sum(weights, axis=-1)
     for idx, value in w.sparse:
+        keep = o.take(log_q, idx) > LOG_FLOOR
+        if mask is not None:
+            keep = keep & mask
+        value = o.where(keep, value, 0.0)  # (C,)
         placed = o.put(log_q, idx, value)
         weights = placed if weights is None else weights + placed
-    weights = o.where(log_q > LOG_FLOOR, weights, o.zeros_like(weights))
-    return o.exp(log_q) * o.sum(weights, axis=-1)[:, None] - weights
+        row_sum = value if row_sum is None else row_sum + value
+    return o.exp(log_q) * row_sum[:, None] - weights
 
 
 def _check_chunk_size(chunk_size) -> int:
