@@ -148,9 +148,13 @@ class TorchBackend:
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                  eps=config.adam_eps)
 
+    def clip_gradients(self, params, max_norm: float) -> torch.Tensor:
+        """Clip to `max_norm` in place; returns the global norm before clipping."""
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+
     def optimizer_step(self, model, optimizer, lr: float, max_grad_norm: float) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+        norm = self.clip_gradients(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
         for group in optimizer.param_groups:
             group["lr"] = lr
         optimizer.step()

@@ -225,25 +225,23 @@ class DistributedTorchBackend(TorchBackend):
 
     # ------------------------------------------------------------------ optimisation
     def optimizer_step(self, model, optimizer, lr: float, max_grad_norm: float) -> float:
+        if self._unsynced:  # more micro-batches than grad_accum said: sum what DDP skipped
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+        self._micro, self._unsynced = 0, False
+        return super().optimizer_step(model, optimizer, lr, max_grad_norm)
+
+    def clip_gradients(self, params, max_norm: float) -> torch.Tensor:
         from torch.distributed.tensor import DTensor
 
-        params = [p for p in model.parameters() if p.grad is not None]
-        if self._unsynced:  # more micro-batches than grad_accum said: sum what DDP skipped
-            for p in params:
-                dist.all_reduce(p.grad)
-        self._micro, self._unsynced = 0, False
         if not any(isinstance(p, DTensor) for p in params):  # replicated: every rank holds whole gradients
-            return super().optimizer_step(model, optimizer, lr, max_grad_norm)
-        max_norm = max_grad_norm if max_grad_norm > 0 else float("inf")
+            return super().clip_gradients(params, max_norm)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
         if isinstance(norm, DTensor):  # a partial norm on each rank: the full one over all shards
             norm = norm.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def zero_grad(self, model, optimizer) -> None:
         self._micro, self._unsynced = 0, False
