@@ -24,8 +24,9 @@ from click.testing import CliRunner  # noqa: E402
 
 import hpd  # noqa: E402
 from hpd.cli.main import cli  # noqa: E402
-from hpd.data import IGNORE_INDEX, collate, load_dataset  # noqa: E402
+from hpd.data import collate, load_dataset  # noqa: E402
 from hpd.rollout import Sampling, rollout_batch  # noqa: E402
+from rollout_checks import assert_rollout_targets  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -60,20 +61,7 @@ def test_rollout_targets_cover_generated_tokens_only(assets, mlx_student):
     backend, model, tok = mlx_student
     batch = _prompt_batch(assets, tok)
     out = rollout_batch(backend, model, tok, batch, Sampling(max_new_tokens=12, temperature=1.5), 256)
-    assert int(out["generated_tokens"]) > 0
-    for i in range(len(batch["input_ids"])):
-        n_prompt = int(batch["prompt_lens"][i])
-        np.testing.assert_array_equal(out["input_ids"][i, :n_prompt], batch["input_ids"][i, :n_prompt])
-        length = int(out["attention_mask"][i].sum())
-        gen = out["input_ids"][i, n_prompt:length].tolist()
-        assert 1 <= len(gen) <= 12
-        if tok.eos_token_id in gen:  # nothing after EOS
-            assert gen.index(tok.eos_token_id) == len(gen) - 1
-        targets = out["targets"][i]
-        # prompt tokens carry no loss; logits[t] scores input_ids[t + 1] for every generated token
-        assert (targets[: n_prompt - 1] == IGNORE_INDEX).all()
-        assert targets[n_prompt - 1: length - 1].tolist() == gen
-        assert (targets[length - 1:] == IGNORE_INDEX).all()
+    assert_rollout_targets(batch, out, tok.eos_token_id, 12)
     # the batch stays right-padded, as the mlx backend needs
     backend.to_arrays({k: v for k, v in out.items() if k != "generated_tokens"})
 

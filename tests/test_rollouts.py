@@ -13,8 +13,9 @@ from click.testing import CliRunner
 import hpd
 from hpd.backend import get_backend
 from hpd.cli.main import cli
-from hpd.data import IGNORE_INDEX, collate, load_dataset
+from hpd.data import collate, load_dataset
 from hpd.rollout import Sampling, rollout_batch
+from rollout_checks import assert_rollout_targets
 
 pytestmark = pytest.mark.slow
 
@@ -38,21 +39,7 @@ def test_rollout_targets_cover_generated_tokens_only(assets, torch_student):
     backend, model, tok = torch_student
     batch = _prompt_batch(assets, tok)
     out = rollout_batch(backend, model, tok, batch, Sampling(max_new_tokens=12, temperature=1.5), 256)
-    assert int(out["generated_tokens"]) > 0
-    for i in range(len(batch["input_ids"])):
-        n_prompt = int(batch["prompt_lens"][i])
-        prompt = batch["input_ids"][i, :n_prompt]
-        np.testing.assert_array_equal(out["input_ids"][i, :n_prompt], prompt)
-        length = int(out["attention_mask"][i].sum())
-        gen = out["input_ids"][i, n_prompt:length].tolist()
-        assert 1 <= len(gen) <= 12
-        if tok.eos_token_id in gen:  # nothing after EOS
-            assert gen.index(tok.eos_token_id) == len(gen) - 1
-        targets = out["targets"][i]
-        # prompt tokens carry no loss; logits[t] scores input_ids[t + 1] for every generated token
-        assert (targets[: n_prompt - 1] == IGNORE_INDEX).all()
-        assert targets[n_prompt - 1: length - 1].tolist() == gen
-        assert (targets[length - 1:] == IGNORE_INDEX).all()
+    assert_rollout_targets(batch, out, tok.eos_token_id, 12)
 
 
 def test_teacher_scores_align_with_generated_tokens(assets, torch_student):

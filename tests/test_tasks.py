@@ -1,7 +1,6 @@
 """The arithmetic task generator and the embedded tiny teacher / student assets."""
 
 import json
-import random
 import re
 
 import pytest
