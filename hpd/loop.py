@@ -212,14 +212,15 @@ class Loop:
 
     def _rollouts(self, micro):
         started = time.perf_counter()
-        out, generated = [], 0
+        out, generated, rows = [], 0, 0
         for mb in micro:
             new = self.rollout(self, self.student, mb)
             generated += int(new.pop("generated_tokens", 0))
+            rows += len(new["input_ids"])
             out.append(new)
         seconds = time.perf_counter() - started
         return out, {"rollout/tokens": generated, "rollout/tokens_per_s": generated / max(seconds, 1e-9),
-                     "rollout/seconds": seconds}
+                     "rollout/mean_length": generated / max(rows, 1), "rollout/seconds": seconds}
 
     def evaluate(self) -> dict[str, float]:
         """Held-out student NLL and token-level KL(teacher || student)."""

@@ -92,6 +92,7 @@ def test_fully_on_policy_run(assets, tmp_path):
     result, steps = _run(assets, tmp_path / "run", {"lambda_start": 1.0})
     assert all(r["schedule/on_policy"] == 1 and r["rollout/tokens"] > 0 for r in steps)
     assert all(np.isfinite(r["loss"]) and r["rollout/tokens_per_s"] > 0 for r in steps)
+    assert all(1 <= r["rollout/mean_length"] <= 8 for r in steps)  # rollout_max_new_tokens=8
 
 
 def test_mixed_run_with_ramp_and_objective_switch(assets, tmp_path):
