@@ -113,12 +113,30 @@ def finalize(folder: Path, tokenizer, info: dict) -> None:
     check_model_folder(folder)
 
 
+# What a run or an export writes; --overwrite deletes a folder only when it holds nothing else.
+_OWN_NAMES = {"checkpoints", "metrics.jsonl", "config.yaml", "config.json", "generation_config.json",
+              "README.md", "hpd_export.json", "chat_template.jinja", "special_tokens_map.json",
+              "added_tokens.json", "vocab.json", "merges.txt", "model.safetensors.index.json"}
+
+
+def _is_own(name: str) -> bool:
+    return name in _OWN_NAMES or name.endswith(".safetensors") or name.startswith("tokenizer")
+
+
 def ensure_writable(folder: Path, overwrite: bool) -> None:
-    """Never write into a non-empty folder unless asked to."""
+    """Never write into a non-empty folder unless asked to, and never delete files that
+    an hpd run did not write, even when asked to."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file, not a folder")
     if folder.exists() and any(folder.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{folder} is not empty; pass --overwrite to replace it")
+        foreign = sorted(p.name for p in folder.iterdir() if not _is_own(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+            raise FileExistsError(f"{folder} holds files hpd did not write ({shown}); --overwrite only "
+                                  "replaces an earlier run or export. Choose another folder")
         shutil.rmtree(folder)
     folder.mkdir(parents=True, exist_ok=True)
 

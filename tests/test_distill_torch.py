@@ -271,8 +271,16 @@ def test_existing_output_folder_is_not_overwritten(assets, tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         hpd.distill(base_config(assets, out, steps=1))
     assert (out / "precious.txt").read_text() == "keep me"
-    hpd.distill(base_config(assets, out, steps=1, overwrite=True))
-    assert not (out / "precious.txt").exists() and (out / "config.json").exists()
+    with pytest.raises(FileExistsError, match="hpd did not write .*precious.txt"):
+        hpd.distill(base_config(assets, out, steps=1, overwrite=True))
+    assert (out / "precious.txt").read_text() == "keep me"
+    # an earlier run in the folder is replaced
+    (out / "precious.txt").unlink()
+    hpd.distill(base_config(assets, out, steps=1))
+    first = (out / "model.safetensors").stat().st_mtime_ns
+    hpd.distill(base_config(assets, out, steps=2, overwrite=True))
+    assert (out / "model.safetensors").stat().st_mtime_ns != first
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]
 
 
 def test_export_command(assets, tmp_path):
