@@ -151,12 +151,12 @@ class Loop:
 
     def train_step(self, plan) -> dict[str, float] | None:
         cfg, backend = self.config, self.backend
-        started = time.perf_counter()
         step = self.state.step
         micro = [next(self.batches) for _ in range(cfg.grad_accum)]
         extra: dict[str, float] = {}
         if plan.on_policy and self.rollout is not None:
             micro, extra = self._rollouts(micro)
+        started = time.perf_counter()  # training throughput excludes generation (logged as rollout/*)
         local = sum(target_count(mb["targets"], self.vocab) for mb in micro)
         global_tokens = backend.all_reduce_sum(float(local))
         means, loss_total = MetricMeans(), 0.0
