@@ -23,3 +23,17 @@ def assert_rollout_targets(batch: dict, out: dict, eos: int, max_new_tokens: int
         assert (targets[: n_prompt - 1] == IGNORE_INDEX).all()
         assert targets[n_prompt - 1: length - 1].tolist() == gen
         assert (targets[length - 1:] == IGNORE_INDEX).all()
+
+
+PROMPT_ROWS = [{"prompt": "the cat sat"}, {"prompt": "one two"},
+               {"messages": [{"role": "user", "content": "how many apples"}]}]
+
+
+def write_prompts(folder):
+    """A prompts file for `hpd generate`: two prompt rows and one chat row."""
+    import json
+    from pathlib import Path
+
+    path = Path(folder) / "prompts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in PROMPT_ROWS))
+    return path

@@ -26,7 +26,7 @@ import hpd  # noqa: E402
 from hpd.cli.main import cli  # noqa: E402
 from hpd.data import collate, load_dataset  # noqa: E402
 from hpd.rollout import Sampling, rollout_batch  # noqa: E402
-from rollout_checks import assert_rollout_targets  # noqa: E402
+from rollout_checks import assert_rollout_targets, write_prompts  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -242,10 +242,7 @@ def test_schedule_decisions_equal_on_torch_and_mlx(assets, tmp_path, mixed_mlx_r
 
 @pytest.mark.slow
 def test_generate_writes_and_resumes(assets, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    rows = [{"prompt": "the cat sat"}, {"prompt": "one two"},
-            {"messages": [{"role": "user", "content": "how many apples"}]}]
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = write_prompts(tmp_path)
     out = tmp_path / "responses.jsonl"
     args = ["generate", "--backend", "mlx", "--model", str(assets["teacher"]), "--data", str(prompts),
             "--out", str(out), "--samples", "2", "--max-new-tokens", "6", "--no-progress", "--batch-size", "4",

@@ -15,7 +15,7 @@ from hpd.backend import get_backend
 from hpd.cli.main import cli
 from hpd.data import collate, load_dataset
 from hpd.rollout import Sampling, rollout_batch
-from rollout_checks import assert_rollout_targets
+from rollout_checks import assert_rollout_targets, write_prompts
 
 pytestmark = pytest.mark.slow
 
@@ -110,10 +110,7 @@ def test_mixed_run_with_ramp_and_objective_switch(assets, tmp_path):
 
 
 def test_generate_writes_and_resumes(assets, tmp_path):
-    prompts = tmp_path / "prompts.jsonl"
-    rows = [{"prompt": "the cat sat"}, {"prompt": "one two"},
-            {"messages": [{"role": "user", "content": "how many apples"}]}]
-    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    prompts = write_prompts(tmp_path)
     out = tmp_path / "responses.jsonl"
     args = ["generate", "--model", str(assets["teacher"]), "--data", str(prompts), "--out", str(out),
             "--samples", "2", "--max-new-tokens", "6", "--no-progress", "--batch-size", "4"]
