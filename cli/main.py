@@ -28,19 +28,13 @@ def cli():
 
 def _register():
     from hpd.cli.distill import distill
+    from hpd.cli.evaluate import evaluate
     from hpd.cli.export import export
+    from hpd.cli.generate import generate
+    from hpd.cli.plot import plot
 
-    cli.add_command(distill)
-    cli.add_command(export)
-    for module, name in (("hpd.cli.evaluate", "evaluate"), ("hpd.cli.generate", "generate"),
-                         ("hpd.cli.plot", "plot")):
-        try:
-            mod = __import__(module, fromlist=[name])
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue
-        cli.add_command(getattr(mod, name))
+    for command in (distill, export, generate, evaluate, plot):
+        cli.add_command(command)
 
 
 _register()
