@@ -45,22 +45,24 @@ def loss(
     s = None
     if m.needs_sample:
         s = sample_tokens(o, zs) if sampled is None else _check_sampled(o, sampled, targets, vocab)
-    per_pos, weights = objective_terms(o, m, zs, zt, y, s, params)
+    per_pos, weights, log_q_y = objective_terms(o, m, zs, zt, y, s, params)
     count = o.count(mask)
     denom = float(num_tokens) if num_tokens is not None else max(count, 1.0)
     total = o.sum(o.where(mask, per_pos, 0.0 * per_pos))
     value = total / denom
-    metrics = summarize(o, m, weights, o.take(o.stop_gradient(o.log_softmax(zs)), y), mask, count)
+    metrics = summarize(o, m, weights, log_q_y, mask, count)
     return value, metrics
 
 
-def objective_terms(o, m: Method, zs, zt, y, s, params) -> tuple[Any, Weights]:
-    """Per-position objective (..., differentiable in zs) and the rule's weights.
+def objective_terms(o, m: Method, zs, zt, y, s, params) -> tuple[Any, Weights, Any]:
+    """Per-position objective (..., differentiable in zs), the rule's weights, and the
+    student's log-prob of y (unfloored, without gradient) for the metrics.
 
     The value equals the rule's reported value (the literal divergence for the
     full-vocabulary methods); its gradient is -sum w * grad log q.
     """
-    logq = o.maximum(o.log_softmax(zs), LOG_FLOOR)  # (..., V)
+    log_q = o.log_softmax(zs)  # (..., V)
+    logq = o.maximum(log_q, LOG_FLOOR)
     lp = o.maximum(o.log_softmax(zt), LOG_FLOOR)
     lq = o.stop_gradient(logq)
     w = m.rule(o, lq, lp, y, s, **params)
@@ -71,7 +73,7 @@ def objective_terms(o, m: Method, zs, zt, y, s, params) -> tuple[Any, Weights]:
         term = -o.stop_gradient(weight) * o.take(logq, idx)
         surrogate = term if surrogate is None else surrogate + term
     per_pos = surrogate + o.stop_gradient(w.value - surrogate)
-    return per_pos, w
+    return per_pos, w, o.take(o.stop_gradient(log_q), y)
 
 
 def active_positions(o, targets, vocab: int, ignore_index: int):

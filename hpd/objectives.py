@@ -90,7 +90,8 @@ def sft(o, lq, lp, y, s):
 
 
 def fkl(o, lq, lp, y, s):
-    return Weights(value=_kl(o, lp, lq), full=o.exp(lp))
+    p = o.exp(lp)
+    return Weights(value=o.sum(p * (lp - lq), axis=-1), full=p)
 
 
 def rkl(o, lq, lp, y, s):
