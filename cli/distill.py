@@ -43,7 +43,22 @@ def distill(recipe, params, **flags):
     \b
     Every option can also be set in a recipe YAML under the same name (with
     underscores); method parameters go under `method_params`, and the hybrid
-    schedule under `schedule` (see the README).
+    schedule under `schedule`. Step bounds in [0, 1] are fractions of the run.
+    For example, forward KL for the first 10% of steps, then HPD plus 0.1 x SFT,
+    with the share of steps on student rollouts ramping from 0 to 0.5 between
+    10% and 60% of training:
+
+    \b
+      method: hpd
+      schedule:
+        lambda_schedule: linear   # constant | linear | cosine | adaptive
+        lambda_start: 0.0
+        lambda_end: 0.5
+        ramp_start: 0.1
+        ramp_end: 0.6
+        phases:
+          - {until: 0.1, objectives: {fkl: 1.0}}
+          - objectives: {hpd: 1.0, sft: 0.1}
     """
     overrides = {k: (int(v) if k == "teacher_quantize" else v) for k, v in flags.items() if v is not None}
     if params:
