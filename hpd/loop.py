@@ -92,7 +92,6 @@ class LoopState:
     step: int = 0
     bad_steps: int = 0  # consecutive non-finite losses
     skipped_steps: int = 0  # all non-finite losses so far
-    tokens_seen: int = 0
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -184,7 +183,6 @@ class Loop:
         grad_norm = backend.optimizer_step(self.student, self.optimizer, lr, cfg.max_grad_norm)
         elapsed = time.perf_counter() - started
         self.state.step += 1
-        self.state.tokens_seen += int(global_tokens)
         record = {"step": self.state.step, "loss": loss_total, "lr": lr, "tokens": int(global_tokens),
                   "tokens_per_s": global_tokens / max(elapsed, 1e-9), "grad_norm": grad_norm,
                   "epoch": self.batches.epoch, "skipped_steps": self.state.skipped_steps}

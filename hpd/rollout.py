@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpd.data import DataError, Example, _chat_ids, _encode, collate, pad_id_of, read_jsonl, row_kind
+from hpd.data import DataError, Example, _chat_ids, _encode, collate, pad_id_of, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -139,4 +139,4 @@ def _completed(out: Path) -> set[tuple[int, int]]:
     return done
 
 
-__all__ = ["Sampling", "rollout_batch", "make_rollout", "generate_file", "prompts_of", "row_kind"]
+__all__ = ["Sampling", "rollout_batch", "make_rollout", "generate_file", "prompts_of", "prompt_ids"]
