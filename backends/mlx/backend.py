@@ -32,6 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from hpd.backend import Outputs
+from hpd.backends.mlx import family
 from hpd.models import hub_failure, local_or_hub
 from hpd.rng import host_rng_state, set_host_rng_state
 
@@ -116,14 +117,12 @@ class MlxBackend:
         return _DTYPES[name]
 
     def load_model(self, path: str, *, trainable: bool, dtype: str = "auto", quantize: int = 0):
-        from mlx_lm.utils import load_model
-
         if quantize and trainable:
             raise ValueError("only the teacher can be quantized (--teacher-quantize); the student trains")
         if quantize not in (0, 4, 8):
             raise ValueError(f"quantize={quantize}: allowed 0, 4, 8")
         folder = resolve_model_path(path)
-        model, config = load_model(folder, lazy=True)  # weights are read as they are evaluated below
+        model, config = family.load(folder)  # weights are read as they are evaluated below
         if "quantization" in config:
             if trainable:
                 raise ValueError(f"{folder} holds a quantized model; a student must be full precision")
@@ -156,8 +155,6 @@ class MlxBackend:
             import hpd.backends.mlx.chunked  # noqa: F401
         except ImportError:
             return False
-        if not hasattr(model, "model") or not hasattr(model.model, "embed_tokens"):
-            return False
         head = _head_module(model)
         if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             return False
@@ -188,7 +185,7 @@ class MlxBackend:
             if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
                 raise ValueError("the chunked loss needs an unquantized output head; use --chunked off "
                                  "with --teacher-quantize")
-            return Outputs(hidden=model.model(batch["input_ids"]), head=head.weight)
+            return Outputs(hidden=family.hidden_states(model, batch["input_ids"]), head=head.weight)
         return Outputs(logits=model(batch["input_ids"]))
 
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
@@ -384,9 +381,7 @@ def quantize_model(model, bits: int) -> int:
 
 
 def _head_module(model):
-    if "lm_head" in model:
-        return model.lm_head
-    return model.model.embed_tokens
+    return family.head_module(model)
 
 
 def _right_padded(mask: np.ndarray) -> bool:

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hpd.backend import Outputs
+from hpd.backends.torch import family
 from hpd.models import hub_failure, local_or_hub
 from hpd.rng import host_rng_state, set_host_rng_state
 
@@ -118,9 +119,8 @@ class TorchBackend:
 
     def _run(self, model, batch, hidden: bool) -> Outputs:
         if hidden:
-            base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-            h = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            return Outputs(hidden=h, head=model.get_output_embeddings().weight)
+            h = family.hidden_states(model, batch["input_ids"], batch["attention_mask"])
+            return Outputs(hidden=h, head=family.head_module(model).weight)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return Outputs(logits=out.logits)
 

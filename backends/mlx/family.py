@@ -1,0 +1,92 @@
+"""mlx-lm models of every family: loading through hpd.families' config translation, and
+where a family keeps its decoder and output head (mirrors backends/torch/family.py)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import mlx.nn as nn
+
+from hpd import families
+
+# Output projections by name; GPT-NeoX keeps its `embed_out` inside the decoder module.
+_HEAD_NAMES = ("lm_head", "embed_out")
+# Input embeddings that serve as the head when it is tied.
+_EMBED_NAMES = ("embed_tokens", "embed_in", "wte")
+_DECODER_NAMES = ("model", "transformer", "gpt_neox")
+
+
+def load(folder: Path):
+    """(model, config) from a model folder in any form transformers writes: the config
+    reaches mlx-lm's model classes with the keys they read (hpd.families.mlx_keys)."""
+    import mlx_lm
+    from mlx_lm.utils import load_config, load_model
+
+    config = load_config(folder)
+    keys = families.mlx_keys(config)
+    families.check_mlx_layers({**config, **keys})
+    for message in families.mlx_differences({**config, **keys}):
+        warnings.warn(message, stacklevel=3)
+    try:
+        return load_model(folder, lazy=True, model_config=keys)  # weights are read when evaluated
+    except ValueError as e:
+        if "not supported" in str(e):
+            raise families.FamilyError(f"{config.get('model_type')}: mlx-lm {mlx_lm.__version__} has no model "
+                                       "code for this family; use --backend torch for this model") from e
+        raise
+
+
+def decoder_of(model):
+    for name in _DECODER_NAMES:
+        if name in model and isinstance(model[name], nn.Module):
+            return model[name]
+    raise families.FamilyError(f"{_family(model)}: hpd does not know where this mlx-lm family keeps its "
+                               "decoder; use --backend torch for this model")
+
+
+def head_module(model):
+    """The module whose weight projects hidden states to logits (the embedding when tied)."""
+    if "lm_head" in model:
+        return model.lm_head
+    decoder = decoder_of(model)
+    for name in (*_HEAD_NAMES, *_EMBED_NAMES):
+        if name in decoder:
+            return decoder[name]
+    raise families.FamilyError(f"{_family(model)}: hpd does not know where this mlx-lm family keeps its "
+                               "output head; use --backend torch for this model")
+
+
+def hidden_states(model, input_ids):
+    """Final (post-norm) hidden states (B, T, H): the decoder without the head, for the
+    families that run their head inside the decoder as well."""
+    decoder, head = decoder_of(model), head_module(model)
+    inner = next((k for k in _HEAD_NAMES if k in decoder and decoder[k] is head), None)
+    if inner is None:
+        hidden = decoder(input_ids)
+    else:
+        decoder[inner] = _Identity()  # the weight stays reachable through `head` for the loss
+        try:
+            hidden = decoder(input_ids)
+        finally:
+            decoder[inner] = head
+    width = _in_width(head)
+    if hidden.shape[-1] != width:
+        raise families.FamilyError(f"{_family(model)}: this mlx-lm family's decoder returns width "
+                                   f"{hidden.shape[-1]}, not the head's input width {width}")
+    return hidden
+
+
+class _Identity(nn.Module):
+    def __call__(self, x):
+        return x
+
+
+def _in_width(head) -> int:
+    if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return head.scales.shape[-1] * head.group_size
+    return head.weight.shape[-1]
+
+
+def _family(model) -> str:
+    return getattr(getattr(model, "args", None), "model_type", None) or type(model).__module__

@@ -1,0 +1,30 @@
+"""transformers models of every family: where a family keeps its decoder and output head
+(mirrors backends/mlx/family.py)."""
+
+from __future__ import annotations
+
+from hpd import families
+
+
+def head_module(model):
+    """The module whose weight projects hidden states to logits (tied or not)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise families.FamilyError(f"{model.config.model_type}: transformers' {type(model).__name__} names no "
+                                   "output embeddings; hpd cannot find its head")
+    return head
+
+
+def decoder_of(model):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None:
+        decoder = model.base_model
+    if decoder is None or decoder is model:
+        raise families.FamilyError(f"{model.config.model_type}: transformers' {type(model).__name__} has no "
+                                   "separate decoder module; hpd cannot read its hidden states")
+    return decoder
+
+
+def hidden_states(model, input_ids, attention_mask):
+    """Final (post-norm) hidden states (B, T, H)."""
+    return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
