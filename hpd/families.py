@@ -93,6 +93,20 @@ HEAD_RULES: dict[str, HeadRule] = {
 SCALING_KEYS = ("logits_scaling", "logit_scale", "final_logit_softcapping", "output_multiplier_scale")
 
 
+# mlx-lm parameter names that transformers spells differently: (mlx-lm prefix, transformers
+# prefix), first match wins. mlx-lm's own loader maps the transformers names back.
+MLX_WEIGHT_PREFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "gpt_neox": (("model.h.", "gpt_neox.layers."), ("model.embed_out.", "embed_out."), ("model.", "gpt_neox.")),
+}
+
+
+def transformers_weight_name(model_type: str, name: str) -> str:
+    for ours, theirs in MLX_WEIGHT_PREFIXES.get(model_type, ()):
+        if name.startswith(ours):
+            return theirs + name[len(ours):]
+    return name
+
+
 class FamilyError(ValueError):
     """A model this combination of libraries cannot run exactly."""
 
@@ -122,9 +136,10 @@ def rope_parameters(config: dict) -> dict | None:
         from transformers.models.auto.configuration_auto import CONFIG_MAPPING
     except ImportError:  # pragma: no cover - transformers comes with both backends
         return config.get("rope_parameters")
-    cls = CONFIG_MAPPING.get(config.get("model_type", "")) if config.get("model_type") in CONFIG_MAPPING else None
-    if cls is None:
+    model_type = config.get("model_type", "")
+    if model_type not in CONFIG_MAPPING:
         return config.get("rope_parameters")
+    cls = CONFIG_MAPPING[model_type]  # a lazy mapping: its .get() answers None
     try:
         read = cls.from_dict(copy.deepcopy(config))
     except Exception:  # a config transformers rejects is reported by whichever library loads it

@@ -279,13 +279,13 @@ class MlxBackend:
 
     # ------------------------------------------------------------------ state
     def save_model(self, model, tokenizer, folder: Path) -> None:
-        from mlx_lm.utils import save_config, save_model
+        from mlx_lm.utils import save_config
 
         from hpd.export import fix_config, write_generation_config
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(folder, model, donate_model=False)
+        family.save_weights(folder, model)
         config = json.loads(json.dumps(info_of(model).config))  # save_config mutates its argument
         dtypes = {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
         if len(dtypes) == 1 and (name := _DTYPE_NAMES.get(dtypes.pop())):

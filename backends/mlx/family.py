@@ -77,6 +77,31 @@ def hidden_states(model, input_ids):
     return hidden
 
 
+def save_weights(folder: Path, model) -> None:
+    """mlx-lm's save_model, with the parameter names transformers reads for the families
+    whose names differ (hpd.families.MLX_WEIGHT_PREFIXES)."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import make_shards, save_model
+
+    model_type = _family(model)
+    if model_type not in families.MLX_WEIGHT_PREFIXES:
+        save_model(folder, model, donate_model=False)
+        return
+    weights = {families.transformers_weight_name(model_type, k): v for k, v in tree_flatten(model.parameters())}
+    shards = make_shards(weights)
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": {}}
+    for shard, name in zip(shards, names):
+        mx.save_safetensors(str(Path(folder) / name), shard, metadata={"format": "mlx"})
+        index["weight_map"].update({k: name for k in shard})
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    (Path(folder) / "model.safetensors.index.json").write_text(json.dumps(index, indent=4))
+
+
 class _Identity(nn.Module):
     def __call__(self, x):
         return x
