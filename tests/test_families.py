@@ -143,11 +143,11 @@ def transformers_logits(folder: Path, ids) -> np.ndarray:
 
 
 def mlx_lm_logits(folder: Path, ids) -> np.ndarray:
-    """mlx-lm's own loader on the exported folder, without hpd's config translation."""
+    """mlx_lm.load on the exported folder, without hpd's config translation."""
     import mlx.core as mx
-    from mlx_lm.utils import load_model
+    import mlx_lm
 
-    model, _ = load_model(folder)
+    model, _ = mlx_lm.load(str(folder))
     return np.array(model(mx.array(ids)), dtype=np.float32)
 
 
