@@ -44,9 +44,9 @@ from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, get_method, resolve_p
 from hpd.ops import ops_for
 from hpd.teacher import LiveTeacher, TeacherSource
 
-# What one chunk holds at its peak, in (chunk, V) arrays of the compute dtype: the two
-# models' logits and log-probs, the rule's weights and the logit gradient (measured
-# with benchmarks/chunk_memory.py).
+# What one chunk holds at its peak, in (chunk, V) arrays of the compute dtype, counted
+# from the loop below: the student's log-probs (and floored copy), the teacher's
+# log-probs, the rule's weights and the logit gradient with its temporaries.
 CHUNK_BUFFERS = 6
 DEFAULT_CHUNK_BUDGET_MB = 256
 
