@@ -89,8 +89,11 @@ HEAD_RULES: dict[str, HeadRule] = {
     "gemma2": HeadRule("final_logit_softcapping", "softcap"),
     "gemma3_text": HeadRule("final_logit_softcapping", "softcap"),
 }
-# Keys that mean "this head scales its logits" in any family; one without a rule is refused.
-SCALING_KEYS = ("logits_scaling", "logit_scale", "final_logit_softcapping", "output_multiplier_scale")
+# Keys that scale a head's logits (or the hidden states just before it) in some family,
+# as transformers and mlx-lm spell them; a family that sets one without a rule above is
+# refused by the chunked loss rather than guessed at.
+SCALING_KEYS = ("logits_scaling", "logit_scale", "final_logit_softcapping", "logits_soft_cap",
+                "lm_head_multiplier", "output_multiplier", "dim_model_base", "mup_width_multiplier")
 
 
 # mlx-lm parameter names that transformers spells differently: (mlx-lm prefix, transformers
@@ -111,22 +114,37 @@ class FamilyError(ValueError):
     """A model this combination of libraries cannot run exactly."""
 
 
-def head_scaling(config: dict) -> tuple[float, float] | None:
-    """(scale, softcap) of a family's head: logits = softcap(scale * hidden @ W.T), softcap 0
-    meaning none. None when the config scales its logits in a way no rule here covers."""
-    model_type = config.get("model_type", "")
-    rule = HEAD_RULES.get(model_type)
+def head_scaling(config) -> tuple[float, float] | None:
+    """(scale, softcap) of a family's head, from its config (a dict or a config object):
+    logits = softcap(scale * hidden @ W.T), softcap 0 meaning none. None when the config
+    scales its logits in a way no rule here covers."""
+    def get(key):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    rule = HEAD_RULES.get(get("model_type") or "")
     scale, softcap = 1.0, 0.0
     if rule is not None:
-        value = config.get(rule.key)
-        if value not in (None, 0, 0.0) and rule.kind == "softcap":
+        value = get(rule.key)
+        if rule.kind == "softcap" and value not in (None, 0, 0.0):
             softcap = float(value)
-        elif value is not None and rule.kind in ("multiply", "divide"):
+        elif rule.kind != "softcap" and value is not None:
             if value == 0:
                 return None
             scale = float(value) if rule.kind == "multiply" else 1.0 / float(value)
-    others = [k for k in SCALING_KEYS if (rule is None or k != rule.key) and config.get(k) not in (None, 1, 1.0, 0, 0.0)]
-    return None if others else (scale, softcap)
+    if unknown_scaling(config, rule):
+        return None
+    return scale, softcap
+
+
+def unknown_scaling(config, rule: HeadRule | None = None) -> list[str]:
+    """The scaling keys `config` sets that the family's rule does not cover."""
+    def get(key):
+        return config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+
+    if rule is None:
+        rule = HEAD_RULES.get(get("model_type") or "")
+    return [f"{k}={get(k)}" for k in SCALING_KEYS
+            if (rule is None or k != rule.key) and get(k) not in (None, 1, 1.0, 0, 0.0)]
 
 
 def rope_parameters(config: dict) -> dict | None:

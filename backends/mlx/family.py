@@ -57,6 +57,39 @@ def head_module(model):
                                "output head; use --backend torch for this model")
 
 
+def config_of(model):
+    """The config hpd read the model from (mlx-lm's args when it was built elsewhere)."""
+    info = getattr(model, "hpd_info", None)
+    if info is not None:
+        return info.config
+    args = getattr(model, "args", None)
+    return dict(vars(args)) if args is not None else {}
+
+
+def logit_transform(model) -> dict[str, float]:
+    """Head(scale=..., softcap=...) of the model's family (hpd.families.HEAD_RULES)."""
+    scaling = families.head_scaling(config_of(model))
+    if scaling is None:
+        raise families.FamilyError(chunked_blocker(model))
+    return {"scale": scaling[0], "softcap": scaling[1]}
+
+
+def chunked_blocker(model) -> str | None:
+    """Why hpd cannot find this family's hidden states and head, or how its logits are
+    scaled (None when it can compute them exactly)."""
+    try:
+        decoder_of(model)
+        head_module(model)
+    except families.FamilyError as e:
+        return str(e)
+    config = config_of(model)
+    unknown = families.unknown_scaling(config)
+    if unknown:
+        model_type = config.get("model_type") if isinstance(config, dict) else config.model_type
+        return f"{model_type} sets {', '.join(unknown)}, a logit scaling hpd has no rule for in this family"
+    return None
+
+
 def hidden_states(model, input_ids):
     """Final (post-norm) hidden states (B, T, H): the decoder without the head, for the
     families that run their head inside the decoder as well."""
