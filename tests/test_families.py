@@ -162,8 +162,10 @@ def test_family(assets, tmp_path, name, backend_name):
     teacher = backend.load_model(str(paths["teacher"]), trainable=False, dtype="float32")
     student = backend.load_model(str(paths["student"]), trainable=True, dtype="float32")
     optimizer = backend.make_optimizer(student, DistillConfig(lr=LR))
-    chunked = backend.supports_chunked(student) and backend.supports_chunked(teacher)
-    assert chunked, f"{name}: {backend.chunked_blocker(student)}"
+    from hpd.run import choose_loss_path
+
+    chunked, line = choose_loss_path("auto", backend, student=student, teacher=teacher)
+    assert chunked, f"{name}: {line}"
     head = backend.head_of(student)
     assert (head.scale, head.softcap) == SCALED.get(name, (1.0, 0.0))
 
