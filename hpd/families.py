@@ -58,6 +58,11 @@ MLX_APPROXIMATES: dict[str, tuple[tuple[str, object], ...]] = {
                      lambda c: not float(c.get("hidden_size", 0) ** 0.5).is_integer()),),
 }
 
+# Families whose mlx-lm code attends over the whole sequence, ignoring the sliding window
+# transformers applies (mlx-lm's llama reads layer_types, but transformers' Mistral
+# writes none, and llama needs at least one full-attention layer).
+MLX_NO_WINDOW = ("mistral", "gemma2", "qwen2", "qwen3", "phi3", "cohere", "olmo2", "granite")
+
 # Shapes a family's mlx-lm code assumes, whatever the config says: (what it assumes, holds?).
 MLX_ASSUMES: dict[str, tuple[tuple[str, object], ...]] = {
     "gemma2": (("an output head tied to the input embedding",
@@ -196,6 +201,18 @@ def mlx_differences(config: dict) -> list[str]:
     model_type = config.get("model_type", "")
     return [f"{model_type}: mlx-lm's {model_type} " + what.format(**config)
             for what, applies in MLX_APPROXIMATES.get(model_type, ()) if applies(config)]
+
+
+def mlx_exact_length(config: dict) -> int | None:
+    """The longest sequence mlx-lm runs exactly as transformers does, when the family's
+    mlx-lm code ignores this model's sliding window (None: no limit)."""
+    window = config.get("sliding_window")
+    if config.get("model_type") not in MLX_NO_WINDOW or not window or config.get("use_sliding_window") is False:
+        return None
+    types = config.get("layer_types")
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
 
 
 def both_forms(config: dict) -> dict:

@@ -327,3 +327,19 @@ def test_head_scaling_per_family():
     assert families.head_scaling({"model_type": "llama"}) == (1.0, 0.0)
     # a scaling key in a family without a rule: no guess
     assert families.head_scaling({"model_type": "newfamily", "logit_scale": 0.5}) is None
+
+
+def test_mlx_refuses_sequences_past_an_ignored_sliding_window(assets):
+    """mlx-lm's mistral attends over everything: exact up to the window, refused past it."""
+    backend = get_backend("mlx")
+    folder = build(assets["root"] / "families" / "mistral-window-4", assets["tokenizer"], "mistral",
+                   {"sliding_window": 4}, 0)
+    model = backend.load_model(str(folder), trainable=False, dtype="float32")
+    short = np.array([[1, 5, 9, 30]], dtype=np.int64)
+    np.testing.assert_allclose(logits_of(backend, model, short), transformers_logits(folder, short), atol=1e-4)
+    with pytest.raises(families.FamilyError, match="window of 4 tokens; sequences of 5 tokens"):
+        logits_of(backend, model, np.array([[1, 5, 9, 30, 70]], dtype=np.int64))
+    assert families.mlx_exact_length({"model_type": "qwen2", "sliding_window": 4096,
+                                      "layer_types": ["full_attention"] * 2}) is None
+    assert families.mlx_exact_length({"model_type": "gemma2", "sliding_window": 4096,
+                                      "layer_types": ["sliding_attention", "full_attention"]}) == 4096

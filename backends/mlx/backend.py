@@ -194,6 +194,7 @@ class MlxBackend:
         return out
 
     def _run(self, model, batch, hidden: bool) -> Outputs:
+        family.check_length(model, batch["input_ids"])
         if hidden:
             return Outputs(hidden=family.hidden_states(model, batch["input_ids"]), head=self.head_of(model))
         return Outputs(logits=model(batch["input_ids"]))

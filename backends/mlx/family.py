@@ -66,6 +66,17 @@ def config_of(model):
     return dict(vars(args)) if args is not None else {}
 
 
+def check_length(model, input_ids) -> None:
+    """Refuse sequences past a sliding window that the family's mlx-lm code ignores."""
+    limit = families.mlx_exact_length(config_of(model)) if isinstance(config_of(model), dict) else None
+    if limit is not None and input_ids.shape[-1] > limit:
+        model_type = config_of(model).get("model_type")
+        raise families.FamilyError(
+            f"{model_type}: mlx-lm's {model_type} attends over the whole sequence, but this model slides a "
+            f"window of {limit} tokens; sequences of {input_ids.shape[-1]} tokens would get different logits. "
+            f"Use --max-length {limit} or --backend torch")
+
+
 def logit_transform(model) -> dict[str, float]:
     """Head(scale=..., softcap=...) of the model's family (hpd.families.HEAD_RULES)."""
     scaling = families.head_scaling(config_of(model))
