@@ -343,3 +343,15 @@ def test_mlx_refuses_sequences_past_an_ignored_sliding_window(assets):
                                       "layer_types": ["full_attention"] * 2}) is None
     assert families.mlx_exact_length({"model_type": "gemma2", "sliding_window": 4096,
                                       "layer_types": ["sliding_attention", "full_attention"]}) == 4096
+
+
+def test_mlx_names_a_family_it_has_no_code_for(tmp_path):
+    pytest.importorskip("mlx_lm")
+    import mlx.core as mx
+
+    from hpd.backends.mlx import family
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "nosuchfamily"}))
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), {"w": mx.zeros((2,))})
+    with pytest.raises(families.FamilyError, match=r"nosuchfamily: mlx-lm \S+ has no model code for this family"):
+        family.load(tmp_path)
