@@ -73,10 +73,18 @@ def data_provenance(data: str, tokenizer, dataset: Dataset, max_length: int) -> 
             "tokens_sha256": tokens_sha256(dataset), "max_length": int(max_length)}
 
 
+_MEANING = {"data_sha256": "the data file", "tokenizer_vocab_sha256": "the tokenizer's vocabulary",
+            "chat_template_sha256": "the chat template", "tokens_sha256": "the tokenised data",
+            "max_length": "--max-length", "temperature": "--temperature", "top_k": "--top-k",
+            "teacher_sha256": "the teacher", "teacher_quantize": "--teacher-quantize"}
+
+
 def first_difference(stored: dict, wanted: dict, fields) -> str | None:
+    """'FIELD (what) differs (store: A, here: B)' for the first field that differs, else None."""
     for name in fields:
         if name in wanted and stored.get(name) != wanted[name]:
-            return f"{name} differs (store: {stored.get(name)!r}, here: {wanted[name]!r})"
+            return (f"{name} ({_MEANING.get(name, name)}) differs "
+                    f"(store: {stored.get(name)!r}, here: {wanted[name]!r})")
     return None
 
 

@@ -21,6 +21,11 @@ from hpd.data import IGNORE_INDEX
 from hpd.objectives import LOG_FLOOR
 from hpd.store import Store, StoreError
 
+# What a run must share with the store, in the order they are checked (the first
+# difference is reported); the teacher's identity only when --teacher is given too.
+RUN_FIELDS = ("data_sha256", "tokenizer_vocab_sha256", "chat_template_sha256", "max_length", "temperature",
+              "tokens_sha256", "teacher_sha256")
+
 _TINY = 1e-30
 
 
@@ -66,22 +71,23 @@ class StoreTeacher:
     rest_mass (N,), N = B * T (positions without a target hold zeros and are never selected).
     """
 
-    def __init__(self, arrays: dict, *, store_vocab: int, vocab: int, temperature: float):
+    def __init__(self, arrays: dict, *, vocab: int, temperature: float):
         self.arrays = arrays
-        self.store_vocab, self.vocab, self.temperature = store_vocab, vocab, temperature
+        self.vocab = vocab  # the teacher's vocabulary, as stored
+        self.temperature = temperature
 
     def select(self, o, index) -> "StoreTeacher":
         rows = {name: o.rows(x, index) for name, x in self.arrays.items()}
-        return StoreTeacher(rows, store_vocab=self.store_vocab, vocab=self.vocab, temperature=self.temperature)
+        return StoreTeacher(rows, vocab=self.vocab, temperature=self.temperature)
 
-    def log_probs(self, o, rows: slice, dtype, temperature: float):
+    def log_probs(self, o, rows: slice, vocab: int, temperature: float, dtype):
         if abs(temperature - self.temperature) > 1e-9:
             raise StoreError(f"the teacher store holds log-probs at temperature {self.temperature}, "
                              f"the loss asks for {temperature}; cache the teacher again at that temperature")
         a = {name: x[rows] for name, x in self.arrays.items()}
         return reconstruct(o, a["ids"], o.astype(a["logprobs"], dtype), a["data_ids"],
                            o.astype(a["data_logprob"], dtype), o.astype(a["rest_mass"], dtype),
-                           self.store_vocab, self.vocab)
+                           self.vocab, vocab)
 
 
 def batch_rows(store: Store, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -107,4 +113,66 @@ def batch_rows(store: Store, batch: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return out
 
 
-__all__ = ["reconstruct", "StoreTeacher", "batch_rows"]
+# ----------------------------------------------------------------------------- the run's side
+
+
+def on_policy_share(cfg) -> bool:
+    """Whether the schedule ever trains on student rollouts (which a store cannot score)."""
+    sched = cfg.schedule_config()
+    return sched.lambda_start > 0 or (sched.lambda_end or 0.0) > 0
+
+
+def config_errors(cfg) -> list[str]:
+    """Problems of a config with a teacher store, for DistillConfig.validate."""
+    errors = []
+    if cfg.chunked == "off":
+        errors.append("teacher_cache: a teacher store serves the chunked loss only; drop --chunked off")
+    try:
+        share = on_policy_share(cfg)
+    except ValueError:
+        return errors  # the schedule's own error is reported by validate
+    if share and not cfg.teacher:
+        errors.append("teacher_cache: the schedule trains on student rollouts (an on-policy share), which a "
+                      "teacher store cannot score; pass --teacher as well (it is used on those steps only)")
+    return errors
+
+
+def open_for_run(cfg, tokenizer, dataset) -> Store:
+    """The run's store, after checking that it was written for this data, tokenizer and settings."""
+    from hpd.cache_teacher import data_provenance, first_difference, teacher_fingerprint
+
+    store = Store(cfg.teacher_cache)
+    wanted = {**data_provenance(cfg.data, tokenizer, dataset, cfg.max_length), "temperature": float(cfg.temperature)}
+    if cfg.teacher:
+        wanted["teacher_sha256"] = teacher_fingerprint(cfg.teacher)
+    diff = first_difference(store.provenance, wanted, RUN_FIELDS)
+    if diff:
+        raise StoreError(f"the teacher store {cfg.teacher_cache} does not match this run: {diff}")
+    return store
+
+
+def require_chunked(chunked: bool, backend, student) -> None:
+    """A store completes rows chunk by chunk: the run must take the chunked path."""
+    if not chunked:
+        raise StoreError("a teacher store serves the chunked loss only, and this run's output heads do not "
+                         "allow it (a head with a bias or an unknown structure)")
+
+
+def store_source(store: Store, live):
+    """The Loop's `teacher_source` hook: the store on offline steps, `live` (the default
+    hook, the teacher's forward) on steps whose batches are student rollouts."""
+
+    def teacher_source(loop, micro_batch, arrays, plan):
+        if getattr(plan, "on_policy", False) or "index" not in micro_batch:
+            if loop.teacher is None:
+                raise StoreError("this step trains on student rollouts, which the teacher store cannot score; "
+                                 "pass --teacher as well")
+            return live(loop, micro_batch, arrays, plan)
+        rows = loop.backend.to_arrays(batch_rows(store, micro_batch))
+        return StoreTeacher(rows, vocab=store.vocab, temperature=store.temperature)
+
+    return teacher_source
+
+
+__all__ = ["reconstruct", "StoreTeacher", "batch_rows", "store_source", "open_for_run", "config_errors",
+           "on_policy_share"]

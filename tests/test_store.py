@@ -213,7 +213,7 @@ def test_refusals_of_cache_teacher(assets, tmp_path):
     r = _cli(*base, "--out", tmp_path / "c", "--top-k", 4)
     assert r.exit_code == 0, r.output
     r = _cli(*base, "--out", tmp_path / "c", "--top-k", 8, "--resume")
-    assert r.exit_code == 2 and "top_k differs" in r.output
+    assert r.exit_code == 2 and "top_k (--top-k) differs" in r.output
     r = _cli(*base, "--out", tmp_path / "c", "--top-k", 8, "--overwrite")
     assert r.exit_code == 0 and Store(tmp_path / "c").top_k == 8
 
