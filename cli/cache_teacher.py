@@ -25,9 +25,10 @@ import click
               help="teacher softmax temperature (distill must use the same)")
 @click.option("--teacher-quantize", default="0", show_default=True, type=click.Choice(["0", "4", "8"]),
               help="mlx: quantize the teacher to 4 or 8 bits at load (0: off)")
-@click.option("--logprob-bits", default="16", show_default=True, type=click.Choice(["8", "16"]),
-              help="bits per stored log-prob: 16 (error <= 3.1e-4 nats, 140 bytes/position at k=32) "
-                   "or 8 (error <= 0.031 nats, 108 bytes/position at k=32), vocabulary <= 65536")
+@click.option("--logprob-bits", default="16", show_default=True, type=click.Choice(["8", "16", "32"]),
+              help="bits per stored log-prob: 16 (error <= 3.1e-4 nats; 140 bytes/position at k=32 for a "
+                   "vocabulary <= 65536, 172 above), 8 (error <= 0.031 nats; 108 or 140 bytes), "
+                   "32 (float32, lossless; 204 or 236 bytes)")
 @click.option("--examples-per-shard", default=1024, show_default=True, type=click.IntRange(min=1),
               help="examples per safetensors shard (the unit that a resume continues from)")
 @click.option("--chunk-size", default=1024, show_default=True, type=click.IntRange(min=1),

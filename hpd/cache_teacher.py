@@ -165,7 +165,7 @@ def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, te
                   "teacher_quantize": int(teacher_quantize), "backend": backend.name}
     fresh = {"format": FORMAT, "version": VERSION, "provenance": provenance, "top_k": int(top_k),
              "vocab": int(vocab), "id_bytes": id_bytes(vocab), "logprob_bits": quantizer.bits,
-             "logprob_span": quantizer.span, "logprob_error_bound": quantizer.bound,
+             "logprob_span": quantizer.span if quantizer.bits < 32 else None, "logprob_error_bound": quantizer.bound,
              "bytes_per_position": bytes_per_position(top_k, vocab, quantizer.bits),
              "examples": len(dataset), "positions": 0, "shards": [], "complete": False}
     index = open_store(Path(out), fresh, resume=resume, overwrite=overwrite)

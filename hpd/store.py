@@ -24,6 +24,9 @@ bits (span 16). One further below is stored as max - span, too high, but its pro
 is below e**-span of the largest. The row's largest, the data token's log-prob and the
 rest mass are float32 values of the teacher's float32 log-softmax (exact to float32).
 
+With 32 "bits" the log-probs are stored as float32, unquantized (for checks, or when
+space does not matter).
+
 Bytes per position: k * id_bytes + k * bits / 8 + 12 (+ 8 per example for offsets):
 140 at k = 32 with 16-bit codes and a vocabulary up to 65536 (108 with 8-bit codes);
 172 (140 with 8-bit codes) for a larger vocabulary.
@@ -46,7 +49,7 @@ import numpy as np
 FORMAT = "hpd-teacher-store"
 VERSION = 1
 INDEX = "index.json"
-SPANS = {8: 16.0, 16: 40.0}  # clipped range of max - lp per code width
+SPANS = {8: 16.0, 16: 40.0, 32: float("inf")}  # clipped range of max - lp per code width; 32: float32, lossless
 ARRAYS = ("ids", "codes", "max_logprob", "data_logprob", "rest_mass", "offsets")
 
 
@@ -101,7 +104,7 @@ class Quantizer:
 
     @property
     def step(self) -> float:
-        return self.span / ((1 << self.bits) - 1)
+        return 0.0 if self.bits == 32 else self.span / ((1 << self.bits) - 1)
 
     @property
     def bound(self) -> float:
@@ -110,18 +113,22 @@ class Quantizer:
 
     @property
     def dtype(self):
-        return np.uint8 if self.bits == 8 else np.uint16
+        return {8: np.uint8, 16: np.uint16, 32: np.float32}[self.bits]
 
     def encode(self, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(P, k) float log-probs -> ((P,) float32 row max, (P, k) codes)."""
         lp = np.asarray(logprobs, dtype=np.float64)
-        top = lp.max(axis=-1)
+        top = lp.max(axis=-1) if lp.shape[-1] else np.zeros(lp.shape[:-1])
+        if self.bits == 32:
+            return top.astype(np.float32), lp.astype(np.float32)
         dist = np.clip(top[:, None] - lp, 0.0, self.span)
         codes = np.rint(dist / self.step).astype(self.dtype)
         return top.astype(np.float32), codes
 
     def decode(self, top: np.ndarray, codes: np.ndarray) -> np.ndarray:
         """(P,) row max and (P, k) codes -> (P, k) float32 log-probs."""
+        if self.bits == 32:
+            return codes.astype(np.float32)
         return (top.astype(np.float64)[:, None] - codes.astype(np.float64) * self.step).astype(np.float32)
 
 
