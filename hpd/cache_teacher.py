@@ -21,7 +21,9 @@ import numpy as np
 
 from hpd.data import IGNORE_INDEX, Dataset, collate, load_dataset, pad_id_of
 from hpd.export import sha256_of
+from hpd.loop import teacher_source_of
 from hpd.models import local_or_hub
+from hpd.ops import ops_for
 from hpd.store import (FORMAT, VERSION, Quantizer, StoreError, bytes_per_position, covered, discard_unlisted,
                        id_bytes, is_store_file, read_index, write_index, write_shard)
 
@@ -124,29 +126,33 @@ def open_store(out: Path, fresh_index: dict, *, resume: bool, overwrite: bool) -
 # ----------------------------------------------------------------------------- the teacher pass
 
 
-def teacher_rows(o, scores, targets: np.ndarray, *, top_k: int, temperature: float, chunk: int,
+def teacher_rows(o, source, targets: np.ndarray, *, vocab: int, top_k: int, temperature: float, chunk: int,
                  to_array: Callable) -> dict[str, np.ndarray]:
     """Top-k ids and log-probs, data log-prob and rest mass at every target position of a
-    batch, row-major. `scores(index)` gives the teacher's logits (C, V) at flat positions
-    `index` (a framework integer array)."""
+    batch, row-major, from a TeacherSource over the batch (the teacher's forward)."""
     flat = np.flatnonzero(targets.reshape(-1) != IGNORE_INDEX)
+    selected = source.select(o, to_array(flat))
     y_all = targets.reshape(-1)[flat]
     parts = {"ids": [], "logprobs": [], "data_logprob": [], "rest_mass": []}
     for start in range(0, len(flat), chunk):
-        index = to_array(flat[start:start + chunk])
-        y = to_array(y_all[start:start + chunk])
+        rows = slice(start, min(start + chunk, len(flat)))
+        y = to_array(y_all[rows])
         with o.no_grad():
-            z = scores(index)
-            z = o.astype(z, o.compute_dtype(z))
-            lp = o.log_softmax(z / temperature if temperature != 1.0 else z)  # (C, V)
+            lp = selected.log_probs(o, rows, vocab, temperature, selected_dtype(o, source))  # (C, V)
             values, ids = o.top_k(lp, top_k)
             data_lp = o.take(lp, y)
             outside = o.put_along(lp, ids, o.full_like(values, -math.inf))
-            rest = o.exp(o.logsumexp(outside)) if top_k < lp.shape[-1] else o.zeros_like(data_lp)
+            rest = o.exp(o.logsumexp(outside)) if top_k < vocab else o.zeros_like(data_lp)
             o.evaluate(values, ids, data_lp, rest)
         for name, x in (("ids", ids), ("logprobs", values), ("data_logprob", data_lp), ("rest_mass", rest)):
             parts[name].append(o.numpy(x))
     return {name: np.concatenate(p) for name, p in parts.items()}
+
+
+def selected_dtype(o, source):
+    """float32 (float64 for a float64 teacher): log-probs are computed at least in float32."""
+    x = source.hidden if hasattr(source, "hidden") else source.logits
+    return o.compute_dtype(x)
 
 
 def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, teacher_name: str,
@@ -170,7 +176,7 @@ def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, te
              "examples": len(dataset), "positions": 0, "shards": [], "complete": False}
     index = open_store(Path(out), fresh, resume=resume, overwrite=overwrite)
     start = covered(index)
-    chunked = backend.supports_chunked(teacher)
+    chunked = backend.chunked_blocker(teacher) is None  # else the model's own logits, a batch at a time
     pad = pad_id_of(tokenizer)
     from tqdm.auto import tqdm
 
@@ -182,8 +188,9 @@ def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, te
         b = min(a + batch_size, len(dataset), shard_start + examples_per_shard)  # a shard ends a batch
         batch = collate(dataset.examples[a:b], pad)
         found = backend.forward(teacher, backend.to_arrays(batch), hidden=chunked)
-        o, scores = _scorer(found)
-        got = teacher_rows(o, scores, batch["targets"], top_k=top_k, temperature=temperature,
+        source = teacher_source_of(found)
+        o = ops_for(found.hidden if found.hidden is not None else found.logits)
+        got = teacher_rows(o, source, batch["targets"], vocab=vocab, top_k=top_k, temperature=temperature,
                            chunk=chunk_size, to_array=to_array)
         counts = (batch["targets"] != IGNORE_INDEX).sum(axis=1)
         for end, count in zip(np.cumsum(counts), counts):
@@ -198,20 +205,6 @@ def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, te
                 after_shard(index)
     bar.close()
     return index
-
-
-def _scorer(found):
-    """(ops, scores): scores(index) gives the teacher's logits (C, V) at flat positions `index`,
-    from hidden states and the head (chunk by chunk) or from full logits."""
-    from hpd.ops import ops_for
-
-    if found.hidden is not None:
-        o = ops_for(found.hidden)
-        hidden = found.hidden.reshape((-1, found.hidden.shape[-1]))
-        return o, lambda i: hidden[i] @ found.head.T
-    o = ops_for(found.logits)
-    logits = found.logits.reshape((-1, found.logits.shape[-1]))
-    return o, lambda i: logits[i]
 
 
 __all__ = ["cache_teacher", "teacher_rows", "data_provenance", "tokenizer_fingerprint", "tokens_sha256",

@@ -125,8 +125,6 @@ def on_policy_share(cfg) -> bool:
 def config_errors(cfg) -> list[str]:
     """Problems of a config with a teacher store, for DistillConfig.validate."""
     errors = []
-    if cfg.chunked == "off":
-        errors.append("teacher_cache: a teacher store serves the chunked loss only; drop --chunked off")
     try:
         share = on_policy_share(cfg)
     except ValueError:
@@ -149,13 +147,6 @@ def open_for_run(cfg, tokenizer, dataset) -> Store:
     if diff:
         raise StoreError(f"the teacher store {cfg.teacher_cache} does not match this run: {diff}")
     return store
-
-
-def require_chunked(chunked: bool, backend, student) -> None:
-    """A store completes rows chunk by chunk: the run must take the chunked path."""
-    if not chunked:
-        raise StoreError("a teacher store serves the chunked loss only, and this run's output heads do not "
-                         "allow it (a head with a bias or an unknown structure)")
 
 
 def store_source(store: Store, live):

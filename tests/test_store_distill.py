@@ -153,7 +153,6 @@ def test_refusals(assets, stores, tmp_path):
     foreign = build_model(tmp_path / "foreign", tok2, hidden=32, layers=1, seed=7)
     assert "tokenizer_vocab_sha256 (the tokenizer's vocabulary) differs" in _refused(
         assets, tmp_path, store, student=foreign)
-    assert "serves the chunked loss only" in _refused(assets, tmp_path, store, "--chunked", "off")
 
 
 def test_refusals_of_damaged_stores(assets, stores, tmp_path):

@@ -73,7 +73,7 @@ def _loss_and_grads(backend_name, method, hidden, head, targets, teacher, sample
         w = head.detach().clone().requires_grad_(True)
         value, _ = hpd.chunked_loss(method, h, w, **kw)
         value.backward()
-        return float(value), h.grad.numpy(), w.grad.numpy()
+        return float(value.detach()), h.grad.numpy(), w.grad.numpy()
     import mlx.core as mx
 
     def f(h, w):
