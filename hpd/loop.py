@@ -255,8 +255,9 @@ class Loop:
                 _, m = hpd.loss("fkl", s_out.logits, t_out.logits, arrays["targets"], temperature=1.0)
             means.add(m, m["tokens"])
         r = means.result()
-        out = {"eval/loss": r.get("nll", float("nan")), "eval/kl": r.get("fkl", float("nan")),
-               "eval/tokens": r.get("tokens", 0.0)}
+        out = {"eval/loss": r.get("nll", float("nan")), "eval/tokens": r.get("tokens", 0.0)}
+        if self.teacher is not None:
+            out["eval/kl"] = r.get("fkl", float("nan"))
         if self.config.eval_generate:
             from hpd.evaluate import accuracy
 

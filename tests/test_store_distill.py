@@ -76,7 +76,9 @@ def _distill(assets, out, **kw):
 @pytest.mark.parametrize("method", ["fkl", "hpd"])
 def test_training_from_the_store_equals_the_live_teacher(assets, stores, tmp_path, method):
     live = _distill(assets, tmp_path / "live", teacher=str(assets["teacher"]), method=method)
-    cached = _distill(assets, tmp_path / "cached", teacher_cache=str(stores["torch"]), method=method)
+    cached = _distill(assets, tmp_path / "cached", teacher_cache=str(stores["torch"]), method=method,
+                      eval_data=str(assets["held"]))
+    assert "eval/loss" in cached["metrics"] and "eval/kl" not in cached["metrics"]  # no teacher to compare
     from transformers import AutoModelForCausalLM
 
     start = {k: v.numpy() for k, v in AutoModelForCausalLM.from_pretrained(assets["student"]).state_dict().items()}
@@ -105,6 +107,10 @@ def test_mixed_schedule_uses_the_teacher_on_rollout_steps_only(assets, stores, t
     records = [json.loads(x) for x in (tmp_path / "both" / "metrics.jsonl").read_text().splitlines()]
     assert sorted({r["schedule/on_policy"] for r in records if "schedule/on_policy" in r}) == [0, 1]
     assert _max_diff(_weights(live), _weights(both)) < 1e-5
+    # a lossy store changes the offline steps only: proof that the store served them
+    top8 = _write_store(assets, tmp_path / "top8", "torch", top_k="8", bits="16")
+    lossy = _distill(assets, tmp_path / "lossy", teacher=str(assets["teacher"]), teacher_cache=str(top8), **mixed)
+    assert _max_diff(_weights(live), _weights(lossy)) > 1e-6
 
 
 def test_mixed_schedule_without_a_teacher_fails_before_training(assets, stores, tmp_path):
@@ -113,7 +119,7 @@ def test_mixed_schedule_without_a_teacher_fails_before_training(assets, stores, 
                                  str(assets["student"]), "--data", str(assets["data"]), "--out", str(out),
                                  "--recipe", _mixed_recipe(tmp_path), "--no-progress"])
     assert r.exit_code == 2 and "pass --teacher as well" in r.output, r.output
-    assert not out.exists()
+    assert not out.exists() or not any(out.iterdir())
 
 
 def _mixed_recipe(tmp_path) -> str:
@@ -132,7 +138,7 @@ def _refused(assets, tmp_path, store, *extra, student=None):
             "--max-length", "64", "--no-progress", *extra]
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 2, r.output
-    assert not out.exists()
+    assert not out.exists() or not any(out.iterdir())  # nothing written
     lines = [ln for ln in r.output.splitlines() if ln.strip()]
     assert len(lines) == 1, r.output
     return lines[0]
