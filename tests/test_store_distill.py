@@ -154,6 +154,8 @@ def test_refusals(assets, stores, tmp_path):
     assert "max_length (--max-length) differs (store: 64, here: 32)" in _refused(
         assets, tmp_path, store, "--max-length", "32")
     assert "temperature (--temperature) differs" in _refused(assets, tmp_path, store, "--temperature", "2")
+    assert "teacher_sha256 (the teacher) differs" in _refused(
+        assets, tmp_path, store, "--teacher", str(assets["qwen_teacher"]))
     tok2 = tmp_path / "tok2"
     build_tokenizer(tok2, vocab_size=300)
     foreign = build_model(tmp_path / "foreign", tok2, hidden=32, layers=1, seed=7)
