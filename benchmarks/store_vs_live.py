@@ -17,7 +17,11 @@ Writes OUT/results.md (and prints it).
 
 from __future__ import annotations
 
-import argparse
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the hpd command does: spinning threads distort timings
+
+import argparse  # noqa: E402
 import json
 import statistics
 import time
