@@ -79,7 +79,7 @@ def distill(recipe, params, **flags):
 
     try:
         result = run(cfg, command=command_line())
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:  # a StoreError is a ValueError
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
     if result["backend"].rank != 0:  # under torchrun or mlx.launch, rank 0 reports
@@ -88,6 +88,8 @@ def distill(recipe, params, **flags):
     keys = [k for k in ("loss", "eval/loss", "eval/kl") if k in summary]
     click.echo(f"done: {result['steps']} steps; " + ", ".join(f"{k} {summary[k]:.4f}" for k in keys))
     if "eval/accuracy" in summary and "eval/student_accuracy_before" in summary:
+        teacher = summary.get("eval/teacher_accuracy_before")
         click.echo(f"held-out exact match: student {summary['eval/student_accuracy_before']:.3f} before, "
-                   f"{summary['eval/accuracy']:.3f} after; teacher {summary['eval/teacher_accuracy_before']:.3f}")
+                   f"{summary['eval/accuracy']:.3f} after"
+                   + (f"; teacher {teacher:.3f}" if teacher is not None else ""))
     click.echo(f"student exported to {result['out']}")

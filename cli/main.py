@@ -27,13 +27,14 @@ def cli():
 
 
 def _register():
+    from hpd.cli.cache_teacher import cache_teacher
     from hpd.cli.distill import distill
     from hpd.cli.evaluate import evaluate
     from hpd.cli.export import export
     from hpd.cli.generate import generate
     from hpd.cli.plot import plot
 
-    for command in (distill, export, generate, evaluate, plot):
+    for command in (distill, cache_teacher, export, generate, evaluate, plot):
         cli.add_command(command)
 
 

@@ -27,6 +27,8 @@ class DistillConfig:
     # what to distil
     teacher: str = _f("", "teacher model: a local folder, a hub id, or hpd:tiny/teacher (shipped)")
     student: str = _f("", "student initialisation: a local folder, a hub id, or hpd:tiny/student")
+    teacher_cache: str = _f("", "teacher store written by `hpd cache-teacher`: train from it without running "
+                            "the teacher (--teacher then serves only a schedule's on-policy steps)")
     data: str = _f("", "training data, JSONL rows of {messages}, {prompt, completion} or {text}")
     out: str = _f("", "output folder: final student at the top, checkpoints/, metrics.jsonl, config.yaml")
     backend: str = _f("torch", "training backend", choices=("torch", "mlx"))
@@ -107,7 +109,7 @@ class DistillConfig:
     def __post_init__(self):
         from hpd.models import asset_path
 
-        for name in ("teacher", "student", "data", "eval_data"):
+        for name in ("teacher", "student", "data", "eval_data", "teacher_cache"):
             setattr(self, name, asset_path(getattr(self, name)))
 
     @classmethod
@@ -150,7 +152,7 @@ class DistillConfig:
                 errors.append(f"{f.name}={value}: must be <= {high}")
         if require_paths:
             for name in ("teacher", "student", "data", "out"):
-                if not getattr(self, name):
+                if not getattr(self, name) and not (name == "teacher" and self.teacher_cache):
                     errors.append(f"{name} is required (--{name.replace('_', '-')})")
         try:
             resolve_params(get_method(self.method), dict(self.method_params))
@@ -168,6 +170,10 @@ class DistillConfig:
             errors.append("eval_every is set but eval_data is not")
         if (self.schedule or {}).get("lambda_schedule") == "adaptive" and not (self.eval_data and self.eval_every):
             errors.append("schedule.lambda_schedule=adaptive reacts to held-out loss: set eval_data and eval_every")
+        if self.teacher_cache:
+            from hpd.store_teacher import config_errors
+
+            errors.extend(config_errors(self))
         if errors:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
         return self

@@ -233,7 +233,9 @@ class Batches:
             self._order = self._epoch_order(self.epoch)
         ids = self._order[self.index * self.world_size + self.rank]
         self.index += 1
-        return collate([self.dataset.examples[i] for i in ids], self.pad_id)
+        batch = collate([self.dataset.examples[i] for i in ids], self.pad_id)
+        batch["index"] = np.asarray(ids, dtype=np.int64)  # rows' places in the dataset (teacher store keys)
+        return batch
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

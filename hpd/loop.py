@@ -247,13 +247,17 @@ class Loop:
         backend, means = self.backend, MetricMeans()
         for mb in self.eval_batches or []:
             arrays = backend.to_arrays(mb)
-            t_out = backend.forward(self.teacher, arrays)
             s_out = backend.forward(self.student, arrays)
-            _, m = hpd.loss("fkl", s_out.logits, t_out.logits, arrays["targets"], temperature=1.0)
+            if self.teacher is None:  # trained from a teacher store: no teacher to compare with
+                _, m = hpd.loss("sft", s_out.logits, s_out.logits, arrays["targets"])
+            else:
+                t_out = backend.forward(self.teacher, arrays)
+                _, m = hpd.loss("fkl", s_out.logits, t_out.logits, arrays["targets"], temperature=1.0)
             means.add(m, m["tokens"])
         r = means.result()
-        out = {"eval/loss": r.get("nll", float("nan")), "eval/kl": r.get("fkl", float("nan")),
-               "eval/tokens": r.get("tokens", 0.0)}
+        out = {"eval/loss": r.get("nll", float("nan")), "eval/tokens": r.get("tokens", 0.0)}
+        if self.teacher is not None:
+            out["eval/kl"] = r.get("fkl", float("nan"))
         if self.config.eval_generate:
             from hpd.evaluate import accuracy
 

@@ -90,6 +90,18 @@ class TorchOps:
         """x: (..., V), idx: (..., K) -> (..., K)."""
         return self.t.gather(x, -1, idx)
 
+    def put_along(self, x, idx, values):
+        """x (..., V) with values (..., K) written at idx (..., K); a new array."""
+        return x.scatter(-1, idx, values)
+
+    def top_k(self, x, k: int):
+        """(values, ids) of the k largest along the last axis, largest first."""
+        values, ids = self.t.topk(x, k, dim=-1)
+        return values, ids
+
+    def numpy(self, x):
+        return x.detach().cpu().numpy()
+
     def put(self, shape_like, idx, values):
         """Zeros shaped like `shape_like` (..., V) with `values` (...) added at `idx` (...)."""
         out = self.t.zeros_like(shape_like)
@@ -232,6 +244,20 @@ class MlxOps:
 
     def take_along(self, x, idx):
         return self.mx.take_along_axis(x, idx, axis=-1)
+
+    def put_along(self, x, idx, values):
+        return self.mx.put_along_axis(x, idx, values, axis=-1)
+
+    def top_k(self, x, k: int):
+        ids = self.mx.argpartition(-x, kth=k - 1, axis=-1)[..., :k]
+        values = self.mx.take_along_axis(x, ids, axis=-1)
+        order = self.mx.argsort(-values, axis=-1)
+        return self.mx.take_along_axis(values, order, axis=-1), self.mx.take_along_axis(ids, order, axis=-1)
+
+    def numpy(self, x):
+        import numpy as np
+
+        return np.array(x)
 
     def put(self, shape_like, idx, values):
         # one_hot(idx) * values: (..., V); used only on chunk-sized arrays.

@@ -62,8 +62,14 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     backend.seed(cfg.seed)
 
     tokenizer = backend.load_tokenizer(cfg.student)
-    check_tokenizers(backend.load_tokenizer(cfg.teacher), tokenizer)
+    if cfg.teacher:
+        check_tokenizers(backend.load_tokenizer(cfg.teacher), tokenizer)
     data = load_dataset(cfg.data, tokenizer, cfg.max_length)
+    store = None
+    if cfg.teacher_cache:  # checked against this data, tokenizer and settings before any model loads
+        from hpd.store_teacher import open_for_run
+
+        store = open_for_run(cfg, tokenizer, data)
     say(f"data: {data.rows} rows from {cfg.data}, {len(data)} usable, {data.truncated} truncated "
         f"to {cfg.max_length} tokens, {data.target_tokens} target tokens", rank)
     eval_batches = None
@@ -74,8 +80,10 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
                         for i in range(0, len(ex), cfg.batch_size)]
 
     student = backend.load_model(str(resume_from or cfg.student), trainable=True, dtype=cfg.dtype)
-    teacher = backend.load_model(cfg.teacher, trainable=False, dtype=cfg.dtype, quantize=cfg.teacher_quantize)
-    vocab = min(backend.vocab_size(student), backend.vocab_size(teacher))
+    teacher = None
+    if cfg.teacher:
+        teacher = backend.load_model(cfg.teacher, trainable=False, dtype=cfg.dtype, quantize=cfg.teacher_quantize)
+    vocab = min(backend.vocab_size(student), store.vocab if teacher is None else backend.vocab_size(teacher))
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but a model's vocabulary only {vocab}")
 
@@ -96,8 +104,14 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         say(f"resuming from {resume_from} (step {state.step} of {total})", rank)
 
     chunked, loss_path = choose_loss_path(cfg.chunked, backend, student=student, teacher=teacher)
+    if store is not None:
+        from hpd.loop import live_teacher
+        from hpd.store_teacher import store_source
+
+        loop_hooks.setdefault("teacher_source", store_source(store, live_teacher))
     run_info = {
-        "name": out.name, "backend": cfg.backend, "teacher": cfg.teacher, "student": cfg.student,
+        "name": out.name, "backend": cfg.backend, "student": cfg.student,
+        "teacher": cfg.teacher or store.provenance["teacher"], "teacher_cache": cfg.teacher_cache,
         "method": cfg.method, "method_params": dict(cfg.method_params), "temperature": cfg.temperature,
         "data": cfg.data, "data_sha256": sha256_of(cfg.data), "schedule": dict(cfg.schedule),
         "command": command or "hpd.distill(...)",
@@ -131,10 +145,11 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     baseline = {}
     if cfg.eval_generate and eval_batches and resume_from is None:
         baseline = _accuracy_baseline(backend, student, teacher, tokenizer, cfg)
-        say("held-out exact match before distilling: student {student:.3f}, teacher {teacher:.3f}"
-            .format(**baseline), rank)
+        say("held-out exact match before distilling: " + ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()),
+            rank)
         if rank == 0:
-            metrics_log({"step": 0, "eval/accuracy": baseline["student"], "eval/teacher_accuracy": baseline["teacher"]})
+            metrics_log({"step": 0, "eval/accuracy": baseline["student"],
+                         **({"eval/teacher_accuracy": baseline["teacher"]} if "teacher" in baseline else {})})
     started = time.perf_counter()
     progress = _progress_bar(total, state.step, enabled=cfg.progress and rank == 0)
     try:
@@ -185,7 +200,7 @@ def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, f
                         limit=cfg.eval_generate, max_new_tokens=cfg.rollout_max_new_tokens,
                         progress=False)["accuracy"]
 
-    return {"student": acc(student), "teacher": acc(teacher)}
+    return {"student": acc(student), **({"teacher": acc(teacher)} if teacher is not None else {})}
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

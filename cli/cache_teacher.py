@@ -1,0 +1,74 @@
+"""`hpd cache-teacher`: the teacher's top-k log-probs on a data file, stored for training."""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+import click
+
+
+@click.command("cache-teacher", context_settings={"max_content_width": 100})
+@click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
+              help="framework that runs the teacher (either backend reads the store)")
+@click.option("--teacher", required=True, help="teacher model: a local folder, a hub id, or hpd:tiny/teacher")
+@click.option("--data", required=True, help="training data JSONL, as later passed to `hpd distill --data`")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="store folder (safetensors shards + index.json)")
+@click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1),
+              help="teacher log-probs kept per position (at most the vocabulary size)")
+@click.option("--max-length", default=1024, show_default=True, type=click.IntRange(min=2),
+              help="truncate rows as `hpd distill --max-length` will (the two must match)")
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="sequences per teacher forward pass")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="teacher softmax temperature (distill must use the same)")
+@click.option("--teacher-quantize", default="0", show_default=True, type=click.Choice(["0", "4", "8"]),
+              help="mlx: quantize the teacher to 4 or 8 bits at load (0: off)")
+@click.option("--logprob-bits", default="16", show_default=True, type=click.Choice(["8", "16", "32"]),
+              help="bits per stored log-prob: 16 (error <= 3.1e-4 nats; 140 bytes/position at k=32 for a "
+                   "vocabulary <= 65536, 172 above), 8 (error <= 0.031 nats; 108 or 140 bytes), "
+                   "32 (float32, lossless; 204 or 236 bytes)")
+@click.option("--examples-per-shard", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="examples per safetensors shard (the unit that a resume continues from)")
+@click.option("--chunk-size", default=1024, show_default=True, type=click.IntRange(min=1),
+              help="positions projected through the teacher's head at a time")
+@click.option("--resume", is_flag=True, help="continue a store that a kill interrupted")
+@click.option("--overwrite", is_flag=True, help="replace the teacher store in --out")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="teacher dtype")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+              help="device for the torch backend")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
+def cache_teacher(backend, teacher, data, out, top_k, max_length, batch_size, temperature, teacher_quantize,
+                  logprob_bits, examples_per_shard, chunk_size, resume, overwrite, dtype, device, progress):
+    """Run TEACHER once over DATA and store its top-k log-probs in OUT, for
+    `hpd distill --teacher-cache OUT` (no teacher in memory while training).
+
+    \b
+    hpd cache-teacher --teacher hpd:tiny/teacher --data hpd:tiny/train.jsonl --out cache/
+    hpd distill --teacher-cache cache/ --student hpd:tiny/student --data hpd:tiny/train.jsonl ...
+    """
+    from hpd.backend import get_backend
+    from hpd.cache_teacher import cache_teacher as run
+    from hpd.data import DataError
+    from hpd.models import asset_path
+
+    if resume and overwrite:
+        raise click.UsageError("--resume and --overwrite exclude each other")
+    teacher, data = asset_path(teacher), asset_path(data)
+    try:
+        be = get_backend(backend, SimpleNamespace(device=device, dtype=dtype, gradient_checkpointing=False))
+        tokenizer = be.load_tokenizer(teacher)
+        model = be.load_model(teacher, trainable=False, dtype=dtype, quantize=int(teacher_quantize))
+        index = run(be, model, tokenizer, data, out, teacher_name=teacher, top_k=top_k, max_length=max_length,
+                    batch_size=batch_size, temperature=temperature, logprob_bits=int(logprob_bits),
+                    examples_per_shard=examples_per_shard, chunk_size=chunk_size,
+                    teacher_quantize=int(teacher_quantize), resume=resume, overwrite=overwrite,
+                    progress=progress)
+    except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    size = sum(s["bytes"] for s in index["shards"])
+    click.echo(f"stored {index['positions']} positions of {index['examples']} examples in {out} "
+               f"({size / max(index['positions'], 1):.1f} bytes/position on disk, top-{index['top_k']})")
