@@ -46,6 +46,8 @@ class DistillConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step", low=1)
     max_length: int = _f(1024, "longest sequence in tokens; longer rows are truncated", low=2)
     group_by_length: bool = _f(False, "batch rows of similar length together (less padding)")
+    packing: bool = _f(False, "pack each micro-batch's rows into few sequences (no wider than its longest "
+                       "row), attention kept within rows: padding costs almost nothing")
     # optimisation
     lr: float = _f(1e-5, "peak learning rate", low=0.0, low_open=True)
     lr_schedule: str = _f("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))

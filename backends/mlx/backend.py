@@ -180,16 +180,21 @@ class MlxBackend:
             elif np.issubdtype(v.dtype, np.floating) and v.dtype != np.float32:
                 v = v.astype(np.float32)
             out[k] = mx.array(v)
+        if "position_ids" in batch:  # packed rows: built once for the teacher and the student
+            from hpd.packing import block_causal_mask
+
+            out["block_mask"] = mx.array(block_causal_mask(np.asarray(batch["position_ids"])))
         return out
 
     def _run(self, model, batch, hidden: bool) -> Outputs:
+        cache = packed_cache(model, batch["block_mask"]) if "block_mask" in batch else None
         if hidden:
             head = _head_module(model)
             if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
                 raise ValueError("the chunked loss needs an unquantized output head; use --chunked off "
                                  "with --teacher-quantize")
-            return Outputs(hidden=model.model(batch["input_ids"]), head=head.weight)
-        return Outputs(logits=model(batch["input_ids"]))
+            return Outputs(hidden=model.model(batch["input_ids"], cache=cache), head=head.weight)
+        return Outputs(logits=model(batch["input_ids"], cache=cache))
 
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
         out = self._run(model, batch, hidden)
@@ -387,6 +392,39 @@ def _head_module(model):
     if "lm_head" in model:
         return model.lm_head
     return model.model.embed_tokens
+
+
+class PackedRows:
+    """Stands in for an mlx-lm layer cache to run a packed batch (hpd.packing) through an
+    unchanged mlx-lm model: the models build their attention mask from the cache
+    (`make_mask`) and take the rotary offset from it, and this one caches nothing.
+
+    The mask is block-diagonal and causal, so no token attends across a row boundary.
+    Positions are not restarted per row (RoPE's offset is per sequence in mlx), and need
+    not be: a rotary embedding makes each score depend only on the distance between query
+    and key, which is the same inside a row wherever the row starts."""
+
+    offset = 0
+
+    def __init__(self, mask: mx.array):
+        self.mask = mask
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
+        if window_size is not None:
+            raise ValueError("--packing: sliding-window attention is not supported on the mlx backend")
+        return self.mask
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+def packed_cache(model, block_mask: mx.array) -> list[PackedRows]:
+    args = getattr(model, "args", None)
+    if getattr(args, "rope_scaling", None) and args.rope_scaling.get("type", args.rope_scaling.get(
+            "rope_type")) in ("dynamic", "longrope"):
+        # these scale the rotation by the sequence length, which packing changes
+        raise ValueError("--packing: length-dependent rope scaling is not supported on the mlx backend")
+    return [PackedRows(block_mask)] * len(model.layers)
 
 
 def _right_padded(mask: np.ndarray) -> bool:

@@ -40,6 +40,16 @@ def from_pretrained(loader, path: str, **kwargs):
         raise hub_failure(path, e) from e
 
 
+def model_inputs(batch) -> dict:
+    """The model's keyword inputs. A packed batch (hpd.packing) passes position ids that
+    restart at each row and no attention mask: transformers then builds a block-diagonal
+    causal mask from the resets (its packed-sequence path, sdpa and eager alike), but only
+    without a KV cache, which a bare decoder call would otherwise create."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 class TorchBackend:
     name = "torch"
 
@@ -119,9 +129,9 @@ class TorchBackend:
     def _run(self, model, batch, hidden: bool) -> Outputs:
         if hidden:
             base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-            h = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            h = base(**model_inputs(batch)).last_hidden_state
             return Outputs(hidden=h, head=model.get_output_embeddings().weight)
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = model(**model_inputs(batch))
         return Outputs(logits=out.logits)
 
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
