@@ -45,22 +45,31 @@ VOCAB = 4096
 # ---------------------------------------------------------------------------- assets
 
 
-def build_assets(root: Path, rows: int, seed: int = 0) -> None:
-    """Tokenizer (4096 words), the two Qwen2 models and prompt/completion rows."""
+def build_assets(root: Path, rows: int, seed: int = 0, prompt=(18, 26), completion=(33, 41)) -> None:
+    """Tokenizer (byte-level BPE, 4096 entries), the two Qwen2 models and prompt/completion
+    rows (token counts drawn uniformly from the `prompt` and `completion` ranges; the row
+    adds a BOS and an EOS)."""
     import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
 
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    words = [f"w{i}" for i in range(VOCAB - len(specials))]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(specials + words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    # transformers builds Qwen2Tokenizer for a qwen2 folder (its own pre-tokenizer regex
+    # over byte-level BPE): so the tokenizer is a byte-level BPE trained here
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((" ".join(rng.choices(lexicon, k=12)) for _ in range(40000)), trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
     for name, (hidden, layers, inter, heads) in {"teacher": (256, 4, 1024, 8), "student": (128, 5, 512, 4)}.items():
         cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                           num_attention_heads=heads, num_key_value_heads=2, tie_word_embeddings=True,
-                          max_position_embeddings=512, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                          max_position_embeddings=2048, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
                           pad_token_id=0, use_cache=False)
         torch.manual_seed(1 if name == "teacher" else 2)
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -69,12 +78,17 @@ def build_assets(root: Path, rows: int, seed: int = 0) -> None:
         config = json.loads((root / name / "config.json").read_text())
         config["rope_theta"] = 10000.0
         (root / name / "config.json").write_text(json.dumps(config))
-    rng = random.Random(seed)
+
+    def text(tokens: int) -> str:  # words until the text is about `tokens` tokens long
+        words: list[str] = []
+        while (have := len(tok.encode(" ".join(words)).ids)) < tokens:
+            words += rng.choices(lexicon, k=max(1, (tokens - have) // 3))
+        return " ".join(words)
+
     with open(root / "train.jsonl", "w") as fh:
         for _ in range(rows):
-            prompt = " ".join(rng.choice(words) for _ in range(rng.randint(18, 26)))
-            completion = " ".join(rng.choice(words) for _ in range(rng.randint(32, 42)))
-            fh.write(json.dumps({"prompt": prompt, "completion": completion}) + "\n")
+            row = {"prompt": text(rng.randint(*prompt)), "completion": text(rng.randint(*completion))}
+            fh.write(json.dumps(row) + "\n")
 
 
 def param_count(folder: Path) -> int:
@@ -109,11 +123,14 @@ def hpd_stepper(cfg):
     original = Loop.run
     Loop.run = lambda self, progress=None: captured.append(self) or {}
     root = Path(cfg["root"])
-    overrides = dict(kv.split("=", 1) for kv in cfg["hpd_args"])
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in cfg["hpd_args"])}
     config = dict(teacher=str(root / "teacher"), student=str(root / "student"), data=str(root / "train.jsonl"),
                   out=tempfile.mkdtemp(prefix="chat-bench-") + "/out", method=cfg["method"],
                   method_params={"beta": 0.5} if cfg["method"] == "jsd" else {}, steps=cfg["warmup"] + cfg["iters"],
-                  batch_size=cfg["batch"], lr=1e-4, max_length=512, progress=False, seed=0, **overrides)
+                  batch_size=cfg["batch"], lr=1e-4, max_length=cfg.get("max_length", 512), progress=False, seed=0)
+    config.update(overrides)
     try:
         hpd.distill(DistillConfig.from_dict(config).to_dict())
     finally:
@@ -121,7 +138,7 @@ def hpd_stepper(cfg):
     loop = captured[0]
 
     def step(batch):  # the loop draws its own batches (the same rows, same order)
-        loop.train_step(loop.schedule.plan(loop.state.step))
+        return loop.train_step(loop.schedule.plan(loop.state.step))
 
     return step
 
