@@ -19,6 +19,7 @@ from hpd.backend import Backend, Outputs
 from hpd.chunked import DEFAULT_CHUNK_BUDGET_MB
 from hpd.data import IGNORE_INDEX, Batches
 from hpd.teacher import LiveTeacher, LogitsTeacher
+from hpd.uniforms import batch_uniforms, has_row_keys
 
 
 def learning_rate(step: int, total: int, peak: float, *, kind: str = "cosine",
@@ -189,10 +190,14 @@ class Loop:
             elif not plan.sample:  # no student sample this step: s = y leaves only the data token
                 t = mb["targets"]
                 sampled = backend.to_arrays({"s": np.where((t >= 0) & (t < self.vocab), t, 0)})["s"]
+            # the student's samples follow uniforms keyed by (seed, step, global row, position):
+            # the same draws however the batch is split over processes and micro-batches
+            uniforms = batch_uniforms(cfg.seed, step, mb) if sampled is None and has_row_keys(mb) else None
             teacher = self.teacher_source(self, mb, arrays, plan)
             loss_fn = objective_loss_fn(plan.objectives, teacher, arrays["targets"], sampled=sampled,
                                         num_tokens=max(global_tokens, 1.0), temperature=cfg.temperature,
-                                        chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb)
+                                        chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb,
+                                        uniforms=uniforms)
             value, metrics = backend.forward_backward(self.student, arrays, loss_fn, hidden=self.chunked)
             loss_total += value
             means.add(metrics, target_count(mb["targets"], self.vocab))

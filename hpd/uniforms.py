@@ -69,10 +69,14 @@ def token_keys(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     return np.broadcast_to(rows, targets.shape), np.broadcast_to(positions, targets.shape)
 
 
+def has_row_keys(batch: dict) -> bool:
+    return "rows" in batch or "token_rows" in batch
+
+
 def batch_uniforms(seed: int, step: int, batch: dict[str, np.ndarray]) -> np.ndarray:
     """The uniforms of every target position of a (micro-)batch, shaped like its targets."""
     rows, positions = token_keys(batch)
     return keyed_uniforms(seed, step, rows, positions)
 
 
-__all__ = ["keyed_uniforms", "batch_uniforms", "token_keys", "mix64"]
+__all__ = ["keyed_uniforms", "batch_uniforms", "token_keys", "has_row_keys", "mix64"]
