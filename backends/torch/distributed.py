@@ -19,9 +19,10 @@ Choices made here:
 - gradient reduction is a SUM (FSDP2: divide factor 1 with sum-only collectives; DDP: a
   summing comm hook, and `no_sync` on all but the last micro-batch of a step);
 - clipping uses the global norm over all shards;
-- sampling: torch's global RNG is seeded with seed + rank, so ranks draw independent
-  per-position samples (equal seeds would give every rank the same noise pattern on
-  different rows); each rank's RNG state is saved in checkpoints for an exact resume;
+- sampling: hpd's per-position samples come from uniforms keyed by global row and
+  position (hpd.uniforms), the same whatever the process count; torch's global RNG, for
+  what still draws from it (rollouts), is seeded with seed + rank so ranks differ, and
+  each rank's RNG state is saved in checkpoints for an exact resume;
 - checkpoints: sharded model and optimizer state with torch.distributed.checkpoint in
   `step-N/distributed/` (plus `rng-<rank>.safetensors`), next to the full weights that
   rank 0 writes, so a checkpoint stays a loadable model folder; see `hpd.checkpoint`;
