@@ -89,6 +89,8 @@ class DistillConfig:
                          "fit --chunk-budget-mb")
     chunk_budget_mb: float = _f(256.0, "auto chunks: MiB for one chunk's (chunk x vocabulary) buffers, "
                                 "about 6 float32 arrays", low=0.0, low_open=True)
+    compile: str = _f("off", "mlx: run the student's step under mx.compile where a micro-batch's supervised "
+                      "positions fit one chunk (auto: on a GPU only)", choices=("auto", "on", "off"))
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
     progress: bool = _f(True, "show a progress bar")
 
