@@ -48,6 +48,8 @@ class DistillConfig:
     grad_accum: int = _f(1, "micro-batches per optimizer step", low=1)
     max_length: int = _f(1024, "longest sequence in tokens; longer rows are truncated", low=2)
     group_by_length: bool = _f(False, "batch rows of similar length together (less padding)")
+    packing: bool = _f(False, "pack each micro-batch's rows into few sequences (no wider than its longest "
+                       "row), attention kept within rows: padding costs almost nothing")
     # optimisation
     lr: float = _f(1e-5, "peak learning rate", low=0.0, low_open=True)
     lr_schedule: str = _f("cosine", "learning-rate decay after warmup", choices=("cosine", "linear", "constant"))
@@ -89,6 +91,8 @@ class DistillConfig:
                          "fit --chunk-budget-mb")
     chunk_budget_mb: float = _f(256.0, "auto chunks: MiB for one chunk's (chunk x vocabulary) buffers, "
                                 "about 6 float32 arrays", low=0.0, low_open=True)
+    compile: str = _f("off", "mlx: run the student's step under mx.compile where a micro-batch's supervised "
+                      "positions fit one chunk (auto: on a GPU only)", choices=("auto", "on", "off"))
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
     progress: bool = _f(True, "show a progress bar")
 

@@ -192,7 +192,7 @@ class Batches:
     """
 
     def __init__(self, dataset: Dataset, batch_size: int, pad_id: int, *, seed: int = 0,
-                 group_by_length: bool = False, rank: int = 0, world_size: int = 1):
+                 group_by_length: bool = False, rank: int = 0, world_size: int = 1, packing: bool = False):
         if len(dataset) < batch_size * world_size:
             raise DataError(
                 f"{dataset.path}: {len(dataset)} usable rows, fewer than one batch "
@@ -201,6 +201,7 @@ class Batches:
         self.dataset, self.batch_size, self.pad_id = dataset, batch_size, pad_id
         self.seed, self.group_by_length = seed, group_by_length
         self.rank, self.world_size = rank, world_size
+        self.packing = packing  # rows concatenated into few sequences (hpd.packing)
         self.epoch, self.index = 0, 0
         self._order = self._epoch_order(0)
 
@@ -233,8 +234,14 @@ class Batches:
             self._order = self._epoch_order(self.epoch)
         ids = self._order[self.index * self.world_size + self.rank]
         self.index += 1
-        batch = collate([self.dataset.examples[i] for i in ids], self.pad_id)
-        batch["index"] = np.asarray(ids, dtype=np.int64)  # rows' places in the dataset (teacher store keys)
+        examples = [self.dataset.examples[i] for i in ids]
+        if self.packing:
+            from hpd.packing import collate_packed
+
+            return collate_packed(examples, self.pad_id, rows=ids)
+        batch = collate(examples, self.pad_id)
+        # rows' places in the dataset: keys of split-invariant draws and of the teacher store
+        batch["rows"] = np.asarray(ids, dtype=np.int64)
         return batch
 
     def state_dict(self) -> dict:

@@ -19,6 +19,7 @@ from hpd.backend import Backend, Outputs
 from hpd.chunked import DEFAULT_CHUNK_BUDGET_MB
 from hpd.data import IGNORE_INDEX, Batches
 from hpd.teacher import LiveTeacher, LogitsTeacher
+from hpd.uniforms import batch_uniforms, has_row_keys
 
 
 def learning_rate(step: int, total: int, peak: float, *, kind: str = "cosine",
@@ -46,27 +47,49 @@ def objective_loss_fn(objectives, teacher, targets, *, sampled, num_tokens: floa
     """loss_fn(student_out) for the step's weighted objectives, averaged over num_tokens.
 
     `teacher`: the teacher model's `Outputs` for the batch, or any `TeacherSource`."""
-    source = teacher_source_of(teacher)
+    return ObjectiveLoss(tuple(objectives), teacher_source_of(teacher), targets, sampled=sampled,
+                         uniforms=uniforms, num_tokens=num_tokens, temperature=temperature,
+                         chunk_size=chunk_size, chunk_budget_mb=chunk_budget_mb)
 
-    def loss_fn(student_out: Outputs):
+
+@dataclass
+class ObjectiveLoss:
+    """A step's loss as a callable on the student's Outputs, with its inputs in view, so
+    that a backend can also run it as a compiled function of those inputs
+    (hpd.backends.mlx.compiled)."""
+
+    objectives: tuple  # hpd.schedule.Objective: method, weight, params
+    teacher: Any  # a TeacherSource
+    targets: Any
+    sampled: Any = None
+    uniforms: Any = None
+    num_tokens: float = 1.0
+    temperature: float = 1.0
+    chunk_size: Any = "auto"
+    chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB
+
+    def __call__(self, student_out: Outputs):
         total, metrics = None, {}
-        for obj in objectives:
-            common = dict(sampled=sampled, uniforms=uniforms, num_tokens=num_tokens, temperature=temperature,
-                          **obj.params)
+        for obj in self.objectives:
+            common = dict(sampled=self.sampled, uniforms=self.uniforms, num_tokens=self.num_tokens,
+                          temperature=self.temperature, **obj.params)
             if student_out.logits is not None:
-                value, m = hpd.loss(obj.method, student_out.logits, source, targets, **common)
+                value, m = hpd.loss(obj.method, student_out.logits, self.teacher, self.targets, **common)
             else:
-                value, m = hpd.chunked_loss(obj.method, student_out.hidden, student_out.head, targets=targets,
-                                            teacher=source, chunk_size=chunk_size,
-                                            chunk_budget_mb=chunk_budget_mb, **common)
+                value, m = hpd.chunked_loss(obj.method, student_out.hidden, student_out.head, targets=self.targets,
+                                            teacher=self.teacher, chunk_size=self.chunk_size,
+                                            chunk_budget_mb=self.chunk_budget_mb, **common)
             term = value * obj.weight if obj.weight != 1.0 else value
             total = term if total is None else total + term
-            if len(objectives) > 1:
-                m = {(k if "/" in k else f"{obj.method}/{k}"): v for k, v in m.items()}
-            metrics.update(m)
+            metrics.update(metric_names(m, obj.method, len(self.objectives)))
         return total, metrics
 
-    return loss_fn
+
+def metric_names(metrics: dict, method: str, objectives: int) -> dict:
+    """With several objectives, each one's metrics under its method's name."""
+    if objectives == 1:
+        return metrics
+    return {(k if "/" in k else f"{method}/{k}"): v for k, v in metrics.items()}
 
 
 def teacher_source_of(teacher):
@@ -189,10 +212,14 @@ class Loop:
             elif not plan.sample:  # no student sample this step: s = y leaves only the data token
                 t = mb["targets"]
                 sampled = backend.to_arrays({"s": np.where((t >= 0) & (t < self.vocab), t, 0)})["s"]
+            # the student's samples follow uniforms keyed by (seed, step, global row, position):
+            # the same draws however the batch is split over processes and micro-batches
+            uniforms = batch_uniforms(cfg.seed, step, mb) if sampled is None and has_row_keys(mb) else None
             teacher = self.teacher_source(self, mb, arrays, plan)
             loss_fn = objective_loss_fn(plan.objectives, teacher, arrays["targets"], sampled=sampled,
                                         num_tokens=max(global_tokens, 1.0), temperature=cfg.temperature,
-                                        chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb)
+                                        chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb,
+                                        uniforms=uniforms)
             value, metrics = backend.forward_backward(self.student, arrays, loss_fn, hidden=self.chunked)
             loss_total += value
             means.add(metrics, target_count(mb["targets"], self.vocab))

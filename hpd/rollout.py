@@ -25,7 +25,10 @@ class Sampling:
 
 
 def prompts_of(batch: dict[str, np.ndarray]) -> list[list[int]]:
-    """The prompt of every row of a right-padded batch."""
+    """The prompt of every row of a right-padded or packed (hpd.packing) batch."""
+    if "token_rows" in batch:
+        ids, owner = batch["input_ids"], batch["token_rows"]
+        return [ids[owner == r][:n].tolist() for r, n in zip(batch["rows"], batch["prompt_lens"])]
     return [row[:n].tolist() for row, n in zip(batch["input_ids"], batch["prompt_lens"])]
 
 
@@ -41,7 +44,14 @@ def rollout_batch(backend, model, tokenizer, batch: dict[str, np.ndarray], sampl
         if not gen:  # nothing to learn from; keep the shapes valid
             gen = [tokenizer.eos_token_id]
         examples.append(Example(prompt + gen, [False] * len(prompt) + [True] * len(gen), len(prompt)))
-    out = collate(examples, pad_id_of(tokenizer))
+    if "token_rows" in batch:  # packed in, packed out
+        from hpd.packing import collate_packed
+
+        out = collate_packed(examples, pad_id_of(tokenizer), rows=batch["rows"])
+    else:
+        out = collate(examples, pad_id_of(tokenizer))
+        if "rows" in batch:
+            out["rows"] = batch["rows"]  # the keys of split-invariant draws stay with their rows
     out["generated_tokens"] = np.asarray(sum(len(g) for g in generated))
     return out
 

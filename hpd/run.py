@@ -88,7 +88,8 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but a model's vocabulary only {vocab}")
 
     batches = Batches(data, cfg.batch_size, pad_id_of(tokenizer), seed=cfg.seed,
-                      group_by_length=cfg.group_by_length, rank=rank, world_size=backend.world_size)
+                      group_by_length=cfg.group_by_length, rank=rank, world_size=backend.world_size,
+                      packing=cfg.packing)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.batches_per_epoch / cfg.grad_accum))
     from hpd.schedule import Schedule
 

@@ -92,24 +92,33 @@ class StoreTeacher:
 
 def batch_rows(store: Store, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The stored rows of a micro-batch on its flat positions (numpy), checked against the
-    batch: each row's example must have as many stored positions as the row has targets."""
-    if "index" not in batch:
+    batch: each example must have as many stored positions as the batch has targets for it.
+
+    A plain batch holds example `rows[r]` on line r; a packed one (hpd.packing) says
+    which example each token belongs to in `token_rows`. Either way an example's target
+    positions, in row-major order, are the order in which the store holds them."""
+    if "rows" not in batch:
         raise StoreError("this batch carries no example indices, so the teacher store cannot serve it")
     targets = np.asarray(batch["targets"])
     b, t = targets.shape
+    if "token_rows" in batch:
+        owner = np.asarray(batch["token_rows"]).reshape(-1)
+    else:
+        owner = np.repeat(np.asarray(batch["rows"], dtype=np.int64), t)
+    counted = targets.reshape(-1) != IGNORE_INDEX
     k = store.top_k
     out = {"ids": np.zeros((b * t, k), np.int64), "logprobs": np.zeros((b * t, k), np.float32),
            "data_ids": np.where(targets == IGNORE_INDEX, 0, targets).reshape(-1).astype(np.int64),
            "data_logprob": np.zeros((b * t,), np.float32), "rest_mass": np.zeros((b * t,), np.float32)}
-    for row, example in enumerate(np.asarray(batch["index"]).tolist()):
-        pos = np.flatnonzero(targets[row] != IGNORE_INDEX)
+    examples, copies = np.unique(np.asarray(batch["rows"], dtype=np.int64), return_counts=True)
+    for example, m in zip(examples.tolist(), copies.tolist()):  # an example twice in a batch: its rows twice
+        flat = np.flatnonzero(counted & (owner == example))
         stored = store.example(int(example))
-        if len(stored["data_logprob"]) != len(pos):
+        if m * len(stored["data_logprob"]) != len(flat):
             raise StoreError(f"example {example}: the store holds {len(stored['data_logprob'])} target positions, "
-                             f"the batch {len(pos)}; the store was written for other data or settings")
-        flat = row * t + pos
+                             f"the batch {len(flat) // m}; the store was written for other data or settings")
         for name in ("ids", "logprobs", "data_logprob", "rest_mass"):
-            out[name][flat] = stored[name]
+            out[name][flat] = np.concatenate([stored[name]] * m) if m > 1 else stored[name]
     return out
 
 
@@ -154,7 +163,7 @@ def store_source(store: Store, live):
     hook, the teacher's forward) on steps whose batches are student rollouts."""
 
     def teacher_source(loop, micro_batch, arrays, plan):
-        if getattr(plan, "on_policy", False) or "index" not in micro_batch:
+        if getattr(plan, "on_policy", False) or "rows" not in micro_batch:
             if loop.teacher is None:
                 raise StoreError("this step trains on student rollouts, which the teacher store cannot score; "
                                  "pass --teacher as well")

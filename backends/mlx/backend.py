@@ -10,9 +10,11 @@ layout and export contract are the same. Differences that a user can notice:
 - --teacher-quantize 4|8 quantizes the teacher's linear and embedding layers at load
   (mlx affine quantization, group size 64, or 32 where a layer's input width needs it).
 - mlx-lm models take no attention mask: batches must be right-padded (hpd.data's are),
-  which a causal mask already handles for every real position.
-- The step is not wrapped in mx.compile: the loss reads its metrics (`.item()`) inside
-  the differentiated function, which compile forbids.
+  which a causal mask already handles for every real position; packed batches pass their
+  block-diagonal mask through a stand-in layer cache (PackedRows).
+- --compile on runs the student's step under mx.compile (backends/mlx/compiled.py) where a
+  micro-batch's supervised positions fit one chunk; the metrics are arrays until the step
+  is evaluated. Otherwise the step is uncompiled: its loss reads metrics as floats.
 - Several processes: started by `mlx.launch` (docs/distributed-mlx.md), rank and world size
   come from mx.distributed.init(); each rank's loss is divided by the global token count and
   optimizer_step sums the gradients, so 2 ranks x batch b equal 1 rank x batch 2b.
@@ -89,6 +91,7 @@ class MlxBackend:
         self.rank = self.group.rank() if self.group is not None else 0
         self.world_size = self.group.size() if self.group is not None else 1
         self._grads: dict[int, dict] = {}  # id(model) -> gradients accumulated since the last step
+        self._steps: dict[int, object] = {}  # id(model) -> its compiled step (compiled.CompiledStep)
 
     # ------------------------------------------------------------------ loading
     def seed(self, seed: int) -> None:
@@ -191,13 +194,18 @@ class MlxBackend:
             elif np.issubdtype(v.dtype, np.floating) and v.dtype != np.float32:
                 v = v.astype(np.float32)
             out[k] = mx.array(v)
+        if "position_ids" in batch:  # packed rows: built once for the teacher and the student
+            from hpd.packing import block_causal_mask
+
+            out["block_mask"] = mx.array(block_causal_mask(np.asarray(batch["position_ids"])))
         return out
 
     def _run(self, model, batch, hidden: bool) -> Outputs:
         family.check_length(model, batch["input_ids"])
+        cache = packed_cache(model, batch["block_mask"]) if "block_mask" in batch else None
         if hidden:
-            return Outputs(hidden=family.hidden_states(model, batch["input_ids"]), head=self.head_of(model))
-        return Outputs(logits=model(batch["input_ids"]))
+            return Outputs(hidden=family.hidden_states(model, batch["input_ids"], cache), head=self.head_of(model))
+        return Outputs(logits=model(batch["input_ids"], cache=cache))
 
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
         out = self._run(model, batch, hidden)
@@ -210,6 +218,8 @@ class MlxBackend:
         return out
 
     def forward_backward(self, model, batch, loss_fn, *, hidden: bool = False):
+        if self._compiles(model, loss_fn):
+            return self._compiled_forward_backward(model, batch, loss_fn)
         metrics: dict[str, float] = {}
 
         def objective():
@@ -224,6 +234,34 @@ class MlxBackend:
         mx.eval(value, grads)
         self._grads[id(model)] = grads
         return float(value.item()), metrics
+
+    def _compiles(self, model, loss_fn) -> bool:
+        """Whether this step runs compiled (backends/mlx/compiled.py): --compile on (or auto
+        on a GPU), a loss whose inputs are in view, and positions that fit one chunk."""
+        from hpd.backends.mlx import compiled
+
+        mode = getattr(self.config, "compile", "off")
+        if mode == "off" or (mode == "auto" and mx.default_device().type != mx.DeviceType.gpu):
+            return False
+        if not (hasattr(loss_fn, "objectives") and hasattr(loss_fn, "teacher")):
+            return False
+        targets = np.asarray(loss_fn.targets)
+        vocab = self.vocab_size(model)
+        return compiled.fits(loss_fn, int(((targets >= 0) & (targets < vocab)).sum()), vocab)
+
+    def _compiled_forward_backward(self, model, batch, loss_fn):
+        from hpd.backends.mlx.compiled import CompiledStep, metrics_of
+
+        step = self._steps.get(id(model))
+        if step is None:
+            step = self._steps[id(model)] = CompiledStep(self, model)
+        value, grads, raw, count = step(batch, loss_fn)
+        previous = self._grads.get(id(model))
+        if previous is not None:
+            grads = tree_map(mx.add, previous, grads)
+        mx.eval(value, grads, raw[1])  # metrics are arrays until here, evaluated with the step
+        self._grads[id(model)] = grads
+        return float(value.item()), metrics_of(loss_fn, raw, float(count))
 
     # ------------------------------------------------------------------ optimisation
     def make_optimizer(self, model, config):
@@ -397,6 +435,39 @@ def quantize_model(model, bits: int) -> int:
 
 def _head_module(model):
     return family.head_module(model)
+
+
+class PackedRows:
+    """Stands in for an mlx-lm layer cache to run a packed batch (hpd.packing) through an
+    unchanged mlx-lm model: the models build their attention mask from the cache
+    (`make_mask`) and take the rotary offset from it, and this one caches nothing.
+
+    The mask is block-diagonal and causal, so no token attends across a row boundary.
+    Positions are not restarted per row (RoPE's offset is per sequence in mlx), and need
+    not be: a rotary embedding makes each score depend only on the distance between query
+    and key, which is the same inside a row wherever the row starts."""
+
+    offset = 0
+
+    def __init__(self, mask: mx.array):
+        self.mask = mask
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
+        if window_size is not None:
+            raise ValueError("--packing: sliding-window attention is not supported on the mlx backend")
+        return self.mask
+
+    def update_and_fetch(self, keys, values):
+        return keys, values
+
+
+def packed_cache(model, block_mask: mx.array) -> list[PackedRows]:
+    args = getattr(model, "args", None)
+    if getattr(args, "rope_scaling", None) and args.rope_scaling.get("type", args.rope_scaling.get(
+            "rope_type")) in ("dynamic", "longrope"):
+        # these scale the rotation by the sequence length, which packing changes
+        raise ValueError("--packing: length-dependent rope scaling is not supported on the mlx backend")
+    return [PackedRows(block_mask)] * len(model.layers)
 
 
 def _right_padded(mask: np.ndarray) -> bool:

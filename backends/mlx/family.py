@@ -101,17 +101,19 @@ def chunked_blocker(model) -> str | None:
     return None
 
 
-def hidden_states(model, input_ids):
+def hidden_states(model, input_ids, cache=None):
     """Final (post-norm) hidden states (B, T, H): the decoder without the head, for the
-    families that run their head inside the decoder as well."""
+    families that run their head inside the decoder as well. `cache`: per-layer caches
+    (a packed batch's block-diagonal mask rides on them)."""
     decoder, head = decoder_of(model), head_module(model)
+    kwargs = {} if cache is None else {"cache": cache}
     inner = next((k for k in _HEAD_NAMES if k in decoder and decoder[k] is head), None)
     if inner is None:
-        hidden = decoder(input_ids)
+        hidden = decoder(input_ids, **kwargs)
     else:
         decoder[inner] = _Identity()  # the weight stays reachable through `head` for the loss
         try:
-            hidden = decoder(input_ids)
+            hidden = decoder(input_ids, **kwargs)
         finally:
             decoder[inner] = head
     width = _in_width(head)

@@ -42,6 +42,16 @@ def from_pretrained(loader, path: str, **kwargs):
         raise hub_failure(path, e) from e
 
 
+def model_inputs(batch) -> dict:
+    """The model's keyword inputs. A packed batch (hpd.packing) passes position ids that
+    restart at each row and no attention mask: transformers then builds a block-diagonal
+    causal mask from the resets (its packed-sequence path, sdpa and eager alike), but only
+    without a KV cache, which a bare decoder call would otherwise create."""
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 class TorchBackend:
     name = "torch"
 
@@ -129,9 +139,9 @@ class TorchBackend:
 
     def _run(self, model, batch, hidden: bool) -> Outputs:
         if hidden:
-            h = family.hidden_states(model, batch["input_ids"], batch["attention_mask"])
+            h = family.hidden_states(model, **model_inputs(batch))
             return Outputs(hidden=h, head=self.head_of(model))
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        out = model(**model_inputs(batch))
         return Outputs(logits=out.logits)
 
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
@@ -155,8 +165,12 @@ class TorchBackend:
                 (no_decay if p.ndim < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        # The fused kernel updates every tensor in one pass: on CPU about 3x faster than the
+        # per-tensor loop AdamW picks by default there, with the same arithmetic.
+        fused = self.device.type in ("cpu", "cuda") and all(
+            p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                 eps=config.adam_eps)
+                                 eps=config.adam_eps, fused=fused or None)
 
     def clip_gradients(self, params, max_norm: float) -> torch.Tensor:
         """Clip to `max_norm` in place; returns the global norm before clipping."""

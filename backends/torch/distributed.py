@@ -19,9 +19,10 @@ Choices made here:
 - gradient reduction is a SUM (FSDP2: divide factor 1 with sum-only collectives; DDP: a
   summing comm hook, and `no_sync` on all but the last micro-batch of a step);
 - clipping uses the global norm over all shards;
-- sampling: torch's global RNG is seeded with seed + rank, so ranks draw independent
-  per-position samples (equal seeds would give every rank the same noise pattern on
-  different rows); each rank's RNG state is saved in checkpoints for an exact resume;
+- sampling: hpd's per-position samples come from uniforms keyed by global row and
+  position (hpd.uniforms), the same whatever the process count; torch's global RNG, for
+  what still draws from it (rollouts), is seeded with seed + rank so ranks differ, and
+  each rank's RNG state is saved in checkpoints for an exact resume;
 - checkpoints: sharded model and optimizer state with torch.distributed.checkpoint in
   `step-N/distributed/` (plus `rng-<rank>.safetensors`), next to the full weights that
   rank 0 writes, so a checkpoint stays a loadable model folder; see `hpd.checkpoint`;
@@ -41,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from hpd.backend import Outputs
-from hpd.backends.torch.backend import TorchBackend, _null, from_pretrained
+from hpd.backends.torch.backend import TorchBackend, _null, from_pretrained, model_inputs
 
 
 def init_process_group(device: torch.device) -> None:
@@ -92,15 +93,15 @@ class _Runner(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, hidden: bool):
+    def forward(self, inputs: dict, hidden: bool):
         if hidden:
-            h = _decoder(self.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            h = _decoder(self.model)(**inputs).last_hidden_state
             return h, self.model.get_output_embeddings().weight
-        return (self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits,)
+        return (self.model(**inputs).logits,)
 
 
 def _attach_hidden_forward(model, *, clone_head: bool) -> None:
-    """`model.hpd_hidden(ids, mask) -> (hidden, head weight)`, run as an FSDP forward so the
+    """`model.hpd_hidden(inputs) -> (hidden, head weight)`, run as an FSDP forward so the
     root's parameters (embeddings, final norm, head) are gathered around it.
 
     The student's root keeps its parameters gathered after forward (FSDP2's default for the
@@ -108,8 +109,8 @@ def _attach_hidden_forward(model, *, clone_head: bool) -> None:
     the sharded teacher reshards after every forward, so its head is copied out first."""
     from torch.distributed.fsdp import register_fsdp_forward_method
 
-    def hpd_hidden(self, input_ids, attention_mask):
-        h = _decoder(self)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def hpd_hidden(self, inputs: dict):
+        h = _decoder(self)(**inputs).last_hidden_state
         head = self.get_output_embeddings().weight
         return h, (head.detach().clone() if clone_head else head)
 
@@ -202,7 +203,7 @@ class DistributedTorchBackend(TorchBackend):
     # ------------------------------------------------------------------ compute
     def _run(self, model, batch, hidden: bool) -> Outputs:
         if hidden and hasattr(model, "hpd_hidden"):  # sharded: through the root's FSDP hooks
-            h, head = model.hpd_hidden(batch["input_ids"], batch["attention_mask"])
+            h, head = model.hpd_hidden(model_inputs(batch))
             return Outputs(hidden=h, head=self.head_of(model, weight=head))
         return super()._run(model, batch, hidden)
 
@@ -216,7 +217,7 @@ class DistributedTorchBackend(TorchBackend):
             and next(model.parameters()).dtype == torch.float32 else _null()
         with nullcontext() if sync else ddp.no_sync():
             with autocast:
-                out = ddp(batch["input_ids"], batch["attention_mask"], hidden)
+                out = ddp(model_inputs(batch), hidden)
             outputs = Outputs(hidden=out[0], head=self.head_of(model, weight=out[1])) if hidden \
                 else Outputs(logits=out[0])
             loss, metrics = loss_fn(outputs)

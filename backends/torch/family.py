@@ -53,6 +53,6 @@ def chunked_blocker(model) -> str | None:
     return None
 
 
-def hidden_states(model, input_ids, attention_mask):
-    """Final (post-norm) hidden states (B, T, H)."""
-    return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+def hidden_states(model, **inputs):
+    """Final (post-norm) hidden states (B, T, H) of the decoder run on the model's inputs."""
+    return decoder_of(model)(**inputs).last_hidden_state

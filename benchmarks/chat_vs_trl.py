@@ -1,0 +1,312 @@
+"""Step time on a short chat shape: `hpd distill`'s loop, TRL's GKDTrainer and a plain loop.
+
+The shape: a Qwen2 teacher of ~5.0M parameters and a student of ~1.7M (tied embeddings),
+vocabulary 4096, batch 8, rows of ~61 tokens of which ~38 are the answer (prompt/completion
+rows, prompt masked), float32 on CPU. Three paths train the same models on the same rows:
+
+  hpd    hpd.distill(...) as `hpd distill` builds it; each Loop.train_step is timed (it
+         includes collating the batch, the teacher forward, the loss and the AdamW step).
+  trl    trl GKDTrainer with its defaults except lmbda=0 (offline; TRL's temperature only
+         affects generation, which lmbda=0 never runs): training_step (its compute_loss:
+         student and teacher forwards + generalized_jsd_loss, backward) + clip_grad_norm
+         + AdamW step on pre-collated batches, labels with the prompt masked.
+  loop   a plain hand-written torch loop: teacher forward, student forward, the objective
+         on the masked positions (forward KL, or TRL's jsd at beta 0.5), backward, clip,
+         AdamW step, on the same pre-collated batches.
+
+Like with like: hpd fkl vs TRL beta 0 vs the loop's forward KL; hpd jsd (beta 0.5) vs TRL
+beta 0.5 vs the loop's jsd. One fresh subprocess per objective and round builds all three
+and interleaves their steps (rotating the order every step), so that drift in the machine's
+load falls on all paths alike; it runs --warmup untimed steps then --iters timed ones and
+reports each path's median.
+
+    python benchmarks/chat_vs_trl.py                       # fkl and jsd, 3 rounds
+    python benchmarks/chat_vs_trl.py --methods fkl --rounds 1 --iters 10
+    python benchmarks/chat_vs_trl.py --hpd-args chunked=off   # a config override for the hpd path
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TRL_BETA = {"fkl": 0.0, "jsd": 0.5}
+VOCAB = 4096
+
+
+# ---------------------------------------------------------------------------- assets
+
+
+def build_assets(root: Path, rows: int, seed: int = 0, prompt=(18, 26), completion=(33, 41)) -> None:
+    """Tokenizer (byte-level BPE, 4096 entries), the two Qwen2 models and prompt/completion
+    rows (token counts drawn uniformly from the `prompt` and `completion` ranges; the row
+    adds a BOS and an EOS)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
+
+    # transformers builds Qwen2Tokenizer for a qwen2 folder (its own pre-tokenizer regex
+    # over byte-level BPE): so the tokenizer is a byte-level BPE trained here
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator((" ".join(rng.choices(lexicon, k=12)) for _ in range(40000)), trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    for name, (hidden, layers, inter, heads) in {"teacher": (256, 4, 1024, 8), "student": (128, 5, 512, 4)}.items():
+        cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                          num_attention_heads=heads, num_key_value_heads=2, tie_word_embeddings=True,
+                          max_position_embeddings=2048, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
+                          pad_token_id=0, use_cache=False)
+        torch.manual_seed(1 if name == "teacher" else 2)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model.save_pretrained(root / name)
+        fast.save_pretrained(root / name)
+        config = json.loads((root / name / "config.json").read_text())
+        config["rope_theta"] = 10000.0
+        (root / name / "config.json").write_text(json.dumps(config))
+
+    def text(tokens: int) -> str:  # words until the text is about `tokens` tokens long
+        words: list[str] = []
+        while (have := len(tok.encode(" ".join(words)).ids)) < tokens:
+            words += rng.choices(lexicon, k=max(1, (tokens - have) // 3))
+        return " ".join(words)
+
+    with open(root / "train.jsonl", "w") as fh:
+        for _ in range(rows):
+            row = {"prompt": text(rng.randint(*prompt)), "completion": text(rng.randint(*completion))}
+            fh.write(json.dumps(row) + "\n")
+
+
+def param_count(folder: Path) -> int:
+    from transformers import AutoModelForCausalLM
+
+    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
+
+
+# ---------------------------------------------------------------------------- children
+
+
+def _batches(cfg):
+    from transformers import AutoTokenizer
+
+    from hpd.data import Batches, load_dataset, pad_id_of
+
+    root = Path(cfg["root"])
+    tok = AutoTokenizer.from_pretrained(root / "student")
+    data = load_dataset(root / "train.jsonl", tok, 512)
+    it = Batches(data, cfg["batch"], pad_id_of(tok), seed=0)
+    return [next(it) for _ in range(cfg["warmup"] + cfg["iters"])]
+
+
+def hpd_stepper(cfg):
+    """hpd.distill's own Loop, captured before it runs, so its steps can be interleaved
+    with the other paths' (the run then exports an untrained student, which is not timed)."""
+    import hpd
+    from hpd.config import DistillConfig
+    from hpd.loop import Loop
+
+    captured = []
+    original = Loop.run
+    Loop.run = lambda self, progress=None: captured.append(self) or {}
+    root = Path(cfg["root"])
+    import yaml
+
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in cfg["hpd_args"])}
+    config = dict(teacher=str(root / "teacher"), student=str(root / "student"), data=str(root / "train.jsonl"),
+                  out=tempfile.mkdtemp(prefix="chat-bench-") + "/out", method=cfg["method"],
+                  method_params={"beta": 0.5} if cfg["method"] == "jsd" else {}, steps=cfg["warmup"] + cfg["iters"],
+                  batch_size=cfg["batch"], lr=1e-4, max_length=cfg.get("max_length", 512), progress=False, seed=0)
+    config.update(overrides)
+    try:
+        hpd.distill(DistillConfig.from_dict(config).to_dict())
+    finally:
+        Loop.run = original
+    loop = captured[0]
+
+    def step(batch):  # the loop draws its own batches (the same rows, same order)
+        return loop.train_step(loop.schedule.plan(loop.state.step))
+
+    return step
+
+
+def _models(cfg):
+    from transformers import AutoModelForCausalLM
+
+    root = Path(cfg["root"])
+    student = AutoModelForCausalLM.from_pretrained(root / "student").train()
+    teacher = AutoModelForCausalLM.from_pretrained(root / "teacher").eval().requires_grad_(False)
+    return student, teacher
+
+
+def _torch_inputs(batch):
+    import torch
+
+    labels = batch["input_ids"].copy()
+    labels[:, 1:] = batch["targets"][:, :-1]  # labels[t] = token t, -100 where not a target
+    labels[:, 0] = -100
+    return {"input_ids": torch.from_numpy(batch["input_ids"]), "attention_mask": torch.from_numpy(batch["attention_mask"]),
+            "labels": torch.from_numpy(labels), "targets": torch.from_numpy(batch["targets"])}
+
+
+def trl_stepper(cfg):
+    import warnings
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    warnings.filterwarnings("ignore")
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    student, teacher = _models(cfg)
+    args = GKDConfig(output_dir=tempfile.mkdtemp(prefix="gkd-chat-"), lmbda=0.0, beta=TRL_BETA[cfg["method"]],
+                     learning_rate=1e-4, per_device_train_batch_size=cfg["batch"], use_cpu=True, report_to="none",
+                     save_strategy="no", logging_strategy="no")
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args,
+                         train_dataset=Dataset.from_dict({"input_ids": [[0]]}),
+                         processing_class=AutoTokenizer.from_pretrained(Path(cfg["root"]) / "student"),
+                         data_collator=lambda features: features)
+    trainer.create_optimizer()
+    trainer.current_gradient_accumulation_steps = 1
+    model, opt = trainer.model, trainer.optimizer
+
+    def step(batch):
+        inputs = _torch_inputs(batch)
+        inputs.pop("targets")
+        trainer.training_step(model, inputs)
+        trainer.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+        opt.step()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def plain_stepper(cfg):
+    import torch
+    import torch.nn.functional as F
+
+    student, teacher = _models(cfg)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    half = torch.log(torch.tensor(0.5))
+
+    def step(batch):
+        inputs = _torch_inputs(batch)
+        mask = inputs["targets"] != -100
+        with torch.no_grad():
+            t_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[mask]
+        s_logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[mask]
+        lq, lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
+        if cfg["method"] == "fkl":
+            loss = (lp.exp() * (lp - lq)).sum(-1).mean()
+        else:  # TRL's generalized JSD at beta 0.5
+            lm = torch.logsumexp(torch.stack([lp + half, lq + half]), 0)
+            loss = (0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def run_child(cfg) -> dict:
+    """Every path's steps, interleaved step by step in this one process (rotating the
+    order), so that the machine's load falls on all paths alike."""
+    import torch
+
+    torch.set_num_threads(cfg["threads"])
+    makers = {"hpd": hpd_stepper, "trl": trl_stepper, "loop": plain_stepper}
+    steppers = {path: makers[path](cfg) for path in cfg["paths"]}
+    batches = _batches(cfg)
+    times = {path: [] for path in steppers}
+    paths = list(steppers)
+    for i, batch in enumerate(batches):
+        order = paths[i % len(paths):] + paths[:i % len(paths)]
+        for path in order:
+            t0 = time.perf_counter()
+            steppers[path](batch)
+            if i >= cfg["warmup"]:
+                times[path].append(time.perf_counter() - t0)
+    return {**cfg, "times": times, "median_s": {p: statistics.median(t) for p, t in times.items()},
+            "load_avg_1min": os.getloadavg()[0]}
+
+
+# ---------------------------------------------------------------------------- parent
+
+
+def launch(cfg, timeout) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]),
+               TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**cfg, "error": f"timed out after {timeout}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        return {**cfg, "error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--methods", nargs="+", default=["fkl", "jsd"], choices=list(TRL_BETA))
+    ap.add_argument("--paths", nargs="+", default=["hpd", "trl", "loop"], choices=["hpd", "trl", "loop"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--iters", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=3, help="runs (fresh processes) per objective")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--hpd-args", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="config overrides for the hpd path, e.g. chunked=off")
+    ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+        return
+    root = Path(tempfile.mkdtemp(prefix="chat-assets-"))
+    build_assets(root, rows=args.batch * (args.warmup + args.iters) * 2)
+    print(f"teacher {param_count(root / 'teacher') / 1e6:.2f}M parameters, student "
+          f"{param_count(root / 'student') / 1e6:.2f}M, vocabulary {VOCAB}, batch {args.batch}, "
+          f"torch threads {args.threads}; median of {args.iters} steps after {args.warmup} warmup", flush=True)
+    rows = []
+    for rnd in range(args.rounds):
+        for method in args.methods:
+            cfg = dict(root=str(root), method=method, paths=args.paths, batch=args.batch, warmup=args.warmup,
+                       iters=args.iters, threads=args.threads, hpd_args=[a for a in args.hpd_args if "=" in a])
+            r = launch(cfg, args.timeout)
+            rows.append(r)
+            msg = r.get("error") or ", ".join(f"{p} {t * 1000:.1f} ms" for p, t in r["median_s"].items())
+            print(f"round {rnd + 1} {method}: {msg} (load {r.get('load_avg_1min', float('nan')):.1f})",
+                  file=sys.stderr, flush=True)
+    print("\n| objective | round | " + " | ".join(f"{p} ms/step" for p in args.paths) + " | "
+          + " | ".join(f"hpd speed vs {p}" for p in args.paths if p != "hpd") + " | load |")
+    print("|---|---:|" + "---:|" * (2 * len(args.paths) - 1) + "---:|")
+    for i, r in enumerate(rows):
+        if "error" in r:
+            print(f"| {r['method']} | {i // len(args.methods) + 1} | error: {r['error']} |")
+            continue
+        m = r["median_s"]
+        cells = [f"{m[p] * 1000:.1f}" for p in args.paths]
+        cells += [f"{m[p] / m['hpd']:.2f}x" for p in args.paths if p != "hpd" and "hpd" in m]
+        print(f"| {r['method']} | {i // len(args.methods) + 1} | " + " | ".join(cells) + f" | {r['load_avg_1min']:.1f} |")
+    if args.hpd_args:
+        print(f"\nhpd overrides: {' '.join(args.hpd_args)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Peak resident memory and page faults of a 3-step `hpd distill` run at a 64k vocabulary.
+
+The models are chat_vs_trl.py's small Qwen2 pair with the vocabulary widened to 65536
+(tied embeddings; the rows use the first 4096 ids), batch 4 x 512 tokens (rows of 480-512
+tokens, about half of them prompt), hpd, float32, CPU. Each configuration is one
+`hpd distill` process; its peak RSS (ru_maxrss), minor page faults, user and system time
+come from getrusage of the finished child, so each figure is that run's own.
+
+Configurations (flags after the name go to `hpd distill`; KEY=VALUE sets the environment):
+
+    chunked-auto    --chunked on  (--chunk-size auto, the default)
+    plain           --chunked off
+    + any of them with malloc thresholds, e.g.
+      MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
+
+    python benchmarks/memory_peak.py                    # the default set, once each
+    python benchmarks/memory_peak.py --repeat 2 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import chat_vs_trl as chat  # noqa: E402
+
+MALLOC = ["MALLOC_MMAP_THRESHOLD_=4294967296", "MALLOC_TRIM_THRESHOLD_=68719476736"]
+DEFAULT = {
+    "chunked auto": ["--chunked", "on"],
+    "chunked auto + malloc thresholds": ["--chunked", "on", *MALLOC],
+    "plain": ["--chunked", "off"],
+    "plain + malloc thresholds": ["--chunked", "off", *MALLOC],
+}
+
+
+def widen_vocab(folder: Path, vocab: int) -> None:
+    """Re-initialise the model in `folder` with a `vocab`-row embedding (tokenizer unchanged)."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(folder)
+    cfg.vocab_size = vocab
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_theta"] = 10000.0
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def run(root: Path, name: str, args: list[str], threads: int) -> dict:
+    flags = [a for a in args if "=" not in a or a.startswith("--")]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    env.update(dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("--")))
+    out = Path(tempfile.mkdtemp(prefix="mem-")) / "out"
+    cmd = [sys.executable, "-m", "hpd.cli.main", "distill", "--teacher", str(root / "teacher"),
+           "--student", str(root / "student"), "--data", str(root / "train.jsonl"), "--out", str(out),
+           "--method", "hpd", "--steps", "3", "--batch-size", "4", "--max-length", "512", "--no-progress",
+           "--lr", "1e-4", *flags]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if done.returncode != 0:
+        return {"name": name, "error": done.stderr.strip().splitlines()[-1:]}
+    return {"name": name, "peak_mib": after.ru_maxrss / 1024, "minor_faults": after.ru_minflt - before.ru_minflt,
+            "user_s": after.ru_utime - before.ru_utime, "sys_s": after.ru_stime - before.ru_stime, "wall_s": wall,
+            "path": next((ln for ln in done.stderr.splitlines() if ln.startswith("distilling")), "")}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--vocab", type=int, default=65536)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--only", nargs="*", help="names of the default configurations to run")
+    ap.add_argument("--extra", nargs="*", default=[], metavar="NAME:ARG,ARG",
+                    help="more configurations, e.g. 'budget 64:--chunk-budget-mb,64'")
+    args = ap.parse_args(argv)
+    configs = {k: v for k, v in DEFAULT.items() if not args.only or k in args.only}
+    for item in args.extra:
+        name, _, rest = item.partition(":")
+        configs[name] = rest.split(",")
+    root = Path(tempfile.mkdtemp(prefix="mem-assets-"))
+    chat.build_assets(root, rows=16, prompt=(230, 250), completion=(240, 255))
+    for name in ("teacher", "student"):
+        widen_vocab(root / name, args.vocab)
+    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run each in a fresh parent
+    rows = []
+    for rep in range(args.repeat):
+        for name, cfg in configs.items():
+            helper = [sys.executable, __file__, "--_one", str(root), name, str(args.threads), *cfg]
+            done = subprocess.run(helper, capture_output=True, text=True)
+            line = [ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")]
+            rows.append(eval(line[-1][4:]) if line else {"name": name, "error": done.stderr[-300:]})  # noqa: S307
+            print(rows[-1], file=sys.stderr, flush=True)
+    print(f"\nvocab {args.vocab}, batch 4 x 512, 3 steps of hpd, threads {args.threads}\n")
+    print("| configuration | peak RSS MiB | minor faults | user s | sys s | wall s |\n|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "error" in r:
+            print(f"| {r['name']} | error: {r['error']} |")
+            continue
+        print(f"| {r['name']} | {r['peak_mib']:.0f} | {r['minor_faults']} | {r['user_s']:.1f} | {r['sys_s']:.1f} | "
+              f"{r['wall_s']:.1f} |")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--_one":
+        root, name, threads, *cfg = sys.argv[2:]
+        print("ROW " + repr(run(Path(root), name, cfg, int(threads))))
+    else:
+        main()
