@@ -102,11 +102,6 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
     resume_from = prepare_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite) if rank == 0 else None
     if rank != 0 and cfg.resume:
         resume_from = ckpt.latest_checkpoint(out)
-    changes: dict = {}
-    if resume_from is not None:  # every rank checks, so that all stop together on a refusal
-        saved_state = ckpt.read_state(resume_from)
-        changes = resume_check.check_resume(resume_check.saved_config(saved_state, out), cfg.to_dict(),
-                                            allow=cfg.allow_config_change, step=saved_state["step"])
     backend.barrier()
     backend.seed(cfg.seed)
 
@@ -143,6 +138,13 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
         schedule.load_state_dict(saved["schedule"])
         state = LoopState(**saved["loop"])
         say(f"resuming from {resume_from} (step {state.step} of {total})", rank)
+    changes: dict = {}
+    if resume_from is not None:  # every rank checks, so that all stop together on a refusal
+        before = resume_check.saved_config(saved, out)
+        changes = resume_check.check_resume(
+            before, cfg.to_dict(), allow=cfg.allow_config_change, step=state.step,
+            same_start=lambda: resume_check.same_start(before, cfg, saved.get("total_steps", total), total,
+                                                       state.step))
 
     chunked, loss_path = choose_loss_path(cfg.chunked, backend, student=student, teacher=teacher)
     run_info = {
@@ -205,7 +207,7 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
         if progress is not None:
             progress.close()
     if loop.state.step < total:  # a signal stopped the loop: checkpoint, then say how to go on
-        _stop_with_checkpoint(loop, save, saved_at[0], stop, out, total, command, rank)
+        _stop_with_checkpoint(loop, save, saved_at[0], stop, out, total, command)
     final = {k: v for k, v in last.items() if not k.startswith("schedule/")}
     final.update({f"eval/{k}_accuracy_before": v for k, v in baseline.items()})
     if eval_batches:
@@ -243,7 +245,7 @@ def choose_loss_path(mode: str, backend, **models) -> tuple[bool, str]:
 
 
 def _stop_with_checkpoint(loop: Loop, save, saved_at, stop: StopOnSignal, out: Path, total: int,
-                          command: str | None, rank: int) -> None:
+                          command: str | None) -> None:
     if saved_at != loop.state.step:
         save(loop)
     signum = stop.signum or signal.SIGTERM  # another rank may have received it
