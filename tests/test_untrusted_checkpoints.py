@@ -149,3 +149,14 @@ def test_state_that_is_not_json(assets, run):
     (run / "checkpoints" / "step-2" / "trainer_state.json").write_text("{not json")
     with pytest.raises(ValueError, match="trainer_state.json: not readable JSON"):
         hpd.distill(base_config(assets, run, resume=True))
+
+
+def test_export_of_a_hostile_checkpoint_is_one_line(run, tmp_path):
+    step = run / "checkpoints" / "step-2"
+    state = json.loads((step / "trainer_state.json").read_text())
+    state["step"] = -4
+    (step / "trainer_state.json").write_text(json.dumps(state))
+    result = CliRunner().invoke(cli, ["export", str(step), "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "trainer_state.json: field 'step'" in result.output
+    assert not (tmp_path / "e").exists() or not any((tmp_path / "e").iterdir())
