@@ -71,7 +71,7 @@ class Backend(Protocol):
     def zero_grad(self, model, optimizer) -> None: ...
 
     def weights_finite(self, model) -> bool:
-        """No NaN or Inf in the model's weights (on every process)."""
+        """No NaN or Inf in this process's weights (local: no collective)."""
         ...
 
     def generate(self, model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,

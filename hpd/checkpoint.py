@@ -50,10 +50,13 @@ def temp_folder(run_dir: Path, step: int, collective: bool = False) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, backend, model, tokenizer, optimizer, state: dict,
                     keep: int = 2) -> Path:
-    if not backend.weights_finite(model):  # "the last good state" must be one
+    collective = getattr(backend, "collective_checkpoint", False)
+    finite = backend.weights_finite(model)
+    if collective:  # every rank saves its shards: all must agree to write
+        finite = backend.all_reduce_sum(0.0 if finite else 1.0) == 0
+    if not finite:  # "the last good state" must be one
         raise CheckpointError(f"checkpoint step-{step} not written: the student's weights hold NaN or Inf; "
                               f"{_latest_text(run_dir)}")
-    collective = getattr(backend, "collective_checkpoint", False)
     try:
         if collective:
             return _save_collective(run_dir, step, backend, model, tokenizer, optimizer, state, keep)

@@ -151,14 +151,17 @@ def _stat_any(path: Path):
     return (st.st_size, st.st_mtime_ns)
 
 
-def ensure_writable(folder: Path, overwrite: bool) -> Manifest:
-    """Never write into a non-empty folder unless asked to, and never delete a file that
-    an hpd run or export did not write, even when asked to."""
-    folder = make_dir(folder)
+def check_writable(folder: Path, overwrite: bool) -> None:
+    """Raise unless `folder` is missing, empty, or (with overwrite) holds only what hpd
+    recorded writing. Writes nothing, so a refused folder is left exactly as it was."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputError(f"--out {folder} is a file, not a folder")
+    if not folder.exists():
+        return
     manifest = Manifest(folder)
-    present = manifest.entries()
-    if not present:
-        return manifest
+    if not manifest.entries():
+        return
     if not overwrite:
         raise FileExistsError(f"{folder} is not empty; pass --overwrite to replace it")
     foreign = manifest.foreign()
@@ -167,7 +170,16 @@ def ensure_writable(folder: Path, overwrite: bool) -> Manifest:
         raise FileExistsError(f"{folder} holds files hpd did not write ({shown}); --overwrite only "
                               "replaces what an earlier run or export recorded writing. Move them or "
                               "choose another folder")
-    manifest.clear()
+
+
+def ensure_writable(folder: Path, overwrite: bool) -> Manifest:
+    """Never write into a non-empty folder unless asked to, and never delete a file that
+    an hpd run or export did not write, even when asked to."""
+    check_writable(folder, overwrite)
+    folder = make_dir(folder)
+    manifest = Manifest(folder)
+    if manifest.entries():
+        manifest.clear()
     return manifest
 
 
@@ -244,4 +256,4 @@ def _alive(pid) -> bool:
     return True
 
 
-__all__ = ["Manifest", "OutputLock", "OutputBusy", "OutputError", "ensure_writable", "make_dir"]
+__all__ = ["Manifest", "OutputLock", "OutputBusy", "OutputError", "check_writable", "ensure_writable", "make_dir"]

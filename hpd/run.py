@@ -21,7 +21,7 @@ from hpd.data import Batches, check_tokenizers, collate, load_dataset, pad_id_of
 from hpd.export import ensure_writable, finalize, sha256_of
 from hpd.interrupt import Interrupted, StopOnSignal, signal_name
 from hpd.loop import Loop, LoopState
-from hpd.outdir import Manifest, OutputLock, make_dir
+from hpd.outdir import Manifest, OutputLock, check_writable, make_dir
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -87,6 +87,8 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     out = Path(cfg.out)
     lock = None
     if backend.rank == 0 and not (cfg.resume and not out.is_dir()):
+        if not cfg.resume:  # a folder that will be refused gets no lock file either
+            check_writable(out, cfg.overwrite)
         lock = OutputLock(make_dir(out)).acquire()
     try:
         with StopOnSignal() as stop:

@@ -54,9 +54,11 @@ def test_overwrite_refuses_files_hpd_did_not_write(assets, tmp_path, finished_ru
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     (out / name).write_text(content)
+    listing = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(FileExistsError, match=name.replace(".", r"\.")):
         hpd.distill(base_config(assets, out, steps=1, overwrite=True))
     assert (out / name).read_text() == content
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == listing  # not a file added or removed
     assert (out / "model.safetensors").exists()  # nothing of the earlier run was removed either
 
 
@@ -78,6 +80,7 @@ def test_overwrite_refuses_a_folder_without_manifest(assets, tmp_path):
     with pytest.raises(FileExistsError, match="config.yaml"):
         hpd.distill(base_config(assets, out, steps=1, overwrite=True))
     assert (out / "config.yaml").read_text() == "mine: 1\n"
+    assert [p.name for p in out.iterdir()] == ["config.yaml"]  # no lock or manifest left in it
 
 
 # ----------------------------------------------------------------------------- lock
