@@ -8,10 +8,9 @@ import shlex
 import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
-
-from contextlib import nullcontext
 
 from hpd import checkpoint as ckpt
 from hpd import resume as resume_check

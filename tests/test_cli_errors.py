@@ -157,3 +157,15 @@ def test_empty_assistant_message_is_rejected_like_empty_completion(assets, tmp_p
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(cli, distill_args(assets, tmp_path, **{"--data": str(data)}))
     assert_one_line_error(result, f"{data}:2", "empty")
+
+
+def test_ctrl_c_before_training_is_not_just_aborted(assets, tmp_path, monkeypatch):
+    import hpd.run
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while models load, before the run's own handler
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hpd.run, "distill", interrupted)
+    result = CliRunner().invoke(cli, distill_args(assets, tmp_path))
+    assert "Aborted!" not in result.output
+    assert_one_line_error(result, "SIGINT", "nothing to resume", status=130)
