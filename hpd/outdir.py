@@ -167,7 +167,7 @@ def check_writable(folder: Path, overwrite: bool) -> None:
     foreign = manifest.foreign()
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise FileExistsError(f"{folder} holds files hpd did not write ({shown}); --overwrite only "
+        raise FileExistsError(f"{folder} holds files hpd did not write or that changed since ({shown}); --overwrite only "
                               "replaces what an earlier run or export recorded writing. Move them or "
                               "choose another folder")
 
