@@ -167,9 +167,9 @@ def check_writable(folder: Path, overwrite: bool) -> None:
     foreign = manifest.foreign()
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-        raise FileExistsError(f"{folder} holds files hpd did not write or that changed since ({shown}); --overwrite only "
-                              "replaces what an earlier run or export recorded writing. Move them or "
-                              "choose another folder")
+        raise FileExistsError(f"{folder} holds files hpd did not write or that changed since ({shown}); "
+                              "--overwrite only replaces what an earlier run or export recorded writing. "
+                              "Move them or choose another folder")
 
 
 def ensure_writable(folder: Path, overwrite: bool) -> Manifest:

@@ -3,10 +3,11 @@
 A resumed run compares its config with the one its checkpoint was written under. Fields
 that shape the trajectory (the method, the learning rate and its schedule, the number of
 steps, the data, the models, ...) must match: a cosine schedule stretched by a larger
---steps gives different weights. A new --steps or --epochs passes only when the steps
-already taken would have been taken alike (a constant learning rate and schedule). Such a change is refused unless --allow-config-change,
-which prints it. Every change, allowed or operational (--save-every, --eval-every, the
-device, ...), is appended to config_history.jsonl; config.yaml stays the first run's.
+--steps gives different weights. Such a change is refused unless --allow-config-change,
+which prints it. A new --steps or --epochs passes as it is when the steps already taken
+would have been taken alike (a constant learning rate and schedule). Every change,
+allowed or operational (--save-every, --eval-every, the device, ...), is appended to
+config_history.jsonl; config.yaml stays the first run's.
 """
 
 from __future__ import annotations
