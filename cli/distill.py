@@ -4,7 +4,6 @@ that holds defaults and help; only the flags a user sets override the recipe."""
 from __future__ import annotations
 
 import dataclasses
-import sys
 
 import click
 
@@ -67,7 +66,11 @@ def distill(recipe, params, **flags):
             name, sep, value = item.partition("=")
             if not sep:
                 raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--param")
-            method_params[name.strip()] = float(value)
+            try:
+                method_params[name.strip()] = float(value)
+            except ValueError:
+                raise click.BadParameter(f"{item!r}: {value.strip()!r} is not a number",
+                                         param_hint="--param") from None
         overrides["method_params"] = method_params
     try:
         cfg = DistillConfig.from_recipe(recipe, overrides) if recipe else DistillConfig.from_dict(overrides)
@@ -75,13 +78,22 @@ def distill(recipe, params, **flags):
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
 
+    from hpd.checkpoint import CheckpointError
+    from hpd.cli.errors import fail, interrupted_before_start
+    from hpd.interrupt import Interrupted
+    from hpd.loop import NonFiniteLoss
     from hpd.run import command_line, distill as run
 
     try:
         result = run(cfg, command=command_line())
-    except (ValueError, FileNotFoundError, FileExistsError) as e:  # a StoreError is a ValueError
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
+        fail(str(e))
+    except CheckpointError as e:  # the disk, not the input: a run-time failure
+        fail(str(e), 1)
+    except Interrupted as e:  # SIGINT / SIGTERM: checkpoint written, resume command given
+        fail(str(e), e.status)
+    except KeyboardInterrupt:
+        interrupted_before_start()
     if result["backend"].rank != 0:  # under torchrun or mlx.launch, rank 0 reports
         return
     summary = result["metrics"]

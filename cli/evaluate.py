@@ -41,7 +41,12 @@ def evaluate(backend, model, teacher, data, samples, extractor, max_new_tokens, 
         get_extractor(extractor)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--extractor") from None
-    be = get_backend(backend, SimpleNamespace(device=device, dtype="auto", gradient_checkpointing=False))
+    try:
+        be = get_backend(backend, SimpleNamespace(device=device, dtype="auto", gradient_checkpointing=False))
+    except ValueError as e:  # e.g. --device cuda without CUDA
+        from hpd.cli.errors import fail
+
+        fail(str(e))
     be.seed(seed)
     try:
         tok = be.load_tokenizer(model)

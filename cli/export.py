@@ -18,4 +18,8 @@ def export(checkpoint, out, overwrite):
         path = export_checkpoint(checkpoint, out, overwrite=overwrite)
     except (FileNotFoundError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
+    except ValueError as e:  # a hostile or damaged checkpoint: named, never followed
+        from hpd.cli.errors import fail
+
+        fail(str(e))
     click.echo(f"exported {checkpoint} to {path}")

@@ -39,7 +39,12 @@ def generate(backend, model, data, out, samples, max_new_tokens, temperature, to
     data = asset_path(data)
     from hpd.rollout import Sampling, generate_file
 
-    be = get_backend(backend, SimpleNamespace(device=device, dtype=dtype, gradient_checkpointing=False))
+    try:
+        be = get_backend(backend, SimpleNamespace(device=device, dtype=dtype, gradient_checkpointing=False))
+    except ValueError as e:  # e.g. --device cuda without CUDA
+        from hpd.cli.errors import fail
+
+        fail(str(e))
     be.seed(seed)
     try:
         tok = be.load_tokenizer(model)

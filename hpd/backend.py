@@ -64,10 +64,15 @@ class Backend(Protocol):
     def make_optimizer(self, model, config) -> Any: ...
 
     def optimizer_step(self, model, optimizer, lr: float, max_grad_norm: float) -> float:
-        """Clip, step, zero the gradients; returns the pre-clip global gradient norm."""
+        """Clip, step, zero the gradients; returns the pre-clip global gradient norm. A NaN or
+        Inf norm is returned without stepping (the loop then skips the step)."""
         ...
 
     def zero_grad(self, model, optimizer) -> None: ...
+
+    def weights_finite(self, model) -> bool:
+        """No NaN or Inf in this process's weights (local: no collective)."""
+        ...
 
     def generate(self, model, tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False

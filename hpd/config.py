@@ -72,6 +72,8 @@ class DistillConfig:
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", low=1)
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
     overwrite: bool = _f(False, "replace what is in --out (never done silently)")
+    allow_config_change: bool = _f(False, "with --resume, accept a change to a field that shapes training "
+                                   "(method, lr, steps, schedule, ...); the change is printed and recorded")
     max_bad_steps: int = _f(5, "stop after this many consecutive NaN/Inf losses", low=1)
     # hardware and memory
     dtype: str = _f("auto", "model dtype (auto: student float32, teacher bfloat16 on CUDA and Metal, "
@@ -119,8 +121,17 @@ class DistillConfig:
     @classmethod
     def from_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "DistillConfig":
         path = resolve_recipe(path)
-        with open(path) as fh:
-            data = yaml.safe_load(fh) or {}
+        with open(path, encoding="utf-8") as fh:
+            try:
+                data = yaml.safe_load(fh) or {}
+            except yaml.YAMLError as e:
+                mark, start = getattr(e, "problem_mark", None), getattr(e, "context_mark", None)
+                line = mark.line + 1 if mark is not None else None
+                problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+                if start is not None and getattr(e, "context", None) and start.line + 1 != line:
+                    problem += f", {e.context} started at line {start.line + 1}"
+                where = f"{path}:{line}: YAML syntax error at line {line}" if line else f"{path}: YAML syntax error"
+                raise ValueError(f"{where} ({problem})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe is a mapping of config fields, got {type(data).__name__}")
         data = {**data, **(overrides or {})}
@@ -148,8 +159,8 @@ class DistillConfig:
             if choices is not None and value not in choices:
                 errors.append(f"{f.name}={value!r}: allowed {', '.join(map(str, choices))}")
             if low is not None and isinstance(value, (int, float)):
-                if isinstance(value, float) and math.isnan(value):
-                    errors.append(f"{f.name} is NaN")
+                if isinstance(value, float) and not math.isfinite(value):
+                    errors.append(f"{f.name}={value}: must be a finite number")
                 elif value < low or (meta.get("low_open") and value == low):
                     errors.append(f"{f.name}={value}: must be {'>' if meta.get('low_open') else '>='} {low}")
             if high is not None and isinstance(value, (int, float)) and value > high:

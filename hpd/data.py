@@ -52,9 +52,16 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"data file {path} does not exist")
+    if path.is_dir():
+        raise DataError(f"data file {path} is a folder; pass a JSONL file")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:  # bytes, so that a bad byte is reported with its line
+        for lineno, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                f"{e.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -79,6 +86,9 @@ def row_kind(row: dict) -> str:
                 raise ValueError(f'messages[{i}] must be an object with string "role" and "content"')
         if not any(m["role"] == "assistant" for m in msgs):
             raise ValueError("messages has no assistant turn to learn from")
+        for i, m in enumerate(msgs):  # as an empty "completion" is
+            if m["role"] == "assistant" and not m["content"]:
+                raise ValueError(f'messages[{i}]: the assistant "content" is empty')
         return "messages"
     if "prompt" in row or "completion" in row:
         for key in ("prompt", "completion"):

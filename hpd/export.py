@@ -13,9 +13,10 @@ import json
 import shutil
 from pathlib import Path
 
-from hpd.checkpoint import RNG_FILE, STATE_FILE
+from hpd.checkpoint import STATE_FILE, read_state
+from hpd.models import INDEX_FILE, weight_files
+from hpd.outdir import ensure_writable  # noqa: F401  (hpd.run imports it from here)
 
-TRAINING_FILES = {RNG_FILE, STATE_FILE, "optimizer.safetensors", "optimizer.json"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -110,32 +111,11 @@ def finalize(folder: Path, tokenizer, info: dict) -> None:
     check_model_folder(folder)
 
 
-# What a run or an export writes; --overwrite deletes a folder only when it holds nothing else.
-_OWN_NAMES = {"checkpoints", "metrics.jsonl", "config.yaml", "config.json", "generation_config.json",
-              "README.md", "hpd_export.json", "chat_template.jinja", "special_tokens_map.json",
-              "added_tokens.json", "vocab.json", "merges.txt", "model.safetensors.index.json"}
-
-
-def _is_own(name: str) -> bool:
-    return name in _OWN_NAMES or name.endswith(".safetensors") or name.startswith("tokenizer")
-
-
-def ensure_writable(folder: Path, overwrite: bool) -> None:
-    """Never write into a non-empty folder unless asked to, and never delete files that
-    an hpd run did not write, even when asked to."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} is a file, not a folder")
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise FileExistsError(f"{folder} is not empty; pass --overwrite to replace it")
-        foreign = sorted(p.name for p in folder.iterdir() if not _is_own(p.name))
-        if foreign:
-            shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
-            raise FileExistsError(f"{folder} holds files hpd did not write ({shown}); --overwrite only "
-                                  "replaces an earlier run or export. Choose another folder")
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+# Everything an exported folder holds besides the weights (hpd.models.weight_files): the
+# contract. Nothing else in a checkpoint is copied (no pickles, no stray files, no links).
+CONTRACT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
+                  "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+                  "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
@@ -144,14 +124,18 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
     if not (checkpoint / STATE_FILE).exists():
         raise FileNotFoundError(f"{checkpoint} is not an hpd checkpoint (no {STATE_FILE})")
     check_model_folder(checkpoint)
-    ensure_writable(out, overwrite)
-    for p in checkpoint.iterdir():
-        if p.is_file() and p.name not in TRAINING_FILES:
-            shutil.copy2(p, out / p.name)
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    info = dict(state.get("run_info", {}))
-    info["steps"] = state.get("step")
-    from transformers import AutoTokenizer
+    state = read_state(checkpoint)  # refuses links and malformed state before anything is copied
+    weights = weight_files(checkpoint)
+    index = checkpoint / INDEX_FILE
+    wanted = [*weights, *([index] if index.exists() else []),
+              *(checkpoint / name for name in CONTRACT_FILES if (checkpoint / name).exists())]
+    manifest = ensure_writable(out, overwrite)
+    with manifest.recording():
+        for p in wanted:
+            shutil.copyfile(p, out / p.name)
+        info = dict(state.get("run_info", {}))
+        info["steps"] = state.get("step")
+        from transformers import AutoTokenizer
 
-    finalize(out, AutoTokenizer.from_pretrained(str(out)), info)
+        finalize(out, AutoTokenizer.from_pretrained(str(out)), info)
     return out

@@ -132,8 +132,8 @@ class MetricMeans:
 @dataclass
 class LoopState:
     step: int = 0
-    bad_steps: int = 0  # consecutive non-finite losses
-    skipped_steps: int = 0  # all non-finite losses so far
+    bad_steps: int = 0  # consecutive steps with a non-finite loss or gradient norm
+    skipped_steps: int = 0  # all such steps so far
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -168,11 +168,15 @@ class Loop:
     # where a step's teacher log-probs come from: (loop, micro-batch, arrays, plan) ->
     # the teacher's Outputs or a TeacherSource (an offline store, say)
     teacher_source: Callable[["Loop", dict, dict, Any], Any] = live_teacher
+    # asked before each step: True ends run() there (a signal asked the run to stop)
+    should_stop: Callable[[], bool] = lambda: False
 
     def run(self, progress=None) -> dict[str, float]:
         cfg = self.config
         last: dict[str, float] = {}
         while self.state.step < self.total_steps:
+            if self.should_stop():
+                break
             step = self.state.step
             plan = self.schedule.plan(step)
             record = self.train_step(plan)
@@ -226,10 +230,12 @@ class Loop:
         loss_total = backend.all_reduce_sum(loss_total)
         if not math.isfinite(loss_total):
             return self._skip(step, loss_total)
-        self.state.bad_steps = 0
         lr = learning_rate(step, self.total_steps, cfg.lr, kind=cfg.lr_schedule,
                            warmup_ratio=cfg.warmup_ratio, min_ratio=cfg.min_lr_ratio)
         grad_norm = backend.optimizer_step(self.student, self.optimizer, lr, cfg.max_grad_norm)
+        if not math.isfinite(grad_norm):  # not applied by the backend; skipped like a NaN loss
+            return self._skip(step, loss_total, grad_norm)
+        self.state.bad_steps = 0
         elapsed = time.perf_counter() - started
         self.state.step += 1
         record = {"step": self.state.step, "loss": loss_total, "lr": lr, "tokens": int(global_tokens),
@@ -240,17 +246,21 @@ class Loop:
         record.update(extra)
         return record
 
-    def _skip(self, step: int, loss_value: float):
+    def _skip(self, step: int, loss_value: float, grad_norm: float | None = None):
         self.backend.zero_grad(self.student, self.optimizer)
         self.state.bad_steps += 1
         self.state.skipped_steps += 1
+        what = f"loss ({loss_value})" if grad_norm is None else f"gradient norm ({grad_norm})"
         if self.backend.rank == 0:
-            self.log({"step": step + 1, "skipped": 1, "loss": str(loss_value),
-                      "skipped_steps": self.state.skipped_steps})
+            record = {"step": step + 1, "skipped": 1, "loss": str(loss_value),
+                      "skipped_steps": self.state.skipped_steps}
+            if grad_norm is not None:
+                record["grad_norm"] = str(grad_norm)
+            self.log(record)
         if self.state.bad_steps >= self.config.max_bad_steps:
             self.save(self)
             raise NonFiniteLoss(
-                f"{self.state.bad_steps} consecutive steps had a non-finite loss ({loss_value}) at step "
+                f"{self.state.bad_steps} consecutive steps had a non-finite {what} at step "
                 f"{step + 1}; the last good state is saved in checkpoints/step-{self.state.step}. "
                 "Lower --lr, check the data, or use --dtype float32."
             )

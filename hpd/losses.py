@@ -94,10 +94,36 @@ def objective_terms(o, m: Method, zs, lp, y, s, params) -> tuple[Any, Weights, A
 
 
 def active_positions(o, targets, vocab: int, ignore_index: int):
-    """(mask, safe targets): mask marks positions that count; ignored ones point at 0."""
+    """(mask, safe targets): mask marks positions that count; ignored ones point at 0.
+
+    A target that is neither `ignore_index` nor inside the shared vocabulary is an error
+    in the data or the tokenizer (the smaller model cannot score it): it is named, not
+    silently left out of the loss."""
     targets = o.int_array(targets)
-    mask = (targets != ignore_index) & (targets >= 0) & (targets < vocab)
+    ignored = targets == ignore_index
+    outside = ~ignored & ((targets < 0) | (targets >= vocab))
+    if o.count(outside) > 0:
+        _raise_outside(o, targets, outside, vocab, ignore_index)
+    mask = ~ignored
     return mask, o.where(mask, targets, 0 * targets)
+
+
+def _raise_outside(o, targets, outside, vocab: int, ignore_index: int):
+    import numpy as np
+
+    shape = tuple(targets.shape)
+    flat = o.int_array(outside.reshape((-1,)))
+    index = int(o.item(o.argmax(flat)))  # the first offending position
+    value = int(o.item(targets.reshape((-1,))[index]))
+    where = np.unravel_index(index, shape)
+    if len(shape) >= 2:
+        at = f"row {', '.join(map(str, where[:-1]))}, position {where[-1]}"
+    else:
+        at = f"position {where[0]}"
+    raise ValueError(
+        f"targets {at}: token id {value} is outside the shared vocabulary [0, {vocab}) and is not "
+        f"the ignore index {ignore_index}; the data or the tokenizer does not match the models"
+    )
 
 
 def sample_tokens(o, logits, generator=None):

@@ -79,9 +79,33 @@ def _kl(o, la, lb):
 
 
 def _log_mix(o, la, lb, weight_a):
-    """log(weight_a * a + (1 - weight_a) * b), floored."""
-    mix = weight_a * o.exp(la) + (1.0 - weight_a) * o.exp(lb)
-    return o.maximum(o.log(mix), LOG_FLOOR)
+    """log(weight_a * a + (1 - weight_a) * b), formed in log space: where a and b both
+    underflow (log-probs below about -104 in float32), exp-then-add gives log 0 and the
+    skew KL weights exp(la - log m) then overflow to NaN."""
+    if weight_a <= 0.0:
+        return lb
+    if weight_a >= 1.0:
+        return la
+    return o.logaddexp(la + math.log(weight_a), lb + math.log1p(-weight_a))
+
+
+def ruled_out(lp):
+    """Vocabulary entries the teacher rules out: -inf logits (a masked vocabulary), which
+    the LOG_FLOOR clamp turns into exactly LOG_FLOOR. The reverse-KL terms drop them, as
+    torchtune's and DistiLLM's losses do, instead of charging q * (log q - LOG_FLOOR)."""
+    return lp <= LOG_FLOOR
+
+
+def _rkl_terms(o, lq, lp):
+    """(per-entry q * (log q - log p), weights) of KL(q || p) over the entries the teacher
+    allows. The weight q * (log p - log q) of the full sum gains q on the dropped entries:
+    the gradient of the restricted sum is -sum_allowed q (log p - log q - 1) grad log q,
+    and -sum_allowed q grad log q = +sum_dropped q grad log q (the q-weighted grad log q
+    sums to zero), so where nothing is dropped the weights are the usual ones."""
+    q = o.exp(lq)
+    out = ruled_out(lp)
+    zero = 0.0 * q
+    return o.where(out, zero, q * (lq - lp)), o.where(out, q, q * (lp - lq))
 
 
 def sft(o, lq, lp, y, s):
@@ -95,8 +119,8 @@ def fkl(o, lq, lp, y, s):
 
 
 def rkl(o, lq, lp, y, s):
-    q = o.exp(lq)
-    return Weights(value=_kl(o, lq, lp), full=q * (lp - lq))
+    terms, full = _rkl_terms(o, lq, lp)
+    return Weights(value=o.sum(terms, axis=-1), full=full)
 
 
 def jsd(o, lq, lp, y, s, beta):
@@ -119,15 +143,15 @@ def tvd(o, lq, lp, y, s):
 def skew_fkl(o, lq, lp, y, s, alpha):
     # DistiLLM: KL(p || alpha*p + (1-alpha)*q).
     lm = _log_mix(o, lp, lq, alpha)
-    q = o.exp(lq)
-    return Weights(value=_kl(o, lp, lm), full=(1.0 - alpha) * q * o.exp(lp - lm))
+    # q * p / m as one exp: q * exp(lp - lm) is 0 * inf where q underflows and m does too
+    return Weights(value=_kl(o, lp, lm), full=(1.0 - alpha) * o.exp(lq + lp - lm))
 
 
 def skew_rkl(o, lq, lp, y, s, alpha):
     # DistiLLM: KL(q || alpha*q + (1-alpha)*p).
     lm = _log_mix(o, lq, lp, alpha)
     q = o.exp(lq)
-    return Weights(value=_kl(o, lq, lm), full=q * (lm - lq + alpha * o.exp(lq - lm)))
+    return Weights(value=_kl(o, lq, lm), full=q * (lm - lq) + alpha * o.exp(lq + lq - lm))
 
 
 def akl(o, lq, lp, y, s, mu):
@@ -144,8 +168,9 @@ def akl(o, lq, lp, y, s, mu):
     g_head = o.sum(gap, axis=-1) - g_tail
     total = o.maximum(g_head + g_tail, 1e-30)
     head_share, tail_share = g_head / total, g_tail / total
-    value = head_share * _kl(o, lp, lq) + tail_share * _kl(o, lq, lp)
-    full = head_share[..., None] * p + tail_share[..., None] * q * (lp - lq)
+    rkl_terms, rkl_full = _rkl_terms(o, lq, lp)
+    value = head_share * _kl(o, lp, lq) + tail_share * o.sum(rkl_terms, axis=-1)
+    full = head_share[..., None] * p + tail_share[..., None] * rkl_full
     return Weights(value=value, full=full, diagnostics={"head_share": head_share})
 
 
@@ -154,8 +179,12 @@ def todi(o, lq, lp, y, s, beta):
     # mixing alpha * p log(p/q) and (1 - alpha) * q log(q/p).
     p, q = o.exp(lp), o.exp(lq)
     alpha = o.sigmoid(beta * (lp - lq))
-    value = o.sum(alpha * p * (lp - lq) + (1.0 - alpha) * q * (lq - lp), axis=-1)
+    terms = alpha * p * (lp - lq) + (1.0 - alpha) * q * (lq - lp)
     full = alpha * p + (1.0 - alpha) * q * (lp - lq - 1.0)
+    # entries the teacher rules out leave the sum (see ruled_out): their whole term and weight
+    out = ruled_out(lp)
+    value = o.sum(o.where(out, 0.0 * terms, terms), axis=-1)
+    full = o.where(out, 0.0 * full, full)
     return Weights(value=value, full=full)
 
 

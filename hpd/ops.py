@@ -50,6 +50,9 @@ class TorchOps:
     def log(self, x):
         return self.t.log(x)
 
+    def logaddexp(self, x, y):
+        return self.t.logaddexp(x, y)
+
     def sigmoid(self, x):
         return self.t.sigmoid(x)
 
@@ -208,6 +211,9 @@ class MlxOps:
 
     def log(self, x):
         return self.mx.log(x)
+
+    def logaddexp(self, x, y):
+        return self.mx.logaddexp(x, y)
 
     def sigmoid(self, x):
         return self.mx.sigmoid(x)

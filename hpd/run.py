@@ -5,17 +5,22 @@ from __future__ import annotations
 import json
 import math
 import shlex
+import signal
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 from hpd import checkpoint as ckpt
+from hpd import resume as resume_check
 from hpd.backend import get_backend
 from hpd.config import DistillConfig
 from hpd.data import Batches, check_tokenizers, collate, load_dataset, pad_id_of
 from hpd.export import ensure_writable, finalize, sha256_of
+from hpd.interrupt import Interrupted, StopOnSignal, signal_name
 from hpd.loop import Loop, LoopState
+from hpd.outdir import Manifest, OutputLock, check_writable, make_dir
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -24,35 +29,75 @@ def say(message: str, rank: int = 0) -> None:
 
 
 def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
-    """The checkpoint to resume from, or None for a fresh run (the folder is then empty)."""
+    """The checkpoint to resume from (its state checked), or None for a fresh run (the
+    folder then holds nothing but hpd's bookkeeping)."""
     if resume:
         latest = ckpt.latest_checkpoint(out)
         if latest is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
+        ckpt.read_state(latest)
         return latest
     ensure_writable(out, overwrite)
     return None
 
 
+def _record_key(record: dict) -> tuple:
+    """What makes a record unique: its step and kind (a skipped step also by its count)."""
+    if record.get("skipped"):
+        return record.get("step"), "skipped", record.get("skipped_steps")
+    return record.get("step"), "train" if "loss" in record else "eval"
+
+
 class MetricsLog:
-    """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped."""
+    """metrics.jsonl: one JSON object per line, each record once whatever the kills and
+    resumes: on resume, lines past the checkpoint (and a line torn by a kill) are dropped,
+    and a record already there (the final evaluation of a finished run) is not repeated."""
 
     def __init__(self, path: Path, resume_step: int | None):
         self.path = path
+        self.seen: set[tuple] = set()
         if resume_step is not None and path.exists():
-            kept = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = []
+            for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(ln)
+                except ValueError:
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    kept.append(record)
+            self.seen = {_record_key(r) for r in kept}
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def __call__(self, record: dict) -> None:
+        key = _record_key(record)
+        if key in self.seen:
+            return
+        self.seen.add(key)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
 
 
 def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_hooks: Any) -> dict:
+    """Train and export; rank 0 holds a lock on the output folder meanwhile, and SIGINT or
+    SIGTERM stop the run after the current step with a checkpoint (`Interrupted`)."""
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(dict(config))
     cfg.validate()
     backend = get_backend(cfg.backend, cfg)
+    out = Path(cfg.out)
+    lock = None
+    if backend.rank == 0 and not (cfg.resume and not out.is_dir()):
+        if not cfg.resume:  # a folder that will be refused gets no lock file either
+            check_writable(out, cfg.overwrite)
+        lock = OutputLock(make_dir(out)).acquire()
+    try:
+        with StopOnSignal() as stop:
+            return _distill(cfg, backend, stop, command=command, **loop_hooks)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | None, **loop_hooks: Any) -> dict:
     rank = backend.rank
     out = Path(cfg.out)
     resume_from = prepare_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite) if rank == 0 else None
@@ -103,6 +148,13 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         schedule.load_state_dict(saved["schedule"])
         state = LoopState(**saved["loop"])
         say(f"resuming from {resume_from} (step {state.step} of {total})", rank)
+    changes: dict = {}
+    if resume_from is not None:  # every rank checks, so that all stop together on a refusal
+        before = resume_check.saved_config(saved, out)
+        changes = resume_check.check_resume(
+            before, cfg.to_dict(), allow=cfg.allow_config_change, step=state.step,
+            same_start=lambda: resume_check.same_start(before, cfg, saved.get("total_steps", total), total,
+                                                       state.step))
 
     chunked, loss_path = choose_loss_path(cfg.chunked, backend, student=student, teacher=teacher)
     if store is not None:
@@ -117,20 +169,33 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         "data": cfg.data, "data_sha256": sha256_of(cfg.data), "schedule": dict(cfg.schedule),
         "command": command or "hpd.distill(...)",
     }
+    manifest = Manifest(out) if rank == 0 else None  # what this run writes, for a later --overwrite
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(cfg.to_yaml())
+        with manifest.recording():
+            if resume_from is None:
+                (out / "config.yaml").write_text(cfg.to_yaml())
+            elif changes:  # config.yaml stays the first run's; each change is kept in the history
+                history = resume_check.record_history(out, state.step, changes, command or "hpd.distill(...)")
+                say(f"resuming with a changed config: {resume_check.describe(changes)} (recorded in "
+                    f"{history.name})", rank)
+            (out / "metrics.jsonl").touch()
     # only rank 0 writes metrics.jsonl (and trims it on resume)
     metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from and rank == 0 else None)
     # a backend with collective_checkpoint (torch under torchrun) needs every rank in saves
     collective = getattr(backend, "collective_checkpoint", False)
+    saved_at = [state.step if resume_from is not None else None]
 
     def save(loop: Loop) -> None:
         if rank != 0 and not collective:
             return
-        ckpt.save_checkpoint(out, loop.state.step, backend, student, tokenizer, optimizer, {
+        step = loop.state.step
+        if rank == 0:
+            manifest.own_folder(ckpt.temp_folder(out, step, collective))
+            manifest.own_folder(ckpt.checkpoint_root(out) / f"step-{step}")
+        ckpt.save_checkpoint(out, step, backend, student, tokenizer, optimizer, {
             "data": batches.state_dict(), "schedule": schedule.state_dict(), "loop": loop.state.to_dict(),
-            "total_steps": total, "run_info": run_info}, keep=cfg.keep_checkpoints)
+            "total_steps": total, "run_info": run_info, "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
+        saved_at[0] = step
 
     from hpd.rollout import Sampling, make_rollout
 
@@ -139,7 +204,7 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     loop = Loop(backend=backend, config=cfg, student=student, teacher=teacher, tokenizer=tokenizer,
                 optimizer=optimizer, batches=batches, schedule=schedule, total_steps=total, vocab=vocab,
                 chunked=chunked, state=state, eval_batches=eval_batches, log=metrics_log, save=save,
-                **loop_hooks)
+                should_stop=lambda: backend.all_reduce_sum(float(stop.requested)) > 0, **loop_hooks)
     say(f"distilling {cfg.teacher} -> {cfg.student} with {cfg.method} on {cfg.backend}: "
         f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} x {backend.world_size} sequences; "
         f"{loss_path}", rank)
@@ -158,6 +223,8 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     finally:
         if progress is not None:
             progress.close()
+    if loop.state.step < total:  # a signal stopped the loop: checkpoint, then say how to go on
+        _stop_with_checkpoint(loop, save, saved_at[0], stop, out, total, command)
     final = {k: v for k, v in last.items() if not k.startswith("schedule/")}
     final.update({f"eval/{k}_accuracy_before": v for k, v in baseline.items()})
     if eval_batches:
@@ -166,10 +233,11 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         if rank == 0:
             metrics_log({"step": loop.state.step, **evaluation})
     save(loop)
-    if rank == 0 or collective:
-        backend.save_model(student, tokenizer, out)
-    if rank == 0:
-        finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final})
+    with manifest.recording() if rank == 0 else nullcontext():
+        if rank == 0 or collective:
+            backend.save_model(student, tokenizer, out)
+        if rank == 0:
+            finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final})
         say(f"exported the student to {out} ({time.perf_counter() - started:.0f} s)", rank)
     backend.barrier()
     return {"out": str(out), "steps": loop.state.step, "metrics": final, "student": student,
@@ -191,6 +259,20 @@ def choose_loss_path(mode: str, backend, **models) -> tuple[bool, str]:
         return False, f"plain loss (the chunked path cannot serve {reasons})"
     heads = ", ".join(f"{name} head {backend.head_of(m).describe()}" for name, m in models.items() if m is not None)
     return True, f"chunked loss over supervised positions ({heads})"
+
+
+def _stop_with_checkpoint(loop: Loop, save, saved_at, stop: StopOnSignal, out: Path, total: int,
+                          command: str | None) -> None:
+    if saved_at != loop.state.step:
+        save(loop)
+    signum = stop.signum or signal.SIGTERM  # another rank may have received it
+    if command:
+        again = command if "--resume" in command.split() else f"{command} --resume"
+    else:
+        again = "hpd.distill(..., resume=True)"
+    where = ckpt.checkpoint_root(out) / f"step-{loop.state.step}"
+    raise Interrupted(f"{signal_name(signum)} at step {loop.state.step} of {total}: checkpoint written to "
+                      f"{where}; resume with: {again}", signum)
 
 
 def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, float]:

@@ -167,10 +167,10 @@ def test_interrupted_checkpoint_write_leaves_previous_whole(assets, tmp_path, mo
 
     monkeypatch.setattr(TorchBackend, "save_training_state", killed)
     with pytest.raises(KeyboardInterrupt):
-        hpd.distill(base_config(assets, out, steps=4, resume=True))
+        hpd.distill(base_config(assets, out, steps=4, resume=True, allow_config_change=True))
     assert ckpt.latest_checkpoint(out) == previous
     monkeypatch.undo()
-    resumed = hpd.distill(base_config(assets, out, steps=4, resume=True))
+    resumed = hpd.distill(base_config(assets, out, steps=4, resume=True, allow_config_change=True))
     assert resumed["steps"] == 4
 
 

@@ -23,6 +23,7 @@ layout and export contract are the same. Differences that a user can notice:
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 from hpd.backend import Outputs
 from hpd.backends.mlx import family
 from hpd.heads import Head
-from hpd.models import hub_failure, local_or_hub
+from hpd.models import hub_failure, local_or_hub, weight_files
 from hpd.rng import host_rng_state, set_host_rng_state
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
@@ -125,6 +126,7 @@ class MlxBackend:
         if quantize not in (0, 4, 8):
             raise ValueError(f"quantize={quantize}: allowed 0, 4, 8")
         folder = resolve_model_path(path)
+        weight_files(folder)  # safetensors only, whole, inside the folder
         model, config = family.load(folder)  # weights are read as they are evaluated below
         if "quantization" in config:
             if trainable:
@@ -285,10 +287,18 @@ class MlxBackend:
             grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
         else:
             norm = mx.sqrt(tree_reduce(lambda acc, g: acc + mx.sum(mx.square(g.astype(mx.float32))), grads, 0.0))
+        mx.eval(norm)
+        if not math.isfinite(float(norm.item())):  # a NaN/Inf gradient is never applied
+            return float(norm.item())
         optimizer.learning_rate = lr
         optimizer.update(model, grads)
         mx.eval(model.parameters(), optimizer.state, norm)
         return float(norm.item())
+
+    def weights_finite(self, model) -> bool:
+        """No NaN or Inf in this process's weights."""
+        flags = [mx.all(mx.isfinite(v)) for _, v in tree_flatten(model.parameters())]
+        return bool(mx.all(mx.array(flags)).item()) if flags else True
 
     def zero_grad(self, model, optimizer) -> None:
         self._grads.pop(id(model), None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from hpd.backend import Outputs
 from hpd.backends.torch import family
 from hpd.heads import Head
-from hpd.models import hub_failure, local_or_hub
+from hpd.models import hub_failure, local_or_hub, weight_files
 from hpd.rng import host_rng_state, set_host_rng_state
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,7 +24,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 def pick_device(name: str) -> torch.device:
     if name != "auto":
         if name == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("--device cuda: CUDA is not available on this machine")
+            raise ValueError("--device cuda: CUDA is not available on this machine (use --device auto or cpu)")
         return torch.device(name)
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -50,6 +51,17 @@ def model_inputs(batch) -> dict:
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
+def model_from_pretrained(path: str, **kwargs):
+    """A causal LM from safetensors only: a local folder's weights are checked first, and
+    transformers is told never to fall back to pytorch_model.bin (a pickle)."""
+    from transformers import AutoModelForCausalLM
+
+    source = local_or_hub(path)
+    if isinstance(source, Path):
+        weight_files(source)
+    return from_pretrained(AutoModelForCausalLM, path, use_safetensors=True, **kwargs)
 
 
 class TorchBackend:
@@ -92,11 +104,9 @@ class TorchBackend:
         return _DTYPES[name]
 
     def load_model(self, path: str, *, trainable: bool, dtype: str = "auto", quantize: int = 0):
-        from transformers import AutoModelForCausalLM
-
         if quantize:
             raise ValueError("--teacher-quantize is supported by the mlx backend only")
-        model = from_pretrained(AutoModelForCausalLM, path, dtype=self.dtype_for(dtype, trainable))
+        model = model_from_pretrained(path, dtype=self.dtype_for(dtype, trainable))
         model.to(self.device)
         if trainable:
             model.train()
@@ -178,12 +188,18 @@ class TorchBackend:
 
     def optimizer_step(self, model, optimizer, lr: float, max_grad_norm: float) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
-        norm = self.clip_gradients(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        optimizer.step()
+        norm = float(self.clip_gradients(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
+        if math.isfinite(norm):  # a NaN/Inf gradient is never applied (the loop skips the step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
+
+    def weights_finite(self, model) -> bool:
+        """No NaN or Inf in this process's weights (its shards, under FSDP)."""
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]  # FSDP shards
+        return bool(torch.stack([torch.isfinite(p).all() for p in local]).all())
 
     def zero_grad(self, model, optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -42,7 +42,7 @@ import torch
 import torch.distributed as dist
 
 from hpd.backend import Outputs
-from hpd.backends.torch.backend import TorchBackend, _null, from_pretrained, model_inputs
+from hpd.backends.torch.backend import TorchBackend, _null, model_from_pretrained, model_inputs
 
 
 def init_process_group(device: torch.device) -> None:
@@ -147,12 +147,10 @@ class DistributedTorchBackend(TorchBackend):
         super().seed(seed + self.rank)
 
     def load_model(self, path: str, *, trainable: bool, dtype: str = "auto", quantize: int = 0):
-        from transformers import AutoModelForCausalLM
-
         if quantize:
             raise ValueError("--teacher-quantize is supported by the mlx backend only")
         shard = self.parallel == "fsdp" if trainable else self.teacher_placement == "shard"
-        model = from_pretrained(AutoModelForCausalLM, path, dtype=self.dtype_for(dtype, trainable))
+        model = model_from_pretrained(path, dtype=self.dtype_for(dtype, trainable))
         if trainable:
             model.train()
             if getattr(self.config, "gradient_checkpointing", False):
