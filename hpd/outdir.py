@@ -236,6 +236,20 @@ class OutputLock:
         return False
 
 
+def remove_if_untouched(folder: Path) -> None:
+    """Remove a folder this run created when it holds nothing but hpd's bookkeeping (the
+    lock, the manifest): a run that failed before writing anything leaves nothing behind."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    names = {p.name for p in folder.iterdir()}
+    if not names <= _OWN:
+        return
+    for name in names:
+        (folder / name).unlink()
+    folder.rmdir()
+
+
 def _holder(path: Path) -> dict:
     try:
         data = json.loads(path.read_text() or "{}")

@@ -20,7 +20,7 @@ from hpd.data import Batches, check_tokenizers, collate, load_dataset, pad_id_of
 from hpd.export import ensure_writable, finalize, sha256_of
 from hpd.interrupt import Interrupted, StopOnSignal, signal_name
 from hpd.loop import Loop, LoopState
-from hpd.outdir import Manifest, OutputLock, check_writable, make_dir
+from hpd.outdir import Manifest, OutputLock, check_writable, make_dir, remove_if_untouched
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -85,6 +85,7 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     backend = get_backend(cfg.backend, cfg)
     out = Path(cfg.out)
     lock = None
+    created = backend.rank == 0 and not out.exists()
     if backend.rank == 0 and not (cfg.resume and not out.is_dir()):
         if not cfg.resume:  # a folder that will be refused gets no lock file either
             check_writable(out, cfg.overwrite)
@@ -92,6 +93,13 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     try:
         with StopOnSignal() as stop:
             return _distill(cfg, backend, stop, command=command, **loop_hooks)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+            lock = None
+        if created:  # refused before anything was written: leave no folder behind
+            remove_if_untouched(out)
+        raise
     finally:
         if lock is not None:
             lock.release()
