@@ -161,6 +161,8 @@ def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, te
                   teacher_quantize: int = 0, resume: bool = False, overwrite: bool = False,
                   progress: bool = True, after_shard: Callable[[dict], None] | None = None) -> dict:
     """Write (or continue) the teacher store for `data` in `out`; returns the final index."""
+    if getattr(backend, "world_size", 1) > 1:  # every process would write the same shards
+        raise StoreError("hpd cache-teacher runs in one process; start it without torchrun or mlx.launch")
     vocab = backend.vocab_size(teacher)
     if top_k > vocab:
         raise StoreError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
