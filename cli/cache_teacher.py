@@ -25,10 +25,11 @@ import click
               help="teacher softmax temperature (distill must use the same)")
 @click.option("--teacher-quantize", default="0", show_default=True, type=click.Choice(["0", "4", "8"]),
               help="mlx: quantize the teacher to 4 or 8 bits at load (0: off)")
-@click.option("--logprob-bits", default="16", show_default=True, type=click.Choice(["8", "16", "32"]),
-              help="bits per stored log-prob: 16 (error <= 3.1e-4 nats; 140 bytes/position at k=32 for a "
-                   "vocabulary <= 65536, 172 above), 8 (error <= 0.031 nats; 108 or 140 bytes), "
-                   "32 (float32, lossless; 204 or 236 bytes)")
+@click.option("--logprob-bits", default="auto", show_default=True,
+              type=click.Choice(["auto", "8", "12", "16", "32"]),
+              help="bits per stored log-prob: 16 (error <= 3.1e-4 nats), 12 (<= 3.9e-3), 8 (<= 0.031), "
+                   "32 (float32, lossless); auto: 16 for a vocabulary <= 65536 (140 bytes/position at "
+                   "k=32), else 12 (156 bytes/position with 3-byte ids)")
 @click.option("--examples-per-shard", default=1024, show_default=True, type=click.IntRange(min=1),
               help="examples per safetensors shard (the unit that a resume continues from)")
 @click.option("--chunk-size", default=1024, show_default=True, type=click.IntRange(min=1),
@@ -62,7 +63,7 @@ def cache_teacher(backend, teacher, data, out, top_k, max_length, batch_size, te
         tokenizer = be.load_tokenizer(teacher)
         model = be.load_model(teacher, trainable=False, dtype=dtype, quantize=int(teacher_quantize))
         index = run(be, model, tokenizer, data, out, teacher_name=teacher, top_k=top_k, max_length=max_length,
-                    batch_size=batch_size, temperature=temperature, logprob_bits=int(logprob_bits),
+                    batch_size=batch_size, temperature=temperature, logprob_bits=logprob_bits,
                     examples_per_shard=examples_per_shard, chunk_size=chunk_size,
                     teacher_quantize=int(teacher_quantize), resume=resume, overwrite=overwrite,
                     progress=progress)

@@ -23,6 +23,7 @@ def cli():
     hpd distill --recipe tiny                 the embedded tiny default, no download
     hpd distill --teacher T --student S --data train.jsonl --out students/s
     hpd export students/s/checkpoints/step-100 --out students/s-100
+    hpd cache-teacher --teacher T --data train.jsonl --out cache/   then distill --teacher-cache cache/
     """
 
 

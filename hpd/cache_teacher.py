@@ -24,8 +24,8 @@ from hpd.export import sha256_of
 from hpd.loop import teacher_source_of
 from hpd.models import local_or_hub
 from hpd.ops import ops_for
-from hpd.store import (FORMAT, VERSION, Quantizer, StoreError, bytes_per_position, covered, discard_unlisted,
-                       id_bytes, is_store_file, read_index, write_index, write_shard)
+from hpd.store import (FORMAT, VERSION, Quantizer, StoreError, bytes_per_position, covered, default_bits,
+                       discard_unlisted, id_bytes, is_store_file, read_index, write_index, write_shard)
 
 # Fields a resumed store must share with the run that continues it.
 RESUME_FIELDS = ("data_sha256", "tokenizer_vocab_sha256", "chat_template_sha256", "tokens_sha256",
@@ -157,14 +157,16 @@ def selected_dtype(o, source):
 
 def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, teacher_name: str,
                   top_k: int = 32, max_length: int = 1024, batch_size: int = 8, temperature: float = 1.0,
-                  logprob_bits: int = 16, examples_per_shard: int = 1024, chunk_size: int = 1024,
+                  logprob_bits: int | str = "auto", examples_per_shard: int = 1024, chunk_size: int = 1024,
                   teacher_quantize: int = 0, resume: bool = False, overwrite: bool = False,
                   progress: bool = True, after_shard: Callable[[dict], None] | None = None) -> dict:
     """Write (or continue) the teacher store for `data` in `out`; returns the final index."""
+    if getattr(backend, "world_size", 1) > 1:  # every process would write the same shards
+        raise StoreError("hpd cache-teacher runs in one process; start it without torchrun or mlx.launch")
     vocab = backend.vocab_size(teacher)
     if top_k > vocab:
         raise StoreError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
-    quantizer = Quantizer(logprob_bits)
+    quantizer = Quantizer(default_bits(vocab) if logprob_bits == "auto" else int(logprob_bits))
     dataset = load_dataset(data, tokenizer, max_length)
     provenance = {**data_provenance(data, tokenizer, dataset, max_length), "temperature": float(temperature),
                   "top_k": int(top_k), "teacher": teacher_name, "teacher_sha256": teacher_fingerprint(teacher_name),

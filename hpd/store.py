@@ -10,26 +10,28 @@ lays them out: example by example, position by position) a shard holds
 
     ids           (P, k) uint16 when the vocabulary has <= 65536 tokens, (P, 3k) uint8
                   (3 little-endian bytes per id) up to 2**24 tokens, (P, k) uint32 beyond
-    codes         (P, k) uint16 (or uint8): the top-k log-probs, sorted descending, as
-                  distances below the row's largest, d = max - lp in [0, span],
-                  quantized to 2**bits - 1 steps; d > span is clipped to span
+    codes         the top-k log-probs, sorted descending, as distances below the row's
+                  largest, d = max - lp in [0, span], quantized to 2**bits - 1 steps
+                  (d > span is clipped to span): (P, k) uint16 at 16 bits, (P, k) uint8
+                  at 8, (P, 3 * ceil(k / 2)) uint8 at 12 (two codes in three bytes)
     max_logprob   (P,) float32: the largest log-prob of the row
     data_logprob  (P,) float32: the data token's log-prob (it may lie outside the top k)
     rest_mass     (P,) float32: the probability outside the top k
     offsets       (examples + 1,) int64: where each example's positions start
 
 Error bound: a stored top-k log-prob within `span` of the row's largest is off by at
-most span / (2 * (2**bits - 1)): 3.05e-4 nats at 16 bits (span 40), 0.0314 nats at 8
-bits (span 16). One further below is stored as max - span, too high, but its probability
+most span / (2 * (2**bits - 1)): 3.05e-4 nats at 16 bits (span 40), 3.91e-3 at 12
+bits (span 32), 0.0314 at 8 bits (span 16). One further below is stored as max - span, too high, but its probability
 is below e**-span of the largest. The row's largest, the data token's log-prob and the
 rest mass are float32 values of the teacher's float32 log-softmax (exact to float32).
 
 With 32 "bits" the log-probs are stored as float32, unquantized (for checks, or when
 space does not matter).
 
-Bytes per position: k * id_bytes + k * bits / 8 + 12 (+ 8 per example for offsets):
-140 at k = 32 with 16-bit codes and a vocabulary up to 65536 (108 with 8-bit codes);
-172 (140 with 8-bit codes) for a larger vocabulary.
+Bytes per position: k * id_bytes + k * bits / 8 + 12 (+ 8 per example for offsets).
+At k = 32: 140 with 16-bit codes and a vocabulary up to 65536 (the default there);
+156 with 12-bit codes and 3-byte ids for a larger vocabulary (the default there), 172 at
+16 bits, 140 at 8 bits.
 
 A shard is written to a temporary name and renamed, and the index is rewritten (also
 through a rename) only after that, so a reader never sees a half-written shard: a shard
@@ -49,7 +51,7 @@ import numpy as np
 FORMAT = "hpd-teacher-store"
 VERSION = 1
 INDEX = "index.json"
-SPANS = {8: 16.0, 16: 40.0, 32: float("inf")}  # clipped range of max - lp per code width; 32: float32, lossless
+SPANS = {8: 16.0, 12: 32.0, 16: 40.0, 32: float("inf")}  # clipped range of max - lp; 32: float32, lossless
 ARRAYS = ("ids", "codes", "max_logprob", "data_logprob", "rest_mass", "offsets")
 
 
@@ -113,7 +115,7 @@ class Quantizer:
 
     @property
     def dtype(self):
-        return {8: np.uint8, 16: np.uint16, 32: np.float32}[self.bits]
+        return {8: np.uint8, 12: np.uint16, 16: np.uint16, 32: np.float32}[self.bits]
 
     def encode(self, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(P, k) float log-probs -> ((P,) float32 row max, (P, k) codes)."""
@@ -123,18 +125,44 @@ class Quantizer:
             return top.astype(np.float32), lp.astype(np.float32)
         dist = np.clip(top[:, None] - lp, 0.0, self.span)
         codes = np.rint(dist / self.step).astype(self.dtype)
-        return top.astype(np.float32), codes
+        return top.astype(np.float32), (pack12(codes) if self.bits == 12 else codes)
 
-    def decode(self, top: np.ndarray, codes: np.ndarray) -> np.ndarray:
-        """(P,) row max and (P, k) codes -> (P, k) float32 log-probs."""
+    def decode(self, top: np.ndarray, codes: np.ndarray, k: int | None = None) -> np.ndarray:
+        """(P,) row max and codes as stored -> (P, k) float32 log-probs (k: needed at 12 bits)."""
         if self.bits == 32:
             return codes.astype(np.float32)
+        if self.bits == 12:
+            codes = unpack12(codes, k)
         return (top.astype(np.float64)[:, None] - codes.astype(np.float64) * self.step).astype(np.float32)
+
+
+def pack12(codes: np.ndarray) -> np.ndarray:
+    """(P, k) codes < 4096 -> (P, 3 * ceil(k / 2)) uint8, two codes in three bytes."""
+    c = codes.astype(np.uint16)
+    if c.shape[1] % 2:
+        c = np.concatenate([c, np.zeros((c.shape[0], 1), np.uint16)], axis=1)
+    a, b = c[:, 0::2], c[:, 1::2]
+    out = np.stack([a & 0xFF, (a >> 8) | ((b & 0xF) << 4), b >> 4], axis=-1)
+    return out.astype(np.uint8).reshape(c.shape[0], -1)
+
+
+def unpack12(packed: np.ndarray, k: int) -> np.ndarray:
+    t = packed.astype(np.uint16).reshape(packed.shape[0], -1, 3)
+    a = t[..., 0] | ((t[..., 1] & 0xF) << 8)
+    b = (t[..., 1] >> 4) | (t[..., 2] << 4)
+    return np.stack([a, b], axis=-1).reshape(packed.shape[0], -1)[:, :k]
+
+
+def default_bits(vocab: int) -> int:
+    """16-bit codes where 2-byte ids leave room (140 bytes/position at k = 32), else 12
+    (156 with 3-byte ids): both within 160 bytes at k = 32."""
+    return 16 if id_bytes(vocab) == 2 else 12
 
 
 def bytes_per_position(top_k: int, vocab: int, bits: int) -> int:
     """Stored bytes per target position, excluding the per-example offsets."""
-    return top_k * id_bytes(vocab) + top_k * bits // 8 + 12
+    codes = 3 * -(-top_k // 2) if bits == 12 else top_k * bits // 8
+    return top_k * id_bytes(vocab) + codes + 12
 
 
 # ----------------------------------------------------------------------------- the index
@@ -303,7 +331,7 @@ class Store:
         part = {name: handle.get_slice(name)[a:b] for name in ARRAYS[:-1]}
         return {
             "ids": unpack_ids(part["ids"], self.index["id_bytes"]),
-            "logprobs": self.quantizer.decode(part["max_logprob"], part["codes"]),
+            "logprobs": self.quantizer.decode(part["max_logprob"], part["codes"], self.top_k),
             "data_logprob": part["data_logprob"].astype(np.float32),
             "rest_mass": part["rest_mass"].astype(np.float32),
         }
@@ -312,5 +340,5 @@ class Store:
         return sum(s["bytes"] for s in self.index["shards"])
 
 
-__all__ = ["Store", "StoreError", "Quantizer", "id_bytes", "pack_ids", "unpack_ids", "bytes_per_position",
+__all__ = ["Store", "StoreError", "Quantizer", "default_bits", "pack12", "unpack12", "id_bytes", "pack_ids", "unpack_ids", "bytes_per_position",
            "read_index", "write_index", "write_shard", "discard_unlisted", "covered", "is_store_file"]

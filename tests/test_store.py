@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpd.store import Quantizer, Store, StoreError, bytes_per_position, id_bytes, pack_ids, unpack_ids
+from hpd.store import (Quantizer, Store, StoreError, bytes_per_position, default_bits, id_bytes, pack12, pack_ids,
+                       unpack12, unpack_ids)
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -30,13 +31,21 @@ def test_ids_round_trip_in_the_fewest_bytes(vocab, nbytes):
     assert np.array_equal(unpack_ids(packed, nbytes), ids)
 
 
-@pytest.mark.parametrize("bits", [8, 16])
+@pytest.mark.parametrize("k", [1, 7, 32])
+def test_twelve_bit_codes_round_trip(k):
+    codes = np.random.default_rng(k).integers(0, 4096, size=(5, k)).astype(np.uint16)
+    packed = pack12(codes)
+    assert packed.dtype == np.uint8 and packed.shape == (5, 3 * -(-k // 2))
+    assert np.array_equal(unpack12(packed, k), codes)
+
+
+@pytest.mark.parametrize("bits", [8, 12, 16])
 def test_quantized_logprobs_within_the_stated_bound(bits):
     q = Quantizer(bits)
     rng = np.random.default_rng(1)
     lp = np.sort(-np.abs(rng.normal(0, q.span / 2, size=(50, 32))), axis=1)[:, ::-1].astype(np.float32)
     top, codes = q.encode(lp)
-    back = q.decode(top, codes)
+    back = q.decode(top, codes, 32)
     inside = (lp.max(axis=1, keepdims=True) - lp) <= q.span
     assert inside.mean() > 0.5 and (~inside).any()  # both regimes are exercised
     err = np.abs(back - lp)[inside]
@@ -44,13 +53,16 @@ def test_quantized_logprobs_within_the_stated_bound(bits):
     assert err.max() > q.bound / 4  # the bound is tight, not a loose figure
     # beyond the span a value is clipped to max - span: never below the truth
     assert np.all(back[~inside] >= lp[~inside])
-    assert q.bound == pytest.approx({8: 0.0314, 16: 3.05e-4}[bits], rel=1e-2)
+    assert q.bound == pytest.approx({8: 0.0314, 12: 3.91e-3, 16: 3.05e-4}[bits], rel=1e-2)
 
 
 def test_bytes_per_position_meets_the_goal():
-    assert bytes_per_position(32, 32000, 16) == 140 <= 160
+    for vocab in (32000, 65536, 128256, 152064):  # Llama 2, ..., Llama 3, Qwen 2.5
+        assert bytes_per_position(32, vocab, default_bits(vocab)) <= 160
+    assert bytes_per_position(32, 32000, 16) == 140
+    assert bytes_per_position(32, 152064, 12) == 156
+    assert bytes_per_position(32, 152064, 16) == 172
     assert bytes_per_position(32, 152064, 8) == 140
-    assert bytes_per_position(32, 152064, 16) == 172  # a large vocabulary needs --logprob-bits 8
 
 
 # ----------------------------------------------------------------------------- with a teacher
@@ -123,6 +135,38 @@ def test_mlx_writes_the_store_torch_writes(assets, tmp_path):
         assert np.array_equal(x["ids"][:, :4], y["ids"][:, :4])  # deep in the tail, near-ties may swap
         assert np.abs(x["logprobs"] - y["logprobs"]).max() < 2 * a.quantizer.bound + 1e-4
         assert np.abs(x["data_logprob"] - y["data_logprob"]).max() < 1e-4
+
+
+def test_large_vocabulary_store(assets, tmp_path):
+    """A teacher with 70000 rows: 3-byte ids and 12-bit codes (the defaults there), 156
+    bytes/position at k = 32 plus per-shard overhead; ids exact, log-probs within the bound."""
+    from conftest import build_model
+
+    from hpd.backend import get_backend
+    from hpd.cache_teacher import cache_teacher
+    from hpd.data import load_dataset
+
+    folder = build_model(tmp_path / "big", assets["tokenizer"], hidden=16, layers=1, vocab=70000, seed=5)
+    be, model, tok = _load("torch", folder)
+    cache_teacher(be, model, tok, str(assets["data"]), tmp_path / "s", teacher_name=str(folder), top_k=32,
+                  max_length=64, batch_size=16, examples_per_shard=64, progress=False)
+    store = Store(tmp_path / "s")
+    assert store.index["id_bytes"] == 3 and store.index["logprob_bits"] == 12
+    assert store.index["bytes_per_position"] == 156
+    assert store.bytes_on_disk() / store.index["positions"] < 160
+    import torch
+
+    from hpd.data import collate
+
+    data = load_dataset(assets["data"], get_backend("torch").load_tokenizer(str(folder)), 64)
+    batch = collate([data.examples[3]], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=torch.from_numpy(batch["input_ids"])).logits.double()
+    lp = torch.log_softmax(logits, -1).numpy()[batch["targets"] != -100]
+    got = store.example(3)
+    order = np.argsort(-lp, axis=1)[:, :32]
+    assert got["ids"].max() > 65535 and np.array_equal(got["ids"], order)
+    assert np.abs(got["logprobs"] - np.take_along_axis(lp, order, 1)).max() <= store.quantizer.bound + 1e-5
 
 
 class Killed(RuntimeError):
