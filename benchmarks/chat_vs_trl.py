@@ -10,9 +10,9 @@ rows, prompt masked), float32 on CPU. Three paths train the same models on the s
          affects generation, which lmbda=0 never runs): training_step (its compute_loss:
          student and teacher forwards + generalized_jsd_loss, backward) + clip_grad_norm
          + AdamW step on pre-collated batches, labels with the prompt masked.
-  loop   a plain hand-written torch loop: teacher forward, student forward, the objective
-         on the masked positions (forward KL, or TRL's jsd at beta 0.5), backward, clip,
-         AdamW step, on the same pre-collated batches.
+  loop   a plain hand-written torch loop: teacher forward, student forward, each head on
+         the supervised positions only, the objective there (forward KL, or TRL's jsd at
+         beta 0.5), backward, clip, fused AdamW step, on the same pre-collated batches.
 
 Like with like: hpd fkl vs TRL beta 0 vs the loop's forward KL; hpd jsd (beta 0.5) vs TRL
 beta 0.5 vs the loop's jsd. One fresh subprocess per objective and round builds all three
@@ -199,15 +199,20 @@ def plain_stepper(cfg):
     import torch.nn.functional as F
 
     student, teacher = _models(cfg)
-    opt = torch.optim.AdamW(student.parameters(), lr=1e-4)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)  # as Trainer's default
     half = torch.log(torch.tensor(0.5))
+
+    def logits(model, inputs, mask):  # the head on the supervised positions only
+        h = model.model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        use_cache=False).last_hidden_state
+        return model.lm_head(h[mask])
 
     def step(batch):
         inputs = _torch_inputs(batch)
         mask = inputs["targets"] != -100
         with torch.no_grad():
-            t_logits = teacher(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[mask]
-        s_logits = student(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits[mask]
+            t_logits = logits(teacher, inputs, mask)
+        s_logits = logits(student, inputs, mask)
         lq, lp = F.log_softmax(s_logits, -1), F.log_softmax(t_logits, -1)
         if cfg["method"] == "fkl":
             loss = (lp.exp() * (lp - lq)).sum(-1).mean()

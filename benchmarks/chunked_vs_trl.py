@@ -34,6 +34,7 @@ step (identical models and batch) is printed as a check that the objectives agre
     python benchmarks/chunked_vs_trl.py --quick          # smoke check, about a minute
     python benchmarks/chunked_vs_trl.py --seq 2048 --batch 4 8 --iters 3 --chunk-size 1024 256
     python benchmarks/chunked_vs_trl.py --env MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
+    python benchmarks/chunked_vs_trl.py --seq 2048 --batch 1 --methods fkl jsd --paths chunked trl --prompt-fraction 0.5
 
 At seq 2048, batch 4 the plain path peaks at ~10 GB and TRL's jsd at ~18 GB (its
 generalized_jsd_loss stacks two (B, T, V) float32 tensors), so batch 8 (about twice
@@ -108,6 +109,7 @@ def _batches(cfg):
         ids = rng.integers(3, cfg["vocab"], size=(rows, cfg["seq"]), dtype=np.int64)
         targets = np.full_like(ids, -100)
         targets[:, :-1] = ids[:, 1:]  # logits[:, t] scores ids[:, t + 1]; the last position has none
+        targets[:, :int(cfg.get("prompt_fraction", 0.0) * cfg["seq"])] = -100  # a masked prompt
         out.append({"input_ids": ids, "attention_mask": np.ones_like(ids), "targets": targets})
     return out
 
@@ -201,7 +203,7 @@ def _trl_stepper(cfg, student, teacher):
         inputs = {
             "input_ids": torch.from_numpy(batch["input_ids"]),
             "attention_mask": torch.from_numpy(batch["attention_mask"]),
-            "labels": torch.from_numpy(batch["input_ids"]).clone(),  # GKD shifts labels itself
+            "labels": torch.from_numpy(_labels(batch)),  # GKD shifts labels itself
         }
         loss = trainer.training_step(model, inputs)
         trainer.accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -210,6 +212,14 @@ def _trl_stepper(cfg, student, teacher):
         return float(loss)
 
     return step
+
+
+def _labels(batch):
+    """TRL's labels (token t at position t, -100 where not a target) from hpd's targets."""
+    labels = batch["input_ids"].copy()
+    labels[:, 1:] = batch["targets"][:, :-1]
+    labels[:, 0] = -100
+    return labels
 
 
 def run_child(cfg) -> dict:
@@ -230,7 +240,7 @@ def run_child(cfg) -> dict:
         elapsed = time.perf_counter() - t0
         if i >= cfg["warmup"]:
             times.append(elapsed)
-    tokens = cfg["batch"] * (cfg["seq"] - 1)
+    tokens = int((batches[-1]["targets"] != -100).sum())
     med = statistics.median(times)
     return {
         **cfg,
@@ -264,6 +274,7 @@ def configs(args):
                             "student_layers": args.student_layers, "teacher_layers": args.teacher_layers,
                             "chunk_size": chunk_size, "threads": args.threads, "warmup": args.warmup,
                             "warmup_batch": args.warmup_batch, "iters": args.iters,
+                            "prompt_fraction": args.prompt_fraction,
                         }
 
 
@@ -314,7 +325,7 @@ def header(args) -> str:
         f"{', '.join(map(str, args.chunk_size))}. Each configuration in a fresh subprocess: {args.warmup} warmup "
         f"step(s) ({warm}), then the median of {args.iters} timed steps (all timed steps listed). A step = teacher "
         "forward (no grad) + student forward + loss + backward + clip_grad_norm(1.0) + AdamW step. Target tok/s = "
-        "batch x (seq - 1) / median step. Peak RSS = the child's ru_maxrss; step Δ = peak minus the child's RSS "
+        "target positions / median step. Peak RSS = the child's ru_maxrss; step Δ = peak minus the child's RSS "
         "just before its first step (models, optimizer, trainer, batches already built), i.e. what the steps add "
         "(logits, activations, gradients, AdamW state). Load = 1-min load average at the child's first step / at "
         f"its end (other processes shared the machine when it is above {args.threads}). TRL rows: "
@@ -394,9 +405,11 @@ def main(argv=None):
     ap.add_argument("--teacher-hidden", type=int, default=512)
     ap.add_argument("--student-layers", type=int, default=2)
     ap.add_argument("--teacher-layers", type=int, default=2)
-    ap.add_argument("--chunk-size", type=int, nargs="+", default=[1024],
+    ap.add_argument("--chunk-size", type=str, nargs="+", default=["auto"],
                     help="hpd chunk sizes (one chunked row each; ratios use the first)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prompt-fraction", type=float, default=0.0,
+                    help="share of each row's leading positions that are a masked prompt (no target)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps per configuration")
     ap.add_argument("--warmup-batch", type=int, default=1,
                     help="rows in a warmup batch (0: the full batch); the default keeps the full run short")

@@ -6,12 +6,10 @@ tokens, about half of them prompt), hpd, float32, CPU. Each configuration is one
 `hpd distill` process; its peak RSS (ru_maxrss), minor page faults, user and system time
 come from getrusage of the finished child, so each figure is that run's own.
 
-Configurations (flags after the name go to `hpd distill`; KEY=VALUE sets the environment):
-
-    chunked-auto    --chunked on  (--chunk-size auto, the default)
-    plain           --chunked off
-    + any of them with malloc thresholds, e.g.
-      MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
+Configurations: the chunked loss (--chunk-size auto) at two chunk budgets and the plain
+loss, each with glibc's malloc defaults and with the thresholds `hpd` sets at start
+(hpd.allocator). --extra adds more (flags for `hpd distill`; KEY=VALUE sets the
+environment), e.g. 'mmap 4GiB:--chunked,on,MALLOC_MMAP_THRESHOLD_=4294967296'.
 
     python benchmarks/memory_peak.py                    # the default set, once each
     python benchmarks/memory_peak.py --repeat 2 --threads 1
@@ -31,12 +29,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat_vs_trl as chat  # noqa: E402
 
-MALLOC = ["MALLOC_MMAP_THRESHOLD_=4294967296", "MALLOC_TRIM_THRESHOLD_=68719476736"]
+# The `hpd` command tunes glibc malloc at start (hpd.allocator) unless a MALLOC_* variable
+# is set: MALLOC_PERTURB_=0 (glibc's default, no effect of its own) keeps glibc's defaults.
+DEFAULTS = "MALLOC_PERTURB_=0"
 DEFAULT = {
-    "chunked auto": ["--chunked", "on"],
-    "chunked auto + malloc thresholds": ["--chunked", "on", *MALLOC],
-    "plain": ["--chunked", "off"],
-    "plain + malloc thresholds": ["--chunked", "off", *MALLOC],
+    "chunked, budget 256, glibc defaults": ["--chunked", "on", "--chunk-budget-mb", "256", DEFAULTS],
+    "chunked, budget 64, glibc defaults": ["--chunked", "on", "--chunk-budget-mb", "64", DEFAULTS],
+    "chunked, budget 256, hpd allocator": ["--chunked", "on", "--chunk-budget-mb", "256"],
+    "chunked, budget 64, hpd allocator": ["--chunked", "on", "--chunk-budget-mb", "64"],
+    "plain, glibc defaults": ["--chunked", "off", DEFAULTS],
+    "plain, hpd allocator": ["--chunked", "off"],
 }
 
 

@@ -9,6 +9,11 @@ import os
 # Set before torch loads; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from hpd import allocator  # noqa: E402
+
+# Large per-step buffers reused from the heap instead of page-faulted afresh (hpd.allocator).
+allocator.tune()
+
 import click  # noqa: E402
 
 from hpd import __version__  # noqa: E402

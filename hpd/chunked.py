@@ -48,7 +48,11 @@ from hpd.teacher import LiveTeacher, TeacherSource
 # from the loop below: the student's log-probs (and floored copy), the teacher's
 # log-probs, the rule's weights and the logit gradient with its temporaries.
 CHUNK_BUFFERS = 6
-DEFAULT_CHUNK_BUDGET_MB = 256
+# 64 MiB keeps each (chunk, V) float32 buffer near 11 MiB, under glibc's 32 MiB mmap
+# ceiling, so on CPU the buffers are reused from the heap rather than mapped and
+# page-faulted afresh every chunk: on a 3-step 64k-vocabulary run (benchmarks/memory_peak.py)
+# 4.5x fewer minor faults and a third of the system time of 256 MiB, at the same peak RSS.
+DEFAULT_CHUNK_BUDGET_MB = 64
 
 
 @dataclass(frozen=True)

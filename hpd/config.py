@@ -91,7 +91,7 @@ class DistillConfig:
                       choices=("auto", "on", "off"))
     chunk_size: str = _f("auto", "supervised positions per chunk on the chunked path, or auto: as many as "
                          "fit --chunk-budget-mb")
-    chunk_budget_mb: float = _f(256.0, "auto chunks: MiB for one chunk's (chunk x vocabulary) buffers, "
+    chunk_budget_mb: float = _f(64.0, "auto chunks: MiB for one chunk's (chunk x vocabulary) buffers, "
                                 "about 6 float32 arrays", low=0.0, low_open=True)
     compile: str = _f("off", "mlx: run the student's step under mx.compile where a micro-batch's supervised "
                       "positions fit one chunk (auto: on a GPU only)", choices=("auto", "on", "off"))
