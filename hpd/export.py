@@ -15,6 +15,8 @@ from pathlib import Path
 
 from hpd.checkpoint import RNG_FILE, STATE_FILE
 
+# the name on the package index (`hpd` there is an unrelated project); `import hpd` is unchanged
+DISTRIBUTION = "hpd-distill"
 TRAINING_FILES = {RNG_FILE, STATE_FILE, "optimizer.safetensors", "optimizer.json"}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
@@ -78,7 +80,7 @@ tags: [hpd, distillation]
 ---
 # {info.get('name', 'hpd student')}
 
-Distilled with [hpd](https://pypi.org/project/hpd/) ({info.get('backend', '?')} backend).
+Distilled with [hpd](https://pypi.org/project/{DISTRIBUTION}/) (`pip install {DISTRIBUTION}`, {info.get('backend', '?')} backend).
 
 | | |
 |---|---|

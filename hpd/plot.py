@@ -39,7 +39,7 @@ def plot_runs(run_dirs, out: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ImportError("hpd plot needs matplotlib: pip install 'hpd[plot]'") from None
+        raise ImportError("hpd plot needs matplotlib: pip install 'hpd-distill[plot]'") from None
     runs = [read_run(d) for d in run_dirs]
     panels = [(key, title) for key, title in PANELS if any(key in r for _, recs in runs for r in recs)]
     if not panels:

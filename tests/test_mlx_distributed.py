@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip install 'hpd[mlx]')")
-pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd[mlx]')")
+mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip install 'hpd-distill[mlx]')")
+pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd-distill[mlx]')")
 
 pytestmark = [pytest.mark.mlx, pytest.mark.slow]
 
