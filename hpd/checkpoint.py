@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from hpd.filemodes import respect_umask
+
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"
 DIST_DIR = "distributed"
@@ -53,6 +55,7 @@ def save_checkpoint(run_dir: Path, step: int, backend, model, tokenizer, optimiz
     backend.save_training_state(model, optimizer, tmp)
     save_file({k: np.ascontiguousarray(v) for k, v in backend.rng_state().items()}, str(tmp / RNG_FILE))
     _write_json(tmp / STATE_FILE, {"step": step, **state})  # last: marks the folder complete
+    respect_umask(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -94,6 +97,7 @@ def _save_collective(run_dir: Path, step: int, backend, model, tokenizer, optimi
     backend.barrier()
     if rank == 0:
         _write_json(tmp / STATE_FILE, {"step": step, "world_size": backend.world_size, **state})
+        respect_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

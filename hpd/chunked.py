@@ -34,7 +34,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from hpd.losses import MetricTally, _check_sampled, active_positions, sample_tokens
+from hpd.losses import MetricTally, _check_sampled, active_positions, sample_tokens, token_kl
 from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, get_method, resolve_params
 from hpd.ops import ops_for
 
@@ -154,7 +154,7 @@ def forward_and_grads(o, plan: ChunkPlan, student_hidden, student_head, *, want_
             del zs, zt  # (C, V) each, not needed past here: kept out of the chunk's peak
             w = plan.method.rule(o, lq, lp, y, s, **plan.params)
             total = total + o.sum(o.where(mask, w.value, o.zeros_like(w.value)))
-            tally.add(w, o.take(log_q, y), mask)
+            tally.add(w, o.take(log_q, y), mask, token_kl(o, plan.method, w, lq, lp))
             pending = [total, *tally.arrays()]
             if want_hidden or want_head:
                 g = logit_grad(o, w, log_q, mask)  # (C, V): inactive rows zero, not yet scaled

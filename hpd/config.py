@@ -27,7 +27,11 @@ class DistillConfig:
     # what to distil
     teacher: str = _f("", "teacher model: a local folder, a hub id, or hpd:tiny/teacher (shipped)")
     student: str = _f("", "student initialisation: a local folder, a hub id, or hpd:tiny/student")
-    data: str = _f("", "training data, JSONL rows of {messages}, {prompt, completion} or {text}")
+    data: str = _f("", "training data: a JSONL, JSON or Parquet file, a datasets save_to_disk folder, or a "
+                   "hub dataset id; rows of {messages}, {prompt, completion}, {text}, ShareGPT or Alpaca")
+    data_split: str = _f("", "split of a datasets folder or hub id for --data (default: train, or the only one)")
+    data_columns: dict = _f({}, "map other column names onto hpd's, NAME=COLUMN (e.g. messages=dialog); "
+                            "repeatable", cli="multiple")
     out: str = _f("", "output folder: final student at the top, checkpoints/, metrics.jsonl, config.yaml")
     backend: str = _f("torch", "training backend", choices=("torch", "mlx"))
     method: str = _f("hpd", "distillation objective (see `hpd.METHODS`)")
@@ -58,7 +62,8 @@ class DistillConfig:
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables", low=0.0)
     seed: int = _f(0, "seed for data order, sampling and schedule decisions")
     # evaluation, checkpoints, logs
-    eval_data: str = _f("", "held-out JSONL for evaluation (same formats as --data)")
+    eval_data: str = _f("", "held-out data for evaluation (same kinds and shapes as --data)")
+    eval_data_split: str = _f("", "split for --eval-data (default: test, validation or train, the first present)")
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end, when --eval-data is set)", low=0)
     eval_generate: int = _f(0, "at each evaluation, also generate greedily for the first N held-out rows "
                             "and report exact-match accuracy (0: off)", low=0)
@@ -85,7 +90,11 @@ class DistillConfig:
                       choices=("auto", "on", "off"))
     chunk_size: int = _f(1024, "positions per chunk on the chunked path", low=1)
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show a progress bar on a terminal (--no-progress: only evaluations are printed)")
+    log_every: int = _f(0, "print a plain line every N steps (step, loss, kl, lr, tokens/s, ETA) instead of the "
+                        "bar; 0: the bar on a terminal, about 20 lines per run otherwise", low=0)
+    report_to: list = _f(["none"], "also send every metrics.jsonl record to: none, tensorboard (OUT/runs), "
+                         "wandb; repeatable", cli="multiple")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -159,6 +168,7 @@ class DistillConfig:
                 self.schedule_config()
             except ValueError as e:
                 errors.append(f"schedule: {e}")
+        errors.extend(_check_reporting(self))
         if self.eval_every and not self.eval_data:
             errors.append("eval_every is set but eval_data is not")
         if (self.schedule or {}).get("lambda_schedule") == "adaptive" and not (self.eval_data and self.eval_every):
@@ -171,6 +181,21 @@ class DistillConfig:
         from hpd.schedule import ScheduleConfig
 
         return ScheduleConfig.from_dict(dict(self.schedule))
+
+
+def _check_reporting(cfg) -> list[str]:
+    from hpd.formats import parse_columns
+    from hpd.report import REPORTERS
+
+    errors = [f"report_to={name!r}: allowed {', '.join(REPORTERS)}" for name in cfg.report_to
+              if name not in REPORTERS]
+    if "none" in cfg.report_to and len(set(cfg.report_to)) > 1:
+        errors.append("report_to: 'none' cannot be combined with other targets")
+    try:
+        parse_columns(cfg.data_columns)
+    except ValueError as e:
+        errors.append(str(e))
+    return errors
 
 
 def resolve_recipe(path: str | Path) -> Path:
@@ -206,9 +231,17 @@ def _coerce(cls, name: str, value):
         if ftype in ("str", str):
             return str(value)
         if ftype in ("dict", dict):
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "=" in v for v in value):
+                return dict(v.split("=", 1) for v in value)  # NAME=VALUE flags
             if not isinstance(value, dict):
                 raise ValueError
             return value
+        if ftype in ("list", list):
+            if isinstance(value, str):
+                return [value]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [str(v) for v in value]
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected {ftype}, got {value!r}") from None
     return value

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from hpd.checkpoint import RNG_FILE, STATE_FILE
+from hpd.filemodes import respect_umask
 
 # the name on the package index (`hpd` there is an unrelated project); `import hpd` is unchanged
 DISTRIBUTION = "hpd-distill"
@@ -73,7 +74,7 @@ def model_card(info: dict) -> str:
     params_text = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
     metrics = info.get("final_metrics") or {}
     rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in metrics.items())
+                     for k, v in metrics.items()) or "| (none recorded) | |"
     return f"""---
 library_name: transformers
 tags: [hpd, distillation]
@@ -112,22 +113,25 @@ def finalize(folder: Path, tokenizer, info: dict) -> None:
     write_generation_config(folder, tokenizer)
     (folder / "README.md").write_text(model_card(info))
     (folder / "hpd_export.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    respect_umask(folder, recursive=False)  # checkpoints/ got theirs when written
     check_model_folder(folder)
 
 
 # What a run or an export writes; --overwrite deletes a folder only when it holds nothing else.
 _OWN_NAMES = {"checkpoints", "metrics.jsonl", "config.yaml", "config.json", "generation_config.json",
               "README.md", "hpd_export.json", "chat_template.jinja", "special_tokens_map.json",
-              "added_tokens.json", "vocab.json", "merges.txt", "model.safetensors.index.json"}
+              "added_tokens.json", "vocab.json", "merges.txt", "model.safetensors.index.json",
+              "runs", "wandb"}  # --report-to tensorboard and wandb
 
 
 def _is_own(name: str) -> bool:
     return name in _OWN_NAMES or name.endswith(".safetensors") or name.startswith("tokenizer")
 
 
-def ensure_writable(folder: Path, overwrite: bool) -> None:
+def ensure_writable(folder: Path, overwrite: bool, *, check_only: bool = False) -> None:
     """Never write into a non-empty folder unless asked to, and never delete files that
-    an hpd run did not write, even when asked to."""
+    an hpd run did not write, even when asked to. `check_only` changes nothing on disk
+    (a run checks first, and clears and creates the folder once its inputs are valid)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} is a file, not a folder")
@@ -139,8 +143,29 @@ def ensure_writable(folder: Path, overwrite: bool) -> None:
             shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
             raise FileExistsError(f"{folder} holds files hpd did not write ({shown}); --overwrite only "
                                   "replaces an earlier run or export. Choose another folder")
+        if check_only:
+            return
         shutil.rmtree(folder)
+    if check_only:
+        return
     folder.mkdir(parents=True, exist_ok=True)
+
+
+def metrics_at(path: Path, step) -> dict:
+    """The latest value of each metric logged up to `step` in a run's metrics.jsonl (a
+    checkpoint's own metrics), without the schedule's decisions; {} when there is no log."""
+    if not path.exists() or step is None:
+        return {}
+    latest = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and 0 < record.get("step", 0) <= step and not record.get("skipped"):
+            latest.update({k: v for k, v in record.items() if not k.startswith("schedule/")})
+    latest.pop("step", None)
+    return latest
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
@@ -156,6 +181,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
     state = json.loads((checkpoint / STATE_FILE).read_text())
     info = dict(state.get("run_info", {}))
     info["steps"] = state.get("step")
+    info.setdefault("final_metrics", metrics_at(checkpoint.parent.parent / "metrics.jsonl", info["steps"]))
     from transformers import AutoTokenizer
 
     finalize(out, AutoTokenizer.from_pretrained(str(out)), info)

@@ -56,7 +56,8 @@ def objective_loss_fn(objectives, teacher_out: Outputs, targets, *, sampled, num
             term = value * obj.weight if obj.weight != 1.0 else value
             total = term if total is None else total + term
             if len(objectives) > 1:
-                m = {(k if "/" in k else f"{obj.method}/{k}"): v for k, v in m.items()}
+                # the KL to the teacher is the same whichever objective reports it
+                m = {(k if "/" in k or k == "kl" else f"{obj.method}/{k}"): v for k, v in m.items()}
             metrics.update(m)
         return total, metrics
 
@@ -233,10 +234,11 @@ class Loop:
         out = {"eval/loss": r.get("nll", float("nan")), "eval/kl": r.get("fkl", float("nan")),
                "eval/tokens": r.get("tokens", 0.0)}
         if self.config.eval_generate:
-            from hpd.evaluate import accuracy
+            from hpd.evaluate import accuracy, eval_source
 
             acc = accuracy(backend, self.student, self.tokenizer, self.config.eval_data,
                            extractor=self.config.eval_extractor, limit=self.config.eval_generate,
-                           max_new_tokens=self.config.rollout_max_new_tokens, progress=False)
+                           max_new_tokens=self.config.rollout_max_new_tokens, progress=False,
+                           **eval_source(self.config))
             out["eval/accuracy"] = acc["accuracy"]
         return out

@@ -45,18 +45,27 @@ def loss(
     s = None
     if m.needs_sample:
         s = sample_tokens(o, zs) if sampled is None else _check_sampled(o, sampled, targets, vocab)
-    per_pos, weights, log_q_y = objective_terms(o, m, zs, zt, y, s, params)
+    per_pos, weights, log_q_y, kl = objective_terms(o, m, zs, zt, y, s, params)
     count = o.count(mask)
     denom = float(num_tokens) if num_tokens is not None else max(count, 1.0)
     total = o.sum(o.where(mask, per_pos, 0.0 * per_pos))
     value = total / denom
-    metrics = summarize(o, m, weights, log_q_y, mask, count)
+    metrics = summarize(o, m, weights, log_q_y, mask, count, kl)
     return value, metrics
 
 
+def token_kl(o, m: Method, w: Weights, lq, lp):
+    """KL(teacher || student) per position, from log-probs the step already holds.
+
+    It is what to watch when a method's loss value is a surrogate (hpd, sft): comparable
+    across methods and runs. fkl's value is this KL already."""
+    return w.value if m.name == "fkl" else o.sum(o.exp(lp) * (lp - lq), axis=-1)
+
+
 def objective_terms(o, m: Method, zs, zt, y, s, params) -> tuple[Any, Weights, Any]:
-    """Per-position objective (..., differentiable in zs), the rule's weights, and the
-    student's log-prob of y (unfloored, without gradient) for the metrics.
+    """Per-position objective (..., differentiable in zs), the rule's weights, the
+    student's log-prob of y (unfloored, without gradient) and the token-level KL to the
+    teacher, both for the metrics.
 
     The value equals the rule's reported value (the literal divergence for the
     full-vocabulary methods); its gradient is -sum w * grad log q.
@@ -73,7 +82,7 @@ def objective_terms(o, m: Method, zs, zt, y, s, params) -> tuple[Any, Weights, A
         term = -o.stop_gradient(weight) * o.take(logq, idx)
         surrogate = term if surrogate is None else surrogate + term
     per_pos = surrogate + o.stop_gradient(w.value - surrogate)
-    return per_pos, w, o.take(o.stop_gradient(log_q), y)
+    return per_pos, w, o.take(o.stop_gradient(log_q), y), token_kl(o, m, w, lq, lp)
 
 
 def active_positions(o, targets, vocab: int, ignore_index: int):
@@ -89,10 +98,10 @@ def sample_tokens(o, logits, generator=None):
     return o.argmax(z + o.gumbel_like(z, generator))
 
 
-def summarize(o, m: Method, w: Weights, lq_y, mask, count: float) -> dict[str, float]:
+def summarize(o, m: Method, w: Weights, lq_y, mask, count: float, kl=None) -> dict[str, float]:
     """Means over active positions (and min/max for the k statistics) as Python floats."""
     tally = MetricTally(o, m, o.float_dtype(lq_y), lq_y)
-    tally.add(w, lq_y, mask)
+    tally.add(w, lq_y, mask, kl)
     return tally.metrics(count)
 
 
@@ -112,7 +121,7 @@ class MetricTally:
         self.lows: dict[str, Any] = {}
         self.highs: dict[str, Any] = {}
 
-    def add(self, w: Weights, log_q_y, mask) -> None:
+    def add(self, w: Weights, log_q_y, mask, kl=None) -> None:
         o = self.o
 
         def masked_sum(x, where):
@@ -123,6 +132,8 @@ class MetricTally:
 
         self.sums["objective"] = self.sums["objective"] + masked_sum(w.value, mask)
         self.sums["nll"] = self.sums["nll"] - masked_sum(log_q_y, mask)
+        if kl is not None:
+            self.sums["kl"] = self.sums.get("kl", self.zero) + masked_sum(kl, mask)
         for name, x in w.diagnostics.items():
             where = mask
             if name in w.domains:
@@ -144,10 +155,12 @@ class MetricTally:
         o, name = self.o, self.method.name
         out = {"tokens": count, "objective": o.item(self.sums["objective"]) / max(count, 1.0),
                "nll": o.item(self.sums["nll"]) / max(count, 1.0)}
+        if "kl" in self.sums:
+            out["kl"] = o.item(self.sums["kl"]) / max(count, 1.0)
         if self.method.full_vocab:
             out[name] = out["objective"]
         for key, total in self.sums.items():
-            if key in ("objective", "nll"):
+            if key in ("objective", "nll", "kl"):
                 continue
             n = o.item(self.counts[key]) if key in self.counts else count
             out[f"{name}/{key}"] = o.item(total) / max(n, 1.0)

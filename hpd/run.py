@@ -14,7 +14,9 @@ from hpd import checkpoint as ckpt
 from hpd.backend import get_backend
 from hpd.config import DistillConfig
 from hpd.data import Batches, check_tokenizers, collate, load_dataset, pad_id_of
-from hpd.export import ensure_writable, finalize, sha256_of
+from hpd.evaluate import eval_source
+from hpd.export import ensure_writable, finalize
+from hpd.sources import fingerprint
 from hpd.loop import Loop, LoopState
 
 
@@ -30,15 +32,16 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
         if latest is None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
         return latest
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, check_only=True)  # cleared and created once the inputs load
     return None
 
 
 class MetricsLog:
     """metrics.jsonl: one JSON object per line; on resume, lines past the checkpoint are dropped."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, sinks=()):
         self.path = path
+        self.sinks = list(sinks)  # each record also goes to these (hpd.report, hpd.console)
         if resume_step is not None and path.exists():
             kept = [ln for ln in path.read_text().splitlines()
                     if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
@@ -47,6 +50,12 @@ class MetricsLog:
     def __call__(self, record: dict) -> None:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
 
 
 def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_hooks: Any) -> dict:
@@ -63,12 +72,12 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
 
     tokenizer = backend.load_tokenizer(cfg.student)
     check_tokenizers(backend.load_tokenizer(cfg.teacher), tokenizer)
-    data = load_dataset(cfg.data, tokenizer, cfg.max_length)
+    data = load_dataset(cfg.data, tokenizer, cfg.max_length, split=cfg.data_split, columns=cfg.data_columns)
     say(f"data: {data.rows} rows from {cfg.data}, {len(data)} usable, {data.truncated} truncated "
         f"to {cfg.max_length} tokens, {data.target_tokens} target tokens", rank)
     eval_batches = None
     if cfg.eval_data:
-        held = load_dataset(cfg.eval_data, tokenizer, cfg.max_length)
+        held = load_dataset(cfg.eval_data, tokenizer, cfg.max_length, **eval_source(cfg))
         ex = held.examples
         eval_batches = [collate(ex[i:i + cfg.batch_size], pad_id_of(tokenizer))
                         for i in range(0, len(ex), cfg.batch_size)]
@@ -100,14 +109,17 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     run_info = {
         "name": out.name, "backend": cfg.backend, "teacher": cfg.teacher, "student": cfg.student,
         "method": cfg.method, "method_params": dict(cfg.method_params), "temperature": cfg.temperature,
-        "data": cfg.data, "data_sha256": sha256_of(cfg.data), "schedule": dict(cfg.schedule),
+        "data": cfg.data, "data_sha256": fingerprint(cfg.data), "schedule": dict(cfg.schedule),
         "command": command or "hpd.distill(...)",
     }
     if rank == 0:
+        if resume_from is None:
+            ensure_writable(out, cfg.overwrite)
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(cfg.to_yaml())
     # only rank 0 writes metrics.jsonl (and trims it on resume)
-    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from and rank == 0 else None)
+    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from and rank == 0 else None,
+                             sinks=_sinks(cfg, out, total, state.step) if rank == 0 else ())
     # a backend with collective_checkpoint (torch under torchrun) needs every rank in saves
     collective = getattr(backend, "collective_checkpoint", False)
 
@@ -126,23 +138,24 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
                 optimizer=optimizer, batches=batches, schedule=schedule, total_steps=total, vocab=vocab,
                 chunked=chunked, state=state, eval_batches=eval_batches, log=metrics_log, save=save,
                 **loop_hooks)
+    per_step = cfg.batch_size * cfg.grad_accum * backend.world_size
     say(f"distilling {cfg.teacher} -> {cfg.student} with {cfg.method} on {cfg.backend}: "
-        f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} x {backend.world_size} sequences"
-        f"{', chunked loss' if chunked else ''}", rank)
+        f"{total} steps of {per_step} sequences ({cfg.batch_size} per batch x {cfg.grad_accum} accumulated "
+        f"x {backend.world_size} process{'es' if backend.world_size > 1 else ''}){', chunked loss' if chunked else ''}", rank)
     baseline = {}
+    if cfg.eval_generate and eval_batches and resume_from is not None:  # measured before the first run
+        baseline = _logged_baseline(out / "metrics.jsonl")
     if cfg.eval_generate and eval_batches and resume_from is None:
         baseline = _accuracy_baseline(backend, student, teacher, tokenizer, cfg)
         say("held-out exact match before distilling: student {student:.3f}, teacher {teacher:.3f}"
             .format(**baseline), rank)
         if rank == 0:
             metrics_log({"step": 0, "eval/accuracy": baseline["student"], "eval/teacher_accuracy": baseline["teacher"]})
-    started = time.perf_counter()
-    progress = _progress_bar(total, state.step, enabled=cfg.progress and rank == 0)
     try:
-        last = loop.run(progress)
-    finally:
-        if progress is not None:
-            progress.close()
+        last = loop.run()
+    except BaseException:
+        metrics_log.close()
+        raise
     final = {k: v for k, v in last.items() if not k.startswith("schedule/")}
     final.update({f"eval/{k}_accuracy_before": v for k, v in baseline.items()})
     if eval_batches:
@@ -151,14 +164,27 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         if rank == 0:
             metrics_log({"step": loop.state.step, **evaluation})
     save(loop)
+    started = time.perf_counter()
     if rank == 0 or collective:
         backend.save_model(student, tokenizer, out)
     if rank == 0:
         finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final})
-        say(f"exported the student to {out} ({time.perf_counter() - started:.0f} s)", rank)
+        metrics_log.close()
+        say(f"exported the student to {out} ({time.perf_counter() - started:.1f} s)", rank)
     backend.barrier()
     return {"out": str(out), "steps": loop.state.step, "metrics": final, "student": student,
             "tokenizer": tokenizer, "backend": backend}
+
+
+def _logged_baseline(path: Path) -> dict[str, float]:
+    """The before-training accuracies a resumed run's first part logged at step 0."""
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == 0 and "eval/teacher_accuracy" in record:
+            return {"student": record["eval/accuracy"], "teacher": record["eval/teacher_accuracy"]}
+    return {}
 
 
 def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, float]:
@@ -167,17 +193,18 @@ def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, f
     def acc(model):
         return accuracy(backend, model, tokenizer, cfg.eval_data, extractor=cfg.eval_extractor,
                         limit=cfg.eval_generate, max_new_tokens=cfg.rollout_max_new_tokens,
-                        progress=False)["accuracy"]
+                        progress=False, **eval_source(cfg))["accuracy"]
 
     return {"student": acc(student), "teacher": acc(teacher)}
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def _sinks(cfg, out: Path, total: int, initial: int) -> list:
+    """The console (bar or plain lines) and the --report-to targets, fed every metrics record."""
+    from hpd.console import Console
+    from hpd.report import open_reporters
 
-    return tqdm(total=total, initial=initial, desc="distill", unit="step", dynamic_ncols=True)
+    return [Console(total, initial, progress=cfg.progress, log_every=cfg.log_every),
+            *open_reporters(cfg.report_to, out, cfg.to_dict())]
 
 
 def command_line() -> str:
