@@ -18,8 +18,9 @@ def _options(func):
         if not f.metadata.get("cli", True):
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = f"{f.metadata['help']} [default: {default if default != '' else 'none'}]"
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        shown = ", ".join(map(str, default)) if isinstance(default, (list, dict)) else default
+        help_text = f"{f.metadata['help']} [default: {shown if shown not in ('', None) else 'none'}]"
         if f.type == "bool":
             decl = f"{flag}/--no-{f.name.replace('_', '-')}"
             func = click.option(decl, f.name, default=None, help=help_text)(func)
@@ -34,7 +35,8 @@ def _options(func):
     return func
 
 
-@click.command(context_settings={"max_content_width": 100})
+@click.command(context_settings={"max_content_width": 100},
+               short_help="Distil a teacher into a student and export it.")
 @click.option("--recipe", type=str, default=None,
               help="recipe YAML (or a shipped recipe name such as `tiny`); flags override it")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
@@ -84,7 +86,7 @@ def distill(recipe, params, **flags):
     try:
         result = run(cfg, command=command_line())
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        click.echo(f"error: {e}", err=True)
+        click.echo(f"Error: {e}", err=True)  # click's own prefix, as every other command prints
         sys.exit(2)
     if result["backend"].rank != 0:  # under torchrun or mlx.launch, rank 0 reports
         return

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import click
 
 
-@click.command(name="eval", context_settings={"max_content_width": 100})
+@click.command(name="eval", context_settings={"max_content_width": 100},
+               short_help="Accuracy, perplexity and KL to a teacher; lm-eval tasks.")
 @click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
               help="framework that runs the model for --data (--lm-eval always runs it through transformers)")
 @click.option("--model", required=True, help="model folder or hub id to evaluate")

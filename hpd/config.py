@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from hpd.objectives import METHODS
+
 
 def _f(default, help: str, choices: tuple | None = None, low=None, high=None, low_open=False, cli=True):
     meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "cli": cli}
@@ -34,7 +36,7 @@ class DistillConfig:
                             "repeatable", cli="multiple")
     out: str = _f("", "output folder: final student at the top, checkpoints/, metrics.jsonl, config.yaml")
     backend: str = _f("torch", "training backend", choices=("torch", "mlx"))
-    method: str = _f("hpd", "distillation objective (see `hpd.METHODS`)")
+    method: str = _f("hpd", f"distillation objective: {', '.join(METHODS)}")
     method_params: dict = _f({}, "parameters of the method, e.g. {beta: 0.5} for jsd", cli=False)
     temperature: float = _f(1.0, "softmax temperature applied to both models", low=0.0, low_open=True)
     schedule: dict = _f({}, "hybrid sampling schedule (on-policy fraction, objective phases)", cli=False)
@@ -103,6 +105,11 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+        """The fields given; a `recipe` key (a file or a shipped name) supplies the rest."""
+        if d.get("recipe"):
+            rest = {k: v for k, v in d.items() if k != "recipe"}
+            return cls.from_recipe(d["recipe"], rest)
+        d = {k: v for k, v in d.items() if not (k == "recipe" and not v)}
         unknown = sorted(set(d) - set(cls.field_names()))
         if unknown:
             raise ValueError(
@@ -118,16 +125,23 @@ class DistillConfig:
 
     @classmethod
     def from_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "DistillConfig":
+        """A recipe YAML (or a shipped recipe's name) with `overrides` on top. The config's
+        `notes` list warnings about the combination (see hpd.advice)."""
+        name = str(path)
         path = resolve_recipe(path)
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe is a mapping of config fields, got {type(data).__name__}")
-        data = {**data, **(overrides or {})}
+        merged = {**data, **(overrides or {})}
         try:
-            return cls.from_dict(data)
+            cfg = cls.from_dict(merged)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        from hpd.advice import recipe_notes
+
+        cfg.notes = recipe_notes(name, data, overrides or {})
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -209,7 +223,9 @@ def resolve_recipe(path: str | Path) -> Path:
     for candidate in (folder / str(path), folder / f"{path}.yaml"):
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(f"recipe {str(path)!r} not found (neither a file nor a shipped recipe name)")
+    shipped = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise FileNotFoundError(f"recipe {str(path)!r} not found (neither a file nor a shipped recipe name); "
+                            f"shipped recipes: {', '.join(shipped)}")
 
 
 def _coerce(cls, name: str, value):

@@ -117,7 +117,7 @@ def likelihood(backend, model, tokenizer, data, *, teacher=None, batch_size: int
         _, m = hpd.loss("fkl", logits, reference, batch["targets"])
         means.add(m, m["tokens"])
     r = means.result()
-    out = {"nll": r["nll"], "perplexity": math.exp(min(r["nll"], 700.0)), "tokens": r["tokens"]}
+    out = {"nll": r["nll"], "perplexity": math.exp(min(r["nll"], 700.0)), "tokens": int(r["tokens"])}
     if teacher is not None:
         out["kl_to_teacher"] = r["fkl"]
     return out

@@ -69,6 +69,8 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         resume_from = ckpt.latest_checkpoint(out)
     backend.barrier()
     backend.seed(cfg.seed)
+    for note in getattr(cfg, "notes", []):
+        say(f"warning: {note}", rank)
 
     tokenizer = backend.load_tokenizer(cfg.student)
     check_tokenizers(backend.load_tokenizer(cfg.teacher), tokenizer)
