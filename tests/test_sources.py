@@ -183,3 +183,29 @@ def test_missing_local_file_is_not_taken_for_a_hub_id(tmp_path):
 def test_split_on_a_plain_file_is_refused(tmp_path):
     with pytest.raises(DataError, match="--data-split applies to"):
         read_rows(write_jsonl(tmp_path / "a.jsonl", [TEXT]), split="train")
+
+
+@pytest.mark.slow
+def test_cli_reads_mapped_parquet_and_saved_splits(assets, tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    datasets = pytest.importorskip("datasets")
+    from click.testing import CliRunner
+
+    from hpd.cli.main import cli
+
+    train = tmp_path / "train.parquet"
+    pq.write_table(pa.Table.from_pylist([{"dialog": CHAT["messages"]}] * 8), train)
+    held = tmp_path / "held"
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list([ALPACA] * 4)}).save_to_disk(str(held))
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(assets["teacher"]), "--student", str(assets["student"]), "--data", str(train),
+            "--data-columns", "messages=dialog", "--eval-data", str(held), "--eval-data-split", "validation",
+            "--out", str(out), "--steps", "1", "--batch-size", "4", "--chunked", "off", "--no-progress",
+            "--report-to", "none"]
+    result = CliRunner().invoke(cli, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"data: 8 rows from {train}" in result.output and "eval: loss" in result.output
+    saved = (out / "config.yaml").read_text()
+    assert "messages: dialog" in saved and "eval_data_split: validation" in saved
+    assert len((out / "hpd_export.json").read_text()) > 0
