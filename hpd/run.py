@@ -16,8 +16,8 @@ from hpd.config import DistillConfig
 from hpd.data import Batches, check_tokenizers, collate, load_dataset, pad_id_of
 from hpd.evaluate import eval_source
 from hpd.export import ensure_writable, finalize
-from hpd.sources import fingerprint
 from hpd.loop import Loop, LoopState
+from hpd.sources import fingerprint
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -54,7 +54,8 @@ class MetricsLog:
             sink(record)
 
     def close(self) -> None:
-        for sink in self.sinks:
+        sinks, self.sinks = self.sinks, []  # once: a failed run closes them on its way out
+        for sink in sinks:
             sink.close()
 
 
@@ -143,7 +144,8 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     per_step = cfg.batch_size * cfg.grad_accum * backend.world_size
     say(f"distilling {cfg.teacher} -> {cfg.student} with {cfg.method} on {cfg.backend}: "
         f"{total} steps of {per_step} sequences ({cfg.batch_size} per batch x {cfg.grad_accum} accumulated "
-        f"x {backend.world_size} process{'es' if backend.world_size > 1 else ''}){', chunked loss' if chunked else ''}", rank)
+        f"x {backend.world_size} process{'es' if backend.world_size > 1 else ''})"
+        f"{', chunked loss' if chunked else ''}", rank)
     baseline = {}
     if cfg.eval_generate and eval_batches and resume_from is not None:  # measured before the first run
         baseline = _logged_baseline(out / "metrics.jsonl")
