@@ -58,16 +58,16 @@ class TensorBoardReporter:
 class WandbReporter:
     """One wandb run per distillation, the config attached; WANDB_MODE=offline works without a network."""
 
-    def __init__(self, out: Path, config: dict, resume: bool):
+    def __init__(self, out: Path, config: dict):
         try:
             import wandb
         except ImportError:
             raise ImportError("--report-to wandb needs wandb: pip install 'hpd-distill[wandb]'") from None
         self._wandb = wandb
         os.environ.setdefault("WANDB_SILENT", "true")
+        # a run of its own, logged through its handle: a run the caller has open is left alone
         self._run = wandb.init(project=os.environ.get("WANDB_PROJECT", "hpd"), name=out.name,
-                               dir=str(out), config=config, resume="allow" if resume else None,
-                               reinit="finish_previous")
+                               dir=str(out), config=config, reinit="create_new")
 
     def __call__(self, record: dict) -> None:
         self._run.log(numbers(record), step=int(record.get("step", 0)))
@@ -76,12 +76,12 @@ class WandbReporter:
         self._run.finish()
 
 
-def open_reporters(names, out: Path, config: dict, *, resume: bool = False) -> list:
+def open_reporters(names, out: Path, config: dict) -> list:
     """The reporters named (an unknown name is caught by config validation)."""
     reporters = []
     for name in dict.fromkeys(names):
         if name == "tensorboard":
             reporters.append(TensorBoardReporter(out / "runs"))
         elif name == "wandb":
-            reporters.append(WandbReporter(out, config, resume))
+            reporters.append(WandbReporter(out, config))
     return reporters
