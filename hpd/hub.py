@@ -30,9 +30,18 @@ def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def _via(url: str) -> str:
+    """The URL a connection to `url` really goes to: its proxy when one is set for it."""
+    from urllib.request import getproxies, proxy_bypass
+
+    parsed = urlparse(url)
+    proxy = getproxies().get(parsed.scheme)
+    return proxy if proxy and not proxy_bypass(parsed.hostname or "") else url
+
+
 @lru_cache(maxsize=None)
 def _probe(url: str, timeout: float) -> str:
-    parsed = urlparse(url)
+    parsed = urlparse(_via(url))
     host, port = parsed.hostname or "", parsed.port or (80 if parsed.scheme == "http" else 443)
     result = [f"no answer from {host} within {timeout:.0f} s"]
 

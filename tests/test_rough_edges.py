@@ -338,3 +338,15 @@ def test_compressed_recipe_warns():
     assert DistillConfig.from_recipe("tiny", {"steps": 20, "lr": 5e-4}).notes == []
     assert DistillConfig.from_recipe("tiny", {"steps": 300}).notes == []
     assert DistillConfig.from_recipe("tiny").notes == []
+
+
+def test_hub_probe_goes_through_a_configured_proxy(monkeypatch):
+    import hpd.hub
+
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert hpd.hub._via("https://huggingface.co") == "http://127.0.0.1:9"
+    hpd.hub._probe.cache_clear()
+    assert "cannot connect to 127.0.0.1" in hpd.hub._probe("https://huggingface.co", 2.0)
+    hpd.hub._probe.cache_clear()
