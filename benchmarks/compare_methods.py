@@ -2,8 +2,8 @@
 
     python benchmarks/compare_methods.py [--steps N] [--seeds 0 1 2] [--backend torch] [--out runs/compare]
 
-Runs sft, fkl, rkl, jsd on-policy (lambda 1) and hpd from the `tiny` recipe, for each
-seed, then writes a markdown table (held-out exact match mean and spread, token-level KL
+Runs sft, fkl, rkl, jsd (on-policy: lambda 1) and hpd from the `tiny` recipe, for each
+seed (`--methods jsd hpd` for a subset), then writes a markdown table (held-out exact match mean and spread, token-level KL
 to the teacher, wall time) to OUT/results.md and the curves to OUT/curves.png.
 """
 
@@ -17,23 +17,28 @@ from pathlib import Path
 import hpd
 from hpd.config import DistillConfig
 
+# name on the command line -> (label in the table and the plot, config overrides)
 METHODS = {
-    "sft": {"method": "sft"},
-    "fkl": {"method": "fkl"},
-    "rkl": {"method": "rkl"},
-    "jsd (on-policy)": {"method": "jsd", "method_params": {"beta": 0.5}, "schedule": {"lambda_start": 1.0}},
-    "hpd": {"method": "hpd"},
+    "sft": ("sft", {"method": "sft"}),
+    "fkl": ("fkl", {"method": "fkl"}),
+    "rkl": ("rkl", {"method": "rkl"}),
+    "jsd": ("jsd (on-policy)", {"method": "jsd", "method_params": {"beta": 0.5},
+                                "schedule": {"lambda_start": 1.0}}),
+    "hpd": ("hpd", {"method": "hpd"}),
 }
+EVALS_PER_RUN = 5  # held-out points per curve (each generates for the held-out rows)
 
 
 def run_one(name: str, overrides: dict, seed: int, args, out_root: Path) -> dict:
     from hpd.evaluate import accuracy, likelihood
 
     base = DistillConfig.from_recipe(args.recipe)
-    out = out_root / f"{name.split()[0]}-seed{seed}"
+    out = out_root / f"{name}-seed{seed}"
+    steps = args.steps or base.steps
     cfg = DistillConfig.from_dict({**base.to_dict(), **overrides, "seed": seed, "out": str(out),
                                    "overwrite": True, "backend": args.backend, "progress": False,
-                                   "steps": args.steps or base.steps})
+                                   "steps": steps, "eval_every": max(1, steps // EVALS_PER_RUN),
+                                   "eval_generate": args.eval_rows or base.eval_generate})
     started = time.perf_counter()
     result = hpd.distill(cfg)
     seconds = time.perf_counter() - started
@@ -46,19 +51,21 @@ def run_one(name: str, overrides: dict, seed: int, args, out_root: Path) -> dict
 
 
 def spread(values: list[float]) -> str:
+    """The mean, and the standard deviation when there are several seeds to take it over."""
     mean = statistics.fmean(values)
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{mean:.3f} ± {sd:.3f}"
+    if len(values) < 2:
+        return f"{mean:.3f}"
+    return f"{mean:.3f} ± {statistics.stdev(values):.3f}"
 
 
 def table(rows: list[dict], baseline: dict) -> str:
     lines = ["| method | held-out exact match | KL to teacher | wall time (s) |", "|---|---|---|---|",
              f"| student before | {baseline['student']:.3f} | {baseline['student_kl']:.3f} | |",
              f"| teacher | {baseline['teacher']:.3f} | 0 | |"]
-    for name in METHODS:
+    for name, (label, _) in METHODS.items():
         mine = [r for r in rows if r["method"] == name]
         if mine:
-            lines.append(f"| {name} | {spread([r['accuracy'] for r in mine])} | "
+            lines.append(f"| {label} | {spread([r['accuracy'] for r in mine])} | "
                          f"{spread([r['kl'] for r in mine])} | {spread([r['seconds'] for r in mine])} |")
     return "\n".join(lines)
 
@@ -93,19 +100,25 @@ def main() -> None:
     rows = []
     for name in args.methods:
         for seed in args.seeds:
-            r = run_one(name, METHODS[name], seed, args, out_root)
-            print(f"{name:16s} seed {seed}: accuracy {r['accuracy']:.3f}  KL {r['kl']:.3f}  "
+            r = run_one(name, METHODS[name][1], seed, args, out_root)
+            print(f"{METHODS[name][0]:16s} seed {seed}: accuracy {r['accuracy']:.3f}  KL {r['kl']:.3f}  "
                   f"{r['seconds']:.0f} s", flush=True)
             rows.append(r)
     text = table(rows, baseline)
     steps = args.steps or base.steps
+    spread_note = "mean ± standard deviation over seeds" if len(args.seeds) > 1 else "one seed"
     header = (f"Tiny task, {steps} steps per run, seeds {args.seeds}, backend {args.backend}; "
-              "mean ± standard deviation over seeds.\n\n")
+              f"{spread_note}.\n\n")
     (out_root / "results.md").write_text(header + text + "\n")
     print("\n" + header + text)
     from hpd.plot import plot_runs
 
-    plot_runs([r["out"] for r in rows if r["seed"] == args.seeds[0]], out_root / "curves.png")
+    # KL to the teacher, not the loss: each method's loss value is its own quantity
+    first = [r for r in rows if r["seed"] == args.seeds[0]]
+    plot_runs([r["out"] for r in first], out_root / "curves.png",
+              labels=[f"{METHODS[r['method']][0]}, seed {r['seed']}" for r in first],
+              panels=(("kl", "KL(teacher || student), training batch"),
+                      ("eval/kl", "KL(teacher || student), held out"), ("eval/accuracy", "held-out exact match")))
     print(f"\nwrote {out_root / 'results.md'} and {out_root / 'curves.png'}")
 
 

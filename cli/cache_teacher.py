@@ -7,6 +7,8 @@ from types import SimpleNamespace
 
 import click
 
+from hpd.cli.errors import fail
+
 
 @click.command("cache-teacher", context_settings={"max_content_width": 100})
 @click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
@@ -68,8 +70,7 @@ def cache_teacher(backend, teacher, data, out, top_k, max_length, batch_size, te
                     teacher_quantize=int(teacher_quantize), resume=resume, overwrite=overwrite,
                     progress=progress)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(2)
+        fail(str(e))
     size = sum(s["bytes"] for s in index["shards"])
     click.echo(f"stored {index['positions']} positions of {index['examples']} examples in {out} "
                f"({size / max(index['positions'], 1):.1f} bytes/position on disk, top-{index['top_k']})")

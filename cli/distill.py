@@ -17,20 +17,25 @@ def _options(func):
         if not f.metadata.get("cli", True):
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
-        help_text = f"{f.metadata['help']} [default: {default if default != '' else 'none'}]"
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        shown = ", ".join(map(str, default)) if isinstance(default, (list, dict)) else default
+        help_text = f"{f.metadata['help']} [default: {shown if shown not in ('', None) else 'none'}]"
         if f.type == "bool":
             decl = f"{flag}/--no-{f.name.replace('_', '-')}"
             func = click.option(decl, f.name, default=None, help=help_text)(func)
             continue
+        if f.metadata.get("cli") == "multiple":  # repeatable; a list, or NAME=VALUE pairs for a dict
+            metavar = "NAME=COLUMN" if f.type == "dict" else "NAME"
+            func = click.option(flag, f.name, multiple=True, help=help_text, metavar=metavar)(func)
+            continue
         choices = f.metadata.get("choices")
         kind = click.Choice([str(c) for c in choices]) if choices else _TYPES[f.type]
-        func = click.option(flag, f.name, type=kind, default=None, help=help_text,
-                            metavar=None if choices else f.type.upper())(func)
+        func = click.option(flag, f.name, type=kind, default=None, help=help_text)(func)
     return func
 
 
-@click.command(context_settings={"max_content_width": 100})
+@click.command(context_settings={"max_content_width": 100},
+               short_help="Distil a teacher into a student and export it.")
 @click.option("--recipe", type=str, default=None,
               help="recipe YAML (or a shipped recipe name such as `tiny`); flags override it")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE",
@@ -59,7 +64,8 @@ def distill(recipe, params, **flags):
           - {until: 0.1, objectives: {fkl: 1.0}}
           - objectives: {hpd: 1.0, sft: 0.1}
     """
-    overrides = {k: (int(v) if k == "teacher_quantize" else v) for k, v in flags.items() if v is not None}
+    overrides = {k: (int(v) if k == "teacher_quantize" else v) for k, v in flags.items()
+                 if v is not None and v != ()}
     if params:
         method_params = {}
         for item in params:
@@ -97,7 +103,7 @@ def distill(recipe, params, **flags):
     if result["backend"].rank != 0:  # under torchrun or mlx.launch, rank 0 reports
         return
     summary = result["metrics"]
-    keys = [k for k in ("loss", "eval/loss", "eval/kl") if k in summary]
+    keys = [k for k in ("loss", "kl", "eval/loss", "eval/kl") if k in summary]
     click.echo(f"done: {result['steps']} steps; " + ", ".join(f"{k} {summary[k]:.4f}" for k in keys))
     if "eval/accuracy" in summary and "eval/student_accuracy_before" in summary:
         teacher = summary.get("eval/teacher_accuracy_before")

@@ -10,7 +10,7 @@ USAGE = 2  # bad input: a flag, a config field, a file (as click's own usage err
 
 
 def fail(message: str, status: int = USAGE) -> None:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"Error: {message}", err=True)  # click's own prefix, as its usage errors print
     sys.exit(status)
 
 

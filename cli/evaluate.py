@@ -1,4 +1,4 @@
-"""`hpd eval`: accuracy, perplexity and KL to the teacher on held-out data."""
+"""`hpd eval`: accuracy, perplexity and KL to the teacher on held-out data; lm-eval tasks."""
 
 from __future__ import annotations
 
@@ -8,41 +8,96 @@ from types import SimpleNamespace
 import click
 
 
-@click.command(name="eval")
-@click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True)
+@click.command(name="eval", context_settings={"max_content_width": 100},
+               short_help="Accuracy, perplexity and KL to a teacher; lm-eval tasks.")
+@click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
+              help="framework that runs the model for --data (--lm-eval always runs it through transformers)")
 @click.option("--model", required=True, help="model folder or hub id to evaluate")
 @click.option("--teacher", default=None, help="teacher folder: also report token-level KL(teacher || model)")
-@click.option("--data", required=True, type=str,
-              help="JSONL of prompt/completion (or messages) rows with reference answers")
+@click.option("--data", default=None, type=str,
+              help="held-out data with reference answers: prompt/completion, messages, ShareGPT or Alpaca "
+                   "rows, in JSONL, JSON, Parquet, a datasets folder or a hub dataset id")
+@click.option("--data-split", default="", help="split of a datasets folder or hub id [default: test, "
+              "validation or train, the first present]")
+@click.option("--data-columns", multiple=True, metavar="NAME=COLUMN",
+              help="map other column names onto hpd's, e.g. messages=dialog (repeatable)")
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
               help="1: greedy decoding; K: mean accuracy over K sampled generations")
 @click.option("--extractor", default="answer", show_default=True,
               help="answer extractor: answer (after the last 'Answer:'), last-number, exact, or regex:PATTERN")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1),
+              help="longest generation, in new tokens")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
               help="sampling temperature when --samples > 1")
-@click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0), help="first N rows only (0: all)")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
+@click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0),
+              help="first N rows only, for every metric (and N documents per lm-eval task); 0: all")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="sequences per forward pass or generation batch (also lm-eval's batch size)")
+@click.option("--lm-eval", "lm_eval_tasks", default=None, metavar="TASKS",
+              help="also run EleutherAI's lm-evaluation-harness tasks (comma-separated) on --model; "
+                   "needs pip install 'hpd-distill[lm-eval]'")
+@click.option("--lm-eval-include", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="folder of local lm-eval task YAML files (repeatable)")
+@click.option("--num-fewshot", default=None, type=click.IntRange(min=0),
+              help="few-shot examples for lm-eval tasks [default: each task's own]")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed for sampled generations and lm-eval")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="model dtype (auto: bfloat16 on CUDA for inference, float32 on CPU)")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+              help="device for the torch backend and lm-eval")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
-@click.option("--progress/--no-progress", default=True, show_default=True)
-def evaluate(backend, model, teacher, data, samples, extractor, max_new_tokens, temperature, limit, batch_size,
-             seed, device, as_json, progress):
+@click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
+def evaluate(backend, model, teacher, data, data_split, data_columns, samples, extractor, max_new_tokens,
+             temperature, limit, batch_size, lm_eval_tasks, lm_eval_include, num_fewshot, seed, dtype, device,
+             as_json, progress):
     """Exact-match accuracy of MODEL's generations on DATA, its perplexity, and its token-level
-    KL to --teacher."""
-    from hpd.backend import get_backend
-    from hpd.evaluate import accuracy, get_extractor, likelihood
+    KL to --teacher; with --lm-eval, lm-evaluation-harness tasks on the same folder."""
     from hpd.models import asset_path
 
-    data = asset_path(data)
+    if not data and not lm_eval_tasks:
+        raise click.UsageError("give --data, --lm-eval TASKS, or both")
+    if lm_eval_include and not lm_eval_tasks:
+        raise click.UsageError("--lm-eval-include needs --lm-eval TASKS")
+    model = asset_path(model)
+    result = {"model": model}
+    if data:
+        result.update(_held_out(backend, model, teacher, asset_path(data), data_split, list(data_columns),
+                                samples, extractor, max_new_tokens, temperature, limit, batch_size, seed,
+                                dtype, device, progress))
+    if lm_eval_tasks:
+        from hpd.harness import parse_tasks, run_harness
+
+        try:
+            result.update(run_harness(model, parse_tasks(lm_eval_tasks), include=list(lm_eval_include),
+                                      batch_size=batch_size, limit=limit or None, device=device, dtype=dtype,
+                                      num_fewshot=num_fewshot, seed=seed))
+        except (ValueError, FileNotFoundError, ImportError) as e:
+            raise click.ClickException(str(e)) from None
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    width = max(len(k) for k in result)
+    for k, v in result.items():
+        click.echo(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def _held_out(backend, model, teacher, data, split, columns, samples, extractor, max_new_tokens, temperature,
+              limit, batch_size, seed, dtype, device, progress) -> dict:
+    from hpd.backend import get_backend
+    from hpd.evaluate import accuracy, get_extractor, likelihood
+    from hpd.formats import parse_columns
 
     try:
         get_extractor(extractor)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--extractor") from None
     try:
-        be = get_backend(backend, SimpleNamespace(device=device, dtype="auto", gradient_checkpointing=False))
+        columns = parse_columns(columns)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--data-columns") from None
+    try:
+        be = get_backend(backend, SimpleNamespace(device=device, dtype=dtype, gradient_checkpointing=False))
     except ValueError as e:  # e.g. --device cuda without CUDA
         from hpd.cli.errors import fail
 
@@ -50,18 +105,14 @@ def evaluate(backend, model, teacher, data, samples, extractor, max_new_tokens, 
     be.seed(seed)
     try:
         tok = be.load_tokenizer(model)
-        net = be.load_model(model, trainable=False)
-        ref = be.load_model(teacher, trainable=False) if teacher else None
-        result = {"model": model, "data": data}
+        net = be.load_model(model, trainable=False, dtype=dtype)
+        ref = be.load_model(teacher, trainable=False, dtype=dtype) if teacher else None
+        result = {"data": data}
         result.update(accuracy(be, net, tok, data, extractor=extractor, samples=samples, limit=limit or None,
                                max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-                               progress=progress))
-        result.update(likelihood(be, net, tok, data, teacher=ref, batch_size=batch_size))
+                               progress=progress, split=split, columns=columns))
+        result.update(likelihood(be, net, tok, data, teacher=ref, batch_size=batch_size, limit=limit or None,
+                                 split=split, columns=columns))
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    if as_json:
-        click.echo(json.dumps(result))
-        return
-    width = max(len(k) for k in result)
-    for k, v in result.items():
-        click.echo(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+    return result

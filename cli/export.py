@@ -5,13 +5,15 @@ from __future__ import annotations
 import click
 
 
-@click.command()
+@click.command(short_help="Export a checkpoint's student as a model folder.")
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty --out folder")
 def export(checkpoint, out, overwrite):
-    """Export the student of CHECKPOINT (e.g. RUN/checkpoints/step-100) to OUT, loadable by
-    transformers and mlx-lm, with a model card."""
+    """Export a checkpoint's student as a model folder.
+
+    CHECKPOINT is a run's checkpoint folder (e.g. RUN/checkpoints/step-100); OUT gets the
+    student without its training state, loadable by transformers and mlx-lm, with a model card."""
     from hpd.export import export_checkpoint
 
     try:

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import click
 
 
-@click.command()
+@click.command(short_help="Write a model's responses to prompts as a data file.")
 @click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
               help="framework that runs the model")
 @click.option("--model", required=True, help="model folder or hub id (usually the teacher)")
@@ -17,21 +17,28 @@ import click
               help="JSONL to write; an existing file is resumed without duplicating rows")
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
               help="responses per prompt")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True))
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="0: off")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
+              help="longest response, in new tokens")
+@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="sampling temperature")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="nucleus sampling (1: off)")
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="top-k sampling (0: off)")
 @click.option("--greedy", is_flag=True, help="greedy decoding instead of sampling")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="prompts generated together")
+@click.option("--seed", default=0, show_default=True, type=int, help="seed for sampling")
 @click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]))
-@click.option("--progress/--no-progress", default=True, show_default=True)
+              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
+              help="device for the torch backend")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
 def generate(backend, model, data, out, samples, max_new_tokens, temperature, top_p, top_k, greedy,
              batch_size, seed, dtype, device, progress):
-    """Write MODEL's responses to the prompts in DATA as prompt/completion rows in OUT,
-    ready for `hpd distill --data OUT`."""
+    """Write MODEL's responses to the prompts in DATA as rows of OUT, ready for
+    `hpd distill --data OUT`: {prompt, completion} rows for {prompt} input, {messages} rows
+    (the response as the final assistant turn) for {messages} input."""
     from hpd.backend import get_backend
     from hpd.data import DataError
     from hpd.models import asset_path
@@ -53,4 +60,4 @@ def generate(backend, model, data, out, samples, max_new_tokens, temperature, to
                           progress=progress, sampling=Sampling(max_new_tokens, temperature, top_p, top_k))
     except (DataError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
-    click.echo(f"wrote {n} rows to {out}")
+    click.echo(f"wrote {n} row{'' if n == 1 else 's'} to {out}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 
-@click.command()
+@click.command(short_help="Plot the training curves of one or several runs.")
 @click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--out", default="curves.png", show_default=True, type=click.Path(dir_okay=False),
               help="PNG file to write")

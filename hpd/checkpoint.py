@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from hpd.filemodes import respect_umask
+
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"
 DIST_DIR = "distributed"
@@ -95,6 +97,7 @@ def _save_single(run_dir: Path, step: int, backend, model, tokenizer, optimizer,
     backend.save_training_state(model, optimizer, tmp)
     save_file({k: np.ascontiguousarray(v) for k, v in backend.rng_state().items()}, str(tmp / RNG_FILE))
     _write_json(tmp / STATE_FILE, {"step": step, **state})  # last: marks the folder complete
+    respect_umask(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -136,6 +139,7 @@ def _save_collective(run_dir: Path, step: int, backend, model, tokenizer, optimi
     backend.barrier()
     if rank == 0:
         _write_json(tmp / STATE_FILE, {"step": step, "world_size": backend.world_size, **state})
+        respect_umask(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

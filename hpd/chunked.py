@@ -39,7 +39,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpd.heads import Head, as_head, project, pullback
-from hpd.losses import MetricTally, _check_sampled, active_positions, sample_tokens, sample_with_uniforms
+from hpd.losses import (MetricTally, _check_sampled, active_positions, sample_tokens, sample_with_uniforms,
+                        token_kl)
 from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, get_method, resolve_params
 from hpd.ops import ops_for
 from hpd.teacher import LiveTeacher, TeacherSource
@@ -202,9 +203,10 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
             lq = o.maximum(log_q, LOG_FLOOR)
             lp = o.maximum(plan.teacher.log_probs(o, rows, plan.vocab, T, dtype), LOG_FLOOR)
             w = plan.method.rule(o, lq, lp, y, s, **plan.params)
+            kl = token_kl(o, plan.method, w, lq, lp)
             del lp, lq
             total = total + o.sum(w.value)
-            tally.add(w, o.take(log_q, y))
+            tally.add(w, o.take(log_q, y), None, kl)
             pending = [total, *tally.arrays()]
             if want_hidden or want_head:
                 g = logit_grad(o, w, log_q)  # (C, V), not yet scaled

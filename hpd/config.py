@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from hpd.objectives import METHODS
+
 
 def _f(default, help: str, choices: tuple | None = None, low=None, high=None, low_open=False, cli=True):
     meta = {"help": help, "choices": choices, "low": low, "high": high, "low_open": low_open, "cli": cli}
@@ -29,10 +31,14 @@ class DistillConfig:
     student: str = _f("", "student initialisation: a local folder, a hub id, or hpd:tiny/student")
     teacher_cache: str = _f("", "teacher store written by `hpd cache-teacher`: train from it without running "
                             "the teacher (--teacher then serves only a schedule's on-policy steps)")
-    data: str = _f("", "training data, JSONL rows of {messages}, {prompt, completion} or {text}")
+    data: str = _f("", "training data: a JSONL, JSON or Parquet file, a datasets save_to_disk folder, or a "
+                   "hub dataset id; rows of {messages}, {prompt, completion}, {text}, ShareGPT or Alpaca")
+    data_split: str = _f("", "split of a datasets folder or hub id for --data (default: train, or the only one)")
+    data_columns: dict = _f({}, "map other column names onto hpd's, NAME=COLUMN (e.g. messages=dialog); "
+                            "repeatable", cli="multiple")
     out: str = _f("", "output folder: final student at the top, checkpoints/, metrics.jsonl, config.yaml")
     backend: str = _f("torch", "training backend", choices=("torch", "mlx"))
-    method: str = _f("hpd", "distillation objective (see `hpd.METHODS`)")
+    method: str = _f("hpd", f"distillation objective: {', '.join(METHODS)}")
     method_params: dict = _f({}, "parameters of the method, e.g. {beta: 0.5} for jsd", cli=False)
     temperature: float = _f(1.0, "softmax temperature applied to both models", low=0.0, low_open=True)
     schedule: dict = _f({}, "hybrid sampling schedule (on-policy fraction, objective phases)", cli=False)
@@ -62,7 +68,8 @@ class DistillConfig:
     max_grad_norm: float = _f(1.0, "clip the global gradient norm to this; 0 disables", low=0.0)
     seed: int = _f(0, "seed for data order, sampling and schedule decisions")
     # evaluation, checkpoints, logs
-    eval_data: str = _f("", "held-out JSONL for evaluation (same formats as --data)")
+    eval_data: str = _f("", "held-out data for evaluation (same kinds and shapes as --data)")
+    eval_data_split: str = _f("", "split for --eval-data (default: test, validation or train, the first present)")
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end, when --eval-data is set)", low=0)
     eval_generate: int = _f(0, "at each evaluation, also generate greedily for the first N held-out rows "
                             "and report exact-match accuracy (0: off)", low=0)
@@ -96,7 +103,11 @@ class DistillConfig:
     compile: str = _f("off", "mlx: run the student's step under mx.compile where a micro-batch's supervised "
                       "positions fit one chunk (auto: on a GPU only)", choices=("auto", "on", "off"))
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
-    progress: bool = _f(True, "show a progress bar")
+    progress: bool = _f(True, "show a progress bar on a terminal (--no-progress: only evaluations are printed)")
+    log_every: int = _f(0, "print a plain line every N steps (step, loss, kl, lr, tokens/s, ETA) instead of the "
+                        "bar; 0: the bar on a terminal, about 20 lines per run otherwise", low=0)
+    report_to: list = _f(["none"], "also send every metrics.jsonl record to: none, tensorboard (OUT/runs), "
+                         "wandb; repeatable", cli="multiple")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -105,6 +116,11 @@ class DistillConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+        """The fields given; a `recipe` key (a file or a shipped name) supplies the rest."""
+        if d.get("recipe"):
+            rest = {k: v for k, v in d.items() if k != "recipe"}
+            return cls.from_recipe(d["recipe"], rest)
+        d = {k: v for k, v in d.items() if not (k == "recipe" and not v)}
         unknown = sorted(set(d) - set(cls.field_names()))
         if unknown:
             raise ValueError(
@@ -120,6 +136,9 @@ class DistillConfig:
 
     @classmethod
     def from_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "DistillConfig":
+        """A recipe YAML (or a shipped recipe's name) with `overrides` on top. The config's
+        `notes` list warnings about the combination (see hpd.advice)."""
+        name = str(path)
         path = resolve_recipe(path)
         with open(path, encoding="utf-8") as fh:
             try:
@@ -134,11 +153,15 @@ class DistillConfig:
                 raise ValueError(f"{where} ({problem})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: a recipe is a mapping of config fields, got {type(data).__name__}")
-        data = {**data, **(overrides or {})}
+        merged = {**data, **(overrides or {})}
         try:
-            return cls.from_dict(data)
+            cfg = cls.from_dict(merged)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
+        from hpd.advice import recipe_notes
+
+        cfg.notes = recipe_notes(name, data, overrides or {})
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -181,6 +204,7 @@ class DistillConfig:
                 errors.append(f"schedule: {e}")
         if not (self.chunk_size == "auto" or (self.chunk_size.isdigit() and int(self.chunk_size) >= 1)):
             errors.append(f"chunk_size={self.chunk_size!r}: allowed auto or a positive integer")
+        errors.extend(_check_reporting(self))
         if self.eval_every and not self.eval_data:
             errors.append("eval_every is set but eval_data is not")
         if (self.schedule or {}).get("lambda_schedule") == "adaptive" and not (self.eval_data and self.eval_every):
@@ -199,6 +223,21 @@ class DistillConfig:
         return ScheduleConfig.from_dict(dict(self.schedule))
 
 
+def _check_reporting(cfg) -> list[str]:
+    from hpd.formats import parse_columns
+    from hpd.report import REPORTERS
+
+    errors = [f"report_to={name!r}: allowed {', '.join(REPORTERS)}" for name in cfg.report_to
+              if name not in REPORTERS]
+    if "none" in cfg.report_to and len(set(cfg.report_to)) > 1:
+        errors.append("report_to: 'none' cannot be combined with other targets")
+    try:
+        parse_columns(cfg.data_columns)
+    except ValueError as e:
+        errors.append(str(e))
+    return errors
+
+
 def resolve_recipe(path: str | Path) -> Path:
     """A recipe file, or the name of one shipped with hpd (e.g. `tiny`)."""
     p = Path(path)
@@ -210,7 +249,9 @@ def resolve_recipe(path: str | Path) -> Path:
     for candidate in (folder / str(path), folder / f"{path}.yaml"):
         if candidate.exists():
             return candidate
-    raise FileNotFoundError(f"recipe {str(path)!r} not found (neither a file nor a shipped recipe name)")
+    shipped = sorted(p.stem for p in folder.glob("*.yaml"))
+    raise FileNotFoundError(f"recipe {str(path)!r} not found (neither a file nor a shipped recipe name); "
+                            f"shipped recipes: {', '.join(shipped)}")
 
 
 def _coerce(cls, name: str, value):
@@ -232,9 +273,17 @@ def _coerce(cls, name: str, value):
         if ftype in ("str", str):
             return str(value)
         if ftype in ("dict", dict):
+            if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "=" in v for v in value):
+                return dict(v.split("=", 1) for v in value)  # NAME=VALUE flags
             if not isinstance(value, dict):
                 raise ValueError
             return value
+        if ftype in ("list", list):
+            if isinstance(value, str):
+                return [value]
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            return [str(v) for v in value]
     except (TypeError, ValueError):
         raise ValueError(f"{name}: expected {ftype}, got {value!r}") from None
     return value

@@ -1,6 +1,6 @@
-"""JSONL data: reading, tokenising with a loss mask, truncation, batching.
+"""Data: tokenising with a loss mask, truncation, batching (files are read by hpd.sources).
 
-Rows are one of
+Rows are (after hpd.formats has brought ShareGPT and Alpaca rows to these) one of
     {"messages": [{"role": ..., "content": ...}, ...]}  loss on assistant turns
     {"prompt": ..., "completion": ...}                  loss on the completion
     {"text": ...}                                       loss on every token
@@ -155,17 +155,19 @@ def _encode_messages(messages, tokenizer) -> Example:
     return Example(ids, mask, first_target or 1)
 
 
-def load_dataset(path: str | Path, tokenizer, max_length: int) -> Dataset:
-    """Every row encoded and truncated to max_length; raises DataError on any bad row."""
+def load_dataset(path: str | Path, tokenizer, max_length: int, *, split: str = "", columns=None,
+                 default_splits: tuple[str, ...] = ("train",)) -> Dataset:
+    """Every row encoded and truncated to max_length; raises DataError on any bad row.
+    The file kinds and row shapes read are those of hpd.sources and hpd.formats."""
+    from hpd.sources import read_rows
+
     examples, truncated = [], 0
-    rows = read_jsonl(path)
-    for lineno, row in rows:
+    rows = read_rows(path, split=split, columns=columns, default_splits=default_splits)
+    for where, row in rows:
         try:
             ex = encode_row(row, tokenizer)
-        except DataError as e:
-            raise DataError(f"{path}:{lineno}: {e}") from None
-        except ValueError as e:
-            raise DataError(f"{path}:{lineno}: {e}") from None
+        except ValueError as e:  # DataError included
+            raise DataError(f"{where}: {e}") from None
         if len(ex.input_ids) > max_length:
             truncated += 1
             ex = Example(ex.input_ids[:max_length], ex.loss_mask[:max_length], min(ex.prompt_len, max_length))

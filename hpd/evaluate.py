@@ -6,9 +6,18 @@ import math
 import re
 from typing import Callable
 
-from hpd.data import collate, load_dataset, pad_id_of, read_jsonl
+from hpd.data import collate, load_dataset, pad_id_of
 from hpd.loop import MetricMeans
 from hpd.rollout import prompt_ids
+
+
+# held-out data from a `datasets` folder or hub id: these splits, in this order, unless one is named
+EVAL_SPLITS = ("test", "validation", "train")
+
+
+def eval_source(cfg) -> dict:
+    """How a run's config reads its held-out data (split and column names)."""
+    return {"split": getattr(cfg, "eval_data_split", ""), "columns": getattr(cfg, "data_columns", None)}
 
 
 def _last_number(text: str) -> str | None:
@@ -60,17 +69,20 @@ def reference_of(row: dict) -> str:
 
 def accuracy(backend, model, tokenizer, data, *, extractor: str = "answer", samples: int = 1,
              max_new_tokens: int = 128, temperature: float = 1.0, batch_size: int = 16,
-             limit: int | None = None, progress: bool = True) -> dict[str, float]:
+             limit: int | None = None, progress: bool = True, split: str = "", columns=None) -> dict[str, float]:
     """Exact match of the extracted answer: greedy when samples == 1, else the mean over K samples."""
+    from hpd.sources import read_rows
+
     extract = get_extractor(extractor)
-    rows = read_jsonl(data)[:limit] if limit else read_jsonl(data)
+    rows = read_rows(data, split=split, columns=columns, default_splits=EVAL_SPLITS)
+    rows = rows[:limit] if limit else rows
     jobs = []
-    for lineno, row in rows:
+    for where, row in rows:
         try:
             ids, _ = prompt_ids(row, tokenizer)
             ref = extract(reference_of(row))
         except ValueError as e:
-            raise ValueError(f"{data}:{lineno}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
         jobs.extend((ids, ref) for _ in range(samples))
     from tqdm.auto import tqdm
 
@@ -88,20 +100,24 @@ def accuracy(backend, model, tokenizer, data, *, extractor: str = "answer", samp
 
 
 def likelihood(backend, model, tokenizer, data, *, teacher=None, batch_size: int = 16,
-               max_length: int = 1024) -> dict[str, float]:
-    """Per-token NLL and perplexity on the data's targets; KL(teacher || model) when a teacher is given."""
+               max_length: int = 1024, limit: int | None = None, split: str = "",
+               columns=None) -> dict[str, float]:
+    """Per-token NLL and perplexity on the data's targets; KL(teacher || model) when a teacher is
+    given. `limit` keeps the first N usable rows, as `accuracy` does."""
     import hpd
 
-    dataset = load_dataset(data, tokenizer, max_length)
+    dataset = load_dataset(data, tokenizer, max_length, split=split, columns=columns,
+                           default_splits=EVAL_SPLITS)
+    examples = dataset.examples[:limit] if limit else dataset.examples
     means = MetricMeans()
-    for i in range(0, len(dataset), batch_size):
-        batch = backend.to_arrays(collate(dataset.examples[i:i + batch_size], pad_id_of(tokenizer)))
+    for i in range(0, len(examples), batch_size):
+        batch = backend.to_arrays(collate(examples[i:i + batch_size], pad_id_of(tokenizer)))
         logits = backend.forward(model, batch).logits
         reference = backend.forward(teacher, batch).logits if teacher is not None else logits
         _, m = hpd.loss("fkl", logits, reference, batch["targets"])
         means.add(m, m["tokens"])
     r = means.result()
-    out = {"nll": r["nll"], "perplexity": math.exp(min(r["nll"], 700.0)), "tokens": r["tokens"]}
+    out = {"nll": r["nll"], "perplexity": math.exp(min(r["nll"], 700.0)), "tokens": int(r["tokens"])}
     if teacher is not None:
         out["kl_to_teacher"] = r["fkl"]
     return out

@@ -14,9 +14,12 @@ import shutil
 from pathlib import Path
 
 from hpd.checkpoint import STATE_FILE, read_state
+from hpd.filemodes import respect_umask
 from hpd.models import INDEX_FILE, weight_files
 from hpd.outdir import ensure_writable  # noqa: F401  (hpd.run imports it from here)
 
+# the name on the package index (`hpd` there is an unrelated project); `import hpd` is unchanged
+DISTRIBUTION = "hpd-distill"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
 
 
@@ -69,14 +72,14 @@ def model_card(info: dict) -> str:
     params_text = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
     metrics = info.get("final_metrics") or {}
     rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                     for k, v in metrics.items())
+                     for k, v in metrics.items()) or "| (none recorded) | |"
     return f"""---
 library_name: transformers
 tags: [hpd, distillation]
 ---
 # {info.get('name', 'hpd student')}
 
-Distilled with [hpd](https://pypi.org/project/hpd/) ({info.get('backend', '?')} backend).
+Distilled with [hpd](https://pypi.org/project/{DISTRIBUTION}/) (`pip install {DISTRIBUTION}`, {info.get('backend', '?')} backend).
 
 | | |
 |---|---|
@@ -108,6 +111,7 @@ def finalize(folder: Path, tokenizer, info: dict) -> None:
     write_generation_config(folder, tokenizer)
     (folder / "README.md").write_text(model_card(info))
     (folder / "hpd_export.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    respect_umask(folder, recursive=False)  # checkpoints/ got theirs when written
     check_model_folder(folder)
 
 
@@ -116,6 +120,23 @@ def finalize(folder: Path, tokenizer, info: dict) -> None:
 CONTRACT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
                   "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def metrics_at(path: Path, step) -> dict:
+    """The latest value of each metric logged up to `step` in a run's metrics.jsonl (a
+    checkpoint's own metrics), without the schedule's decisions; {} when there is no log."""
+    if not path.exists() or step is None:
+        return {}
+    latest = {}
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and 0 < record.get("step", 0) <= step and not record.get("skipped"):
+            latest.update({k: v for k, v in record.items() if not k.startswith("schedule/")})
+    latest.pop("step", None)
+    return latest
 
 
 def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
@@ -135,6 +156,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
             shutil.copyfile(p, out / p.name)
         info = dict(state.get("run_info", {}))
         info["steps"] = state.get("step")
+        info.setdefault("final_metrics", metrics_at(checkpoint.parent.parent / "metrics.jsonl", info["steps"]))
         from transformers import AutoTokenizer
 
         finalize(out, AutoTokenizer.from_pretrained(str(out)), info)

@@ -89,7 +89,8 @@ def metric_names(metrics: dict, method: str, objectives: int) -> dict:
     """With several objectives, each one's metrics under its method's name."""
     if objectives == 1:
         return metrics
-    return {(k if "/" in k else f"{method}/{k}"): v for k, v in metrics.items()}
+    # the KL to the teacher is the same whichever objective reports it
+    return {(k if "/" in k or k == "kl" else f"{method}/{k}"): v for k, v in metrics.items()}
 
 
 def teacher_source_of(teacher):
@@ -296,10 +297,11 @@ class Loop:
         if self.teacher is not None:
             out["eval/kl"] = r.get("fkl", float("nan"))
         if self.config.eval_generate:
-            from hpd.evaluate import accuracy
+            from hpd.evaluate import accuracy, eval_source
 
             acc = accuracy(backend, self.student, self.tokenizer, self.config.eval_data,
                            extractor=self.config.eval_extractor, limit=self.config.eval_generate,
-                           max_new_tokens=self.config.rollout_max_new_tokens, progress=False)
+                           max_new_tokens=self.config.rollout_max_new_tokens, progress=False,
+                           **eval_source(self.config))
             out["eval/accuracy"] = acc["accuracy"]
         return out

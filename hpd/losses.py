@@ -64,16 +64,24 @@ def loss(
             s = sample_with_uniforms(o, o.log_softmax(o.stop_gradient(zs)), u)
         else:
             s = sample_tokens(o, zs)
-    per_pos, weights, log_q_y = objective_terms(o, m, zs, lp, y, s, params)
+    per_pos, weights, log_q_y, kl = objective_terms(o, m, zs, lp, y, s, params)
     value = o.sum(per_pos) / denom
-    metrics = summarize(o, m, weights, log_q_y, count)
+    metrics = summarize(o, m, weights, log_q_y, count, kl)
     return value, metrics
 
 
-def objective_terms(o, m: Method, zs, lp, y, s, params) -> tuple[Any, Weights, Any]:
-    """Per-position objective (..., differentiable in zs), the rule's weights, and the
-    student's log-prob of y (unfloored, without gradient) for the metrics. lp: the
-    teacher's log-probs.
+def token_kl(o, m: Method, w: Weights, lq, lp):
+    """KL(teacher || student) per position, from log-probs the step already holds.
+
+    It is what to watch when a method's loss value is a surrogate (hpd, sft): comparable
+    across methods and runs. fkl's value is this KL already."""
+    return w.value if m.name == "fkl" else o.sum(o.exp(lp) * (lp - lq), axis=-1)
+
+
+def objective_terms(o, m: Method, zs, lp, y, s, params) -> tuple[Any, Weights, Any, Any]:
+    """Per-position objective (..., differentiable in zs), the rule's weights, the
+    student's log-prob of y (unfloored, without gradient) and the token-level KL to the
+    teacher, both for the metrics. lp: the teacher's log-probs.
 
     The value equals the rule's reported value (the literal divergence for the
     full-vocabulary methods); its gradient is -sum w * grad log q.
@@ -90,7 +98,7 @@ def objective_terms(o, m: Method, zs, lp, y, s, params) -> tuple[Any, Weights, A
         term = -o.stop_gradient(weight) * o.take(logq, idx)
         surrogate = term if surrogate is None else surrogate + term
     per_pos = surrogate + o.stop_gradient(w.value - surrogate)
-    return per_pos, w, o.take(o.stop_gradient(log_q), y)
+    return per_pos, w, o.take(o.stop_gradient(log_q), y), token_kl(o, m, w, lq, lp)
 
 
 def active_positions(o, targets, vocab: int, ignore_index: int):
@@ -145,11 +153,11 @@ def sample_with_uniforms(o, log_probs, u):
     return o.where(drawn > vocab - 1, drawn * 0 + (vocab - 1), drawn)
 
 
-def summarize(o, m: Method, w: Weights, lq_y, count: float) -> dict[str, float]:
+def summarize(o, m: Method, w: Weights, lq_y, count: float, kl=None) -> dict[str, float]:
     """Means over the (active) positions given, and min/max for the k statistics, as
     Python floats."""
     tally = MetricTally(o, m, o.float_dtype(lq_y), lq_y)
-    tally.add(w, lq_y)
+    tally.add(w, lq_y, None, kl)
     return tally.metrics(count)
 
 
@@ -169,7 +177,7 @@ class MetricTally:
         self.lows: dict[str, Any] = {}
         self.highs: dict[str, Any] = {}
 
-    def add(self, w: Weights, log_q_y, mask=None) -> None:
+    def add(self, w: Weights, log_q_y, mask=None, kl=None) -> None:
         """Add positions' metrics; `mask` (N,) marks those that count (None: all)."""
         o = self.o
         if 0 in tuple(log_q_y.shape):
@@ -183,6 +191,8 @@ class MetricTally:
 
         self.sums["objective"] = self.sums["objective"] + masked_sum(w.value, mask)
         self.sums["nll"] = self.sums["nll"] - masked_sum(log_q_y, mask)
+        if kl is not None:
+            self.sums["kl"] = self.sums.get("kl", self.zero) + masked_sum(kl, mask)
         for name, x in w.diagnostics.items():
             where = mask
             if name in w.domains:
@@ -204,10 +214,12 @@ class MetricTally:
         o, name = self.o, self.method.name
         out = {"tokens": count, "objective": o.item(self.sums["objective"]) / max(count, 1.0),
                "nll": o.item(self.sums["nll"]) / max(count, 1.0)}
+        if "kl" in self.sums:
+            out["kl"] = o.item(self.sums["kl"]) / max(count, 1.0)
         if self.method.full_vocab:
             out[name] = out["objective"]
         for key, total in self.sums.items():
-            if key in ("objective", "nll"):
+            if key in ("objective", "nll", "kl"):
                 continue
             n = o.item(self.counts[key]) if key in self.counts else count
             out[f"{name}/{key}"] = o.item(total) / max(n, 1.0)

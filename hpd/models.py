@@ -30,7 +30,9 @@ def local_or_hub(path: str) -> Path | str:
         return p
     if not path or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"model folder {path!r} does not exist")
-    return path
+    from hpd.hub import resolve_hub_model
+
+    return resolve_hub_model(path)
 
 
 def hub_failure(path: str, error: Exception) -> FileNotFoundError:

@@ -17,10 +17,12 @@ from hpd import resume as resume_check
 from hpd.backend import get_backend
 from hpd.config import DistillConfig
 from hpd.data import Batches, check_tokenizers, collate, load_dataset, pad_id_of
-from hpd.export import ensure_writable, finalize, sha256_of
+from hpd.evaluate import eval_source
+from hpd.export import finalize
 from hpd.interrupt import Interrupted, StopOnSignal, signal_name
 from hpd.loop import Loop, LoopState
-from hpd.outdir import Manifest, OutputLock, check_writable, make_dir, remove_if_untouched
+from hpd.outdir import Manifest, OutputLock, check_writable, ensure_writable, make_dir, remove_if_untouched
+from hpd.sources import fingerprint
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -37,7 +39,7 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
             raise FileNotFoundError(f"--resume: no checkpoint under {out / 'checkpoints'}")
         ckpt.read_state(latest)
         return latest
-    ensure_writable(out, overwrite)
+    check_writable(out, overwrite)  # cleared once the inputs load (a bad input loses nothing)
     return None
 
 
@@ -53,9 +55,10 @@ class MetricsLog:
     resumes: on resume, lines past the checkpoint (and a line torn by a kill) are dropped,
     and a record already there (the final evaluation of a finished run) is not repeated."""
 
-    def __init__(self, path: Path, resume_step: int | None):
+    def __init__(self, path: Path, resume_step: int | None, sinks=()):
         self.path = path
         self.seen: set[tuple] = set()
+        self.sinks = list(sinks)  # each record also goes to these (hpd.report, hpd.console)
         if resume_step is not None and path.exists():
             kept = []
             for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -75,6 +78,13 @@ class MetricsLog:
         self.seen.add(key)
         with open(self.path, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        for sink in self.sinks:
+            sink(record)
+
+    def close(self) -> None:
+        sinks, self.sinks = self.sinks, []  # once: a failed run closes them on its way out
+        for sink in sinks:
+            sink.close()
 
 
 def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_hooks: Any) -> dict:
@@ -113,11 +123,13 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
         resume_from = ckpt.latest_checkpoint(out)
     backend.barrier()
     backend.seed(cfg.seed)
+    for note in getattr(cfg, "notes", []):
+        say(f"warning: {note}", rank)
 
     tokenizer = backend.load_tokenizer(cfg.student)
     if cfg.teacher:
         check_tokenizers(backend.load_tokenizer(cfg.teacher), tokenizer)
-    data = load_dataset(cfg.data, tokenizer, cfg.max_length)
+    data = load_dataset(cfg.data, tokenizer, cfg.max_length, split=cfg.data_split, columns=cfg.data_columns)
     store = None
     if cfg.teacher_cache:  # checked against this data, tokenizer and settings before any model loads
         from hpd.store_teacher import open_for_run
@@ -127,7 +139,7 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
         f"to {cfg.max_length} tokens, {data.target_tokens} target tokens", rank)
     eval_batches = None
     if cfg.eval_data:
-        held = load_dataset(cfg.eval_data, tokenizer, cfg.max_length)
+        held = load_dataset(cfg.eval_data, tokenizer, cfg.max_length, **eval_source(cfg))
         ex = held.examples
         eval_batches = [collate(ex[i:i + cfg.batch_size], pad_id_of(tokenizer))
                         for i in range(0, len(ex), cfg.batch_size)]
@@ -174,11 +186,13 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
         "name": out.name, "backend": cfg.backend, "student": cfg.student,
         "teacher": cfg.teacher or store.provenance["teacher"], "teacher_cache": cfg.teacher_cache,
         "method": cfg.method, "method_params": dict(cfg.method_params), "temperature": cfg.temperature,
-        "data": cfg.data, "data_sha256": sha256_of(cfg.data), "schedule": dict(cfg.schedule),
+        "data": cfg.data, "data_sha256": fingerprint(cfg.data), "schedule": dict(cfg.schedule),
         "command": command or "hpd.distill(...)",
     }
-    manifest = Manifest(out) if rank == 0 else None  # what this run writes, for a later --overwrite
+    manifest = None  # what this run writes, for a later --overwrite
     if rank == 0:
+        # the inputs are valid: only now is an earlier run cleared
+        manifest = ensure_writable(out, cfg.overwrite) if resume_from is None else Manifest(out)
         with manifest.recording():
             if resume_from is None:
                 (out / "config.yaml").write_text(cfg.to_yaml())
@@ -188,7 +202,8 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
                     f"{history.name})", rank)
             (out / "metrics.jsonl").touch()
     # only rank 0 writes metrics.jsonl (and trims it on resume)
-    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from and rank == 0 else None)
+    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from and rank == 0 else None,
+                             sinks=_sinks(cfg, out, total, state.step) if rank == 0 else ())
     # a backend with collective_checkpoint (torch under torchrun) needs every rank in saves
     collective = getattr(backend, "collective_checkpoint", False)
     saved_at = [state.step if resume_from is not None else None]
@@ -213,10 +228,13 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
                 optimizer=optimizer, batches=batches, schedule=schedule, total_steps=total, vocab=vocab,
                 chunked=chunked, state=state, eval_batches=eval_batches, log=metrics_log, save=save,
                 should_stop=lambda: backend.all_reduce_sum(float(stop.requested)) > 0, **loop_hooks)
-    say(f"distilling {cfg.teacher} -> {cfg.student} with {cfg.method} on {cfg.backend}: "
-        f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} x {backend.world_size} sequences; "
-        f"{loss_path}", rank)
+    per_step = cfg.batch_size * cfg.grad_accum * backend.world_size
+    say(f"distilling {cfg.teacher or cfg.teacher_cache} -> {cfg.student} with {cfg.method} on {cfg.backend}: "
+        f"{total} steps of {per_step} sequences ({cfg.batch_size} per batch x {cfg.grad_accum} accumulated "
+        f"x {backend.world_size} process{'es' if backend.world_size > 1 else ''}); {loss_path}", rank)
     baseline = {}
+    if cfg.eval_generate and eval_batches and resume_from is not None:  # measured before the first run
+        baseline = _logged_baseline(out / "metrics.jsonl")
     if cfg.eval_generate and eval_batches and resume_from is None:
         baseline = _accuracy_baseline(backend, student, teacher, tokenizer, cfg)
         say("held-out exact match before distilling: " + ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()),
@@ -224,15 +242,13 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
         if rank == 0:
             metrics_log({"step": 0, "eval/accuracy": baseline["student"],
                          **({"eval/teacher_accuracy": baseline["teacher"]} if "teacher" in baseline else {})})
-    started = time.perf_counter()
-    progress = _progress_bar(total, state.step, enabled=cfg.progress and rank == 0)
     try:
-        last = loop.run(progress)
-    finally:
-        if progress is not None:
-            progress.close()
-    if loop.state.step < total:  # a signal stopped the loop: checkpoint, then say how to go on
-        _stop_with_checkpoint(loop, save, saved_at[0], stop, out, total, command)
+        last = loop.run()
+        if loop.state.step < total:  # a signal stopped the loop: checkpoint, then say how to go on
+            _stop_with_checkpoint(loop, save, saved_at[0], stop, out, total, command)
+    except BaseException:
+        metrics_log.close()
+        raise
     final = {k: v for k, v in last.items() if not k.startswith("schedule/")}
     final.update({f"eval/{k}_accuracy_before": v for k, v in baseline.items()})
     if eval_batches:
@@ -241,12 +257,15 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
         if rank == 0:
             metrics_log({"step": loop.state.step, **evaluation})
     save(loop)
+    started = time.perf_counter()
     with manifest.recording() if rank == 0 else nullcontext():
         if rank == 0 or collective:
             backend.save_model(student, tokenizer, out)
         if rank == 0:
             finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final})
-        say(f"exported the student to {out} ({time.perf_counter() - started:.0f} s)", rank)
+            metrics_log.close()
+            _own_report_folders(manifest, out)
+    say(f"exported the student to {out} ({time.perf_counter() - started:.1f} s)", rank)
     backend.barrier()
     return {"out": str(out), "steps": loop.state.step, "metrics": final, "student": student,
             "tokenizer": tokenizer, "backend": backend}
@@ -283,23 +302,45 @@ def _stop_with_checkpoint(loop: Loop, save, saved_at, stop: StopOnSignal, out: P
                       f"{where}; resume with: {again}", signum)
 
 
+def _logged_baseline(path: Path) -> dict[str, float]:
+    """The before-training accuracies a resumed run's first part logged at step 0."""
+    if not path.exists():
+        return {}
+    for line in path.read_text().splitlines():
+        record = json.loads(line) if line.strip() else {}
+        if record.get("step") == 0 and "eval/accuracy" in record:
+            found = {"student": record["eval/accuracy"]}
+            if "eval/teacher_accuracy" in record:
+                found["teacher"] = record["eval/teacher_accuracy"]
+            return found
+    return {}
+
+
+def _own_report_folders(manifest: Manifest, out: Path) -> None:
+    """--report-to writes runs/ (tensorboard) and wandb/: hpd's, for a later --overwrite."""
+    for name in ("runs", "wandb"):
+        if (out / name).is_dir():
+            manifest.own_folder(out / name)
+
+
 def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, float]:
     from hpd.evaluate import accuracy
 
     def acc(model):
         return accuracy(backend, model, tokenizer, cfg.eval_data, extractor=cfg.eval_extractor,
                         limit=cfg.eval_generate, max_new_tokens=cfg.rollout_max_new_tokens,
-                        progress=False)["accuracy"]
+                        progress=False, **eval_source(cfg))["accuracy"]
 
     return {"student": acc(student), **({"teacher": acc(teacher)} if teacher is not None else {})}
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
+def _sinks(cfg, out: Path, total: int, initial: int) -> list:
+    """The console (bar or plain lines) and the --report-to targets, fed every metrics record."""
+    from hpd.console import Console
+    from hpd.report import open_reporters
 
-    return tqdm(total=total, initial=initial, desc="distill", unit="step", dynamic_ncols=True)
+    return [Console(total, initial, progress=cfg.progress, log_every=cfg.log_every),
+            *open_reporters(cfg.report_to, out, cfg.to_dict())]
 
 
 def command_line() -> str:

@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip install 'hpd[mlx]')")
-pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd[mlx]')")
+mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip install 'hpd-distill[mlx]')")
+pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd-distill[mlx]')")
 
 pytestmark = [pytest.mark.mlx, pytest.mark.slow]
 
@@ -182,7 +182,7 @@ def test_two_ranks_equal_one_rank_cli(assets, tmp_path, ring):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     # rank 0 alone speaks on stderr; the run saw two processes of 2 rows each
     assert done.stderr.count("distilling ") == 1, done.stderr
-    assert f"{STEPS} steps of 2 x 1 x 2 sequences" in done.stderr
+    assert f"{STEPS} steps of 4 sequences (2 per batch x 1 accumulated x 2 processes)" in done.stderr
     assert done.stderr.count("exported the student") == 1
     assert seconds < LAUNCH_TIMEOUT
 

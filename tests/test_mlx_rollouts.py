@@ -17,8 +17,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip install 'hpd[mlx]')")
-pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd[mlx]')")
+mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip install 'hpd-distill[mlx]')")
+pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd-distill[mlx]')")
 
 from click.testing import CliRunner  # noqa: E402
 

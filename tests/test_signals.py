@@ -71,7 +71,7 @@ def test_signal_checkpoints_and_resume_is_exact(assets, tmp_path, uninterrupted,
     latest = ckpt.latest_checkpoint(out)
     assert latest.name == f"step-{step}"
     last_line = [ln for ln in err.splitlines() if ln.strip()][-1]
-    assert last_line.startswith("error:") and signal.Signals(sig).name in last_line
+    assert last_line.startswith("Error:") and signal.Signals(sig).name in last_line
     assert str(latest) in last_line and "--resume" in last_line
     # the printed command resumes the run, which ends where an uninterrupted one does
     resumed = subprocess.run(args(assets, out, "--resume"), capture_output=True, text=True, env=env, timeout=300)
