@@ -139,11 +139,11 @@ class CompiledStep:
                         s = sample_with_uniforms(o, mx.stop_gradient(o.log_softmax(zs)), inputs["uniforms"])
                     else:
                         s = sample_tokens(o, zs)
-                per_pos, w, lq_y = objective_terms(o, m, zs, lp, y, s, resolve_params(m, params))
+                per_pos, w, lq_y, kl = objective_terms(o, m, zs, lp, y, s, resolve_params(m, params))
                 value = mx.sum(mx.where(valid, per_pos, 0.0)) / inputs["num_tokens"]
                 total = value * weight if total is None else total + value * weight
                 tally = MetricTally(o, m, mx.float32, zs)
-                tally.add(w, lq_y, valid)
+                tally.add(w, lq_y, valid, kl)
                 for part in ("sums", "counts", "lows", "highs"):
                     for name, x in getattr(tally, part).items():
                         raw.append(((i, part, name), x))
