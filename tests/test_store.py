@@ -277,3 +277,39 @@ def test_refusals_of_a_damaged_store(assets, tmp_path):
     (tmp_path / "s" / "index.json").unlink()
     with pytest.raises(StoreError, match="no index.json"):
         Store(tmp_path / "s")
+
+
+def test_store_rows_follow_packed_batches():
+    """A packed batch (hpd.packing) holds several examples per line, longest first: each
+    example's stored rows land on its own target positions, as in the unpacked batch."""
+    from types import SimpleNamespace
+
+    from hpd.data import Example, collate
+    from hpd.packing import collate_packed
+    from hpd.store_teacher import batch_rows
+
+    rng = np.random.default_rng(0)
+    examples, stored = [], {}
+    for row, n in zip((7, 3, 11, 5), (9, 4, 6, 12)):
+        prompt = int(rng.integers(1, n - 1))
+        examples.append(Example(input_ids=rng.integers(5, 50, size=n).tolist(),
+                                loss_mask=[i >= prompt for i in range(n)], prompt_len=prompt))
+        targets = n - prompt  # positions whose target counts
+        stored[row] = {"ids": rng.integers(0, 60, size=(targets, 2)), "logprobs": rng.random((targets, 2)),
+                       "data_logprob": row * 100.0 + np.arange(targets), "rest_mass": rng.random(targets)}
+    rows = [7, 3, 11, 5]
+    store = SimpleNamespace(top_k=2, example=lambda i: stored[i])
+
+    def per_example(batch, out):
+        owner = (np.asarray(batch["token_rows"]) if "token_rows" in batch
+                 else np.repeat(np.asarray(batch["rows"])[:, None], batch["targets"].shape[1], axis=1)).reshape(-1)
+        counted = np.asarray(batch["targets"]).reshape(-1) != -100
+        return {r: out["data_logprob"][counted & (owner == r)].tolist() for r in rows}
+
+    plain = collate(examples, 0)
+    plain["rows"] = np.asarray(rows)
+    packed = collate_packed(examples, 0, rows=rows)
+    assert packed["input_ids"].shape[0] < len(examples)  # the rows really share lines
+    for batch in (plain, packed):
+        found = per_example(batch, batch_rows(store, batch))
+        assert found == {r: stored[r]["data_logprob"].tolist() for r in rows}
