@@ -10,7 +10,8 @@ import click
 from hpd.cli.errors import fail
 
 
-@click.command("cache-teacher", context_settings={"max_content_width": 100})
+@click.command("cache-teacher", context_settings={"max_content_width": 100},
+               short_help="Store a teacher's top-k log-probs for training without it.")
 @click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
               help="framework that runs the teacher (either backend reads the store)")
 @click.option("--teacher", required=True, help="teacher model: a local folder, a hub id, or hpd:tiny/teacher")

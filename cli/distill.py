@@ -110,4 +110,3 @@ def distill(recipe, params, **flags):
         click.echo(f"held-out exact match: student {summary['eval/student_accuracy_before']:.3f} before, "
                    f"{summary['eval/accuracy']:.3f} after"
                    + (f"; teacher {teacher:.3f}" if teacher is not None else ""))
-    click.echo(f"student exported to {result['out']}")

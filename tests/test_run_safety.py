@@ -246,7 +246,7 @@ def test_full_disk_on_the_command_line_is_one_line(assets, tmp_path, monkeypatch
             str(assets["data"]), "--out", str(out), "--steps", "2", "--batch-size", "4", "--no-progress"]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1 and "Traceback" not in result.output
-    errors = [ln for ln in result.output.splitlines() if ln.startswith("error")]
+    errors = [ln for ln in result.output.splitlines() if ln.startswith("Error:")]
     assert len(errors) == 1 and "disk is full" in errors[0] and "no intact checkpoint" in errors[0]
     assert list((out / "checkpoints").iterdir()) == []
 
