@@ -10,7 +10,7 @@ samples, so they must agree to float rounding).
 The first compiled steps build kernels (on Linux CPU with g++, tens of seconds on a cold
 cache); --warmup steps are untimed for both runs.
 
-    python benchmarks/mlx_compile.py [--warmup 6] [--iters 30] [--chunked auto]
+    python benchmarks/mlx_compile.py [--warmup 6] [--iters 30] [--chunked auto] [--fixed-batch]
 """
 
 from __future__ import annotations
@@ -40,13 +40,28 @@ def loop_for(overrides: dict) -> Loop:
     return captured[0]
 
 
+class _Repeat:
+    epoch = 0
+
+    def __init__(self, batch):
+        self.batch = batch
+
+    def __next__(self):
+        return self.batch
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--chunked", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--fixed-batch", action="store_true",
+                    help="train on the first micro-batch every step: the steady state without recompiles")
     args = ap.parse_args(argv)
     loops = {mode: loop_for(dict(compile=mode, chunked=args.chunked)) for mode in ("off", "on")}
+    if args.fixed_batch:  # one micro-batch every step: no new shapes, so no compilation after the first
+        for loop in loops.values():
+            loop.batches = _Repeat(next(loop.batches))
     times = {k: [] for k in loops}
     losses = {k: [] for k in loops}
     order = list(loops)
@@ -62,6 +77,7 @@ def main(argv=None):
     med = {k: statistics.median(v) for k, v in times.items()}
     diff = max(abs(a - b) for a, b in zip(losses["off"], losses["on"]))
     print(f"tiny recipe on mlx ({os.environ.get('LD_PRELOAD', 'no LD_PRELOAD')}), chunked={args.chunked}, "
+          f"{'one fixed micro-batch, ' if args.fixed_batch else ''}"
           f"median of {args.iters} steps after {args.warmup} warmup, load {os.getloadavg()[0]:.1f}")
     print("| --compile | median step ms |\n|---|---:|")
     for k in loops:

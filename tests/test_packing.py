@@ -157,3 +157,19 @@ def test_packed_run_equals_unpacked_run(assets, tmp_path, method):
     np.testing.assert_allclose(a["metrics"]["loss"], b["metrics"]["loss"], rtol=1e-5)
     wa, wb = a["student"].state_dict(), b["student"].state_dict()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+
+
+@pytest.mark.slow
+def test_packed_rollout_step_equals_unpacked(assets, tmp_path):
+    """An on-policy step: the packed batch's prompts are found per row, the student's
+    continuations are packed again, and the step equals the unpacked one."""
+    runs = {}
+    for packing in (False, True):
+        runs[packing] = hpd.distill(dict(
+            teacher=str(assets["teacher"]), student=str(assets["student"]), data=str(assets["data"]),
+            out=str(tmp_path / f"p{int(packing)}"), steps=1, batch_size=4, lr=3e-3, progress=False,
+            method="fkl", packing=packing, rollout_max_new_tokens=8, schedule={"lambda_start": 1.0}))
+    a, b = runs[False]["metrics"], runs[True]["metrics"]
+    assert a["rollout/tokens"] > 0  # the step trained on student rollouts
+    assert a["tokens"] == b["tokens"] and a["rollout/tokens"] == b["rollout/tokens"]
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)

@@ -115,14 +115,16 @@ def test_draws_follow_the_softmax(framework):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("parallel,chunked", [("ddp", "off"), ("fsdp", "on")])
-def test_hpd_two_torch_processes_equal_one(assets, tmp_path, parallel, chunked):
-    """torchrun, 2 ranks x batch 4 against 1 process x batch 8, hpd with sampling on.
-    (Before keyed uniforms, each rank drew from its own stream: 6e-3 apart after 6 steps.)"""
+@pytest.mark.parametrize("parallel,chunked,packing", [("ddp", "off", False), ("fsdp", "on", False),
+                                                     ("fsdp", "on", True)])
+def test_hpd_two_torch_processes_equal_one(assets, tmp_path, parallel, chunked, packing):
+    """torchrun, 2 ranks x batch 4 against 1 process x batch 8, hpd with sampling on (and
+    with packed rows: each rank packs its own 4). (Before keyed uniforms, each rank drew
+    from its own stream: 6e-3 apart after 6 steps.)"""
     pytest.importorskip("torch")
     from test_distributed_torch import assert_same_run, common, steps_of, torchrun
 
-    kw = dict(method="hpd", steps=STEPS, chunked=chunked, max_grad_norm=1.0)
+    kw = dict(method="hpd", steps=STEPS, chunked=chunked, max_grad_norm=1.0, packing=packing)
     torchrun(common(assets, tmp_path / "two", batch_size=4, parallel=parallel, **kw))
     hpd.distill(common(assets, tmp_path / "one", batch_size=8, **kw))
     assert all(r["hpd/sample_differs"] > 0.2 for r in steps_of(tmp_path / "one"))
