@@ -60,7 +60,7 @@ def distill(recipe, params, **flags):
           - {until: 0.1, objectives: {fkl: 1.0}}
           - objectives: {hpd: 1.0, sft: 0.1}
     """
-    overrides = {k: (int(v) if k == "teacher_quantize" else v) for k, v in flags.items() if v is not None}
+    overrides = {k: (int(v) if k in ("teacher_quantize", "student_quantize") else v) for k, v in flags.items() if v is not None}
     if params:
         method_params = {}
         for item in params:

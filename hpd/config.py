@@ -85,6 +85,19 @@ class DistillConfig:
                       choices=("auto", "on", "off"))
     chunk_size: int = _f(1024, "positions per chunk on the chunked path", low=1)
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
+    # LoRA students (hpd.lora): adapters over a frozen base, which may be quantized (QLoRA)
+    lora_rank: int = _f(0, "train LoRA adapters of this rank instead of the whole student (0: full "
+                        "fine-tuning); mlx-lm's LoRA layers on mlx, peft on torch", low=0)
+    lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank on both backends",
+                           low=0.0, low_open=True)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input", low=0.0, high=0.99)
+    lora_targets: str = _f("all-linear", "layers that get adapters: all-linear (every linear layer of "
+                           "the decoder blocks) or leaf names, e.g. q_proj,v_proj")
+    student_quantize: int = _f(0, "QLoRA: quantize the frozen student base to 4 or 8 bits (mlx: mlx-lm "
+                               "quantization; torch: bitsandbytes, CUDA only); needs --lora-rank",
+                               choices=(0, 4, 8))
+    adapter_only: bool = _f(False, "at the end of a LoRA run, write the adapters (peft/ and mlx-lm/ "
+                            "formats) instead of the merged student")
     progress: bool = _f(True, "show a progress bar")
 
     # ------------------------------------------------------------------ construction
@@ -163,6 +176,9 @@ class DistillConfig:
             errors.append("eval_every is set but eval_data is not")
         if (self.schedule or {}).get("lambda_schedule") == "adaptive" and not (self.eval_data and self.eval_every):
             errors.append("schedule.lambda_schedule=adaptive reacts to held-out loss: set eval_data and eval_every")
+        from hpd.lora import config_errors
+
+        errors.extend(config_errors(self))
         if errors:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
         return self

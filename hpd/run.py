@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hpd import checkpoint as ckpt
+from hpd import student as student_kind
 from hpd.backend import get_backend
 from hpd.config import DistillConfig
 from hpd.data import Batches, check_tokenizers, collate, load_dataset, pad_id_of
@@ -55,6 +56,7 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     backend = get_backend(cfg.backend, cfg)
     rank = backend.rank
     out = Path(cfg.out)
+    student_kind.check_student(backend, cfg)  # before the output folder is touched
     resume_from = prepare_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite) if rank == 0 else None
     if rank != 0 and cfg.resume:
         resume_from = ckpt.latest_checkpoint(out)
@@ -73,7 +75,7 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         eval_batches = [collate(ex[i:i + cfg.batch_size], pad_id_of(tokenizer))
                         for i in range(0, len(ex), cfg.batch_size)]
 
-    student = backend.load_model(str(resume_from or cfg.student), trainable=True, dtype=cfg.dtype)
+    student = student_kind.load_student(backend, cfg, resume_from, say=lambda m: say(m, rank))
     teacher = backend.load_model(cfg.teacher, trainable=False, dtype=cfg.dtype, quantize=cfg.teacher_quantize)
     vocab = min(backend.vocab_size(student), backend.vocab_size(teacher))
     if len(tokenizer) > vocab:
@@ -152,9 +154,10 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
             metrics_log({"step": loop.state.step, **evaluation})
     save(loop)
     if rank == 0 or collective:
-        backend.save_model(student, tokenizer, out)
+        student_kind.export(backend, student, tokenizer, out, adapter_only=cfg.adapter_only)
     if rank == 0:
-        finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final})
+        finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final,
+                                  **student_kind.card_info(student, cfg.adapter_only)})
         say(f"exported the student to {out} ({time.perf_counter() - started:.0f} s)", rank)
     backend.barrier()
     return {"out": str(out), "steps": loop.state.step, "metrics": final, "student": student,

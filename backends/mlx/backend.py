@@ -89,6 +89,13 @@ class MlxBackend:
         self.world_size = self.group.size() if self.group is not None else 1
         self._grads: dict[int, dict] = {}  # id(model) -> gradients accumulated since the last step
 
+    @property
+    def lora(self):
+        """LoRA students on this backend (hpd.backends.mlx.lora), imported when used."""
+        from hpd.backends.mlx import lora
+
+        return lora
+
     # ------------------------------------------------------------------ loading
     def seed(self, seed: int) -> None:
         random.seed(seed)
