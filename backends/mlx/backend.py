@@ -147,6 +147,10 @@ class MlxBackend:
         if trainable:
             model.train()
             model.unfreeze()
+            if getattr(self.config, "gradient_checkpointing", False):
+                from hpd.backends.mlx.lora import enable_checkpointing
+
+                enable_checkpointing(model)
         else:
             model.eval()
             model.freeze()

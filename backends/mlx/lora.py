@@ -71,12 +71,17 @@ def apply(model, spec: LoraSpec, *, seed: int, base: dict, gradient_checkpointin
 
 
 def enable_checkpointing(model) -> None:
-    """mlx-lm's helper: the blocks recompute their activations in the backward pass. It patches
-    the block class, so every model of that family in the process (a frozen teacher too, at no
-    cost: it has no backward) runs its blocks through mx.checkpoint."""
+    """mlx-lm's helper: the blocks recompute their activations in the backward pass. The helper
+    patches a block's class; this model's blocks get a class of their own first, so that other
+    models of the family in the process (the teacher) are left as they are."""
     from mlx_lm.tuner.trainer import grad_checkpoint
 
-    grad_checkpoint(model.layers[0])
+    layers = model.layers
+    own = type(type(layers[0]).__name__, (type(layers[0]),), {"hpd_checkpointed": True})
+    for layer in layers:
+        if not getattr(layer, "hpd_checkpointed", False):
+            layer.__class__ = own
+    grad_checkpoint(layers[0])
 
 
 def _lora_layers(model):
