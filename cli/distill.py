@@ -82,6 +82,8 @@ def distill(recipe, params, **flags):
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
+    if result.get("dry_run"):
+        return
     if result["backend"].rank != 0:  # under torchrun or mlx.launch, rank 0 reports
         return
     summary = result["metrics"]

@@ -99,6 +99,9 @@ class DistillConfig:
     adapter_only: bool = _f(False, "at the end of a LoRA run, write the adapters (peft/ and mlx-lm/ "
                             "formats) instead of the merged student")
     progress: bool = _f(True, "show a progress bar")
+    dry_run: bool = _f(False, "print the memory plan (weights, trainable parameters, gradients, optimizer "
+                       "state, activations, loss buffers) from the models' config.json, then stop: nothing "
+                       "is loaded, trained or written")
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -53,6 +53,11 @@ class MetricsLog:
 def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_hooks: Any) -> dict:
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(dict(config))
     cfg.validate()
+    if cfg.dry_run:
+        from hpd.memory import dry_run
+
+        say(dry_run(cfg))
+        return {"out": None, "steps": 0, "metrics": {}, "dry_run": True}
     backend = get_backend(cfg.backend, cfg)
     rank = backend.rank
     out = Path(cfg.out)
