@@ -17,7 +17,7 @@ import numpy as np
 @dataclass
 class Outputs:
     """A model's outputs for a batch: logits (B, T, V), or final hidden states (B, T, H)
-    with the output-projection weight (V, H) for the chunked loss."""
+    with the output head (`hpd.heads.Head`) for the chunked loss."""
 
     logits: Any = None
     hidden: Any = None
@@ -41,6 +41,14 @@ class Backend(Protocol):
     def vocab_size(self, model) -> int: ...
 
     def supports_chunked(self, model) -> bool: ...
+
+    def chunked_blocker(self, model) -> str | None:
+        """Why the chunked loss cannot compute this model's logits exactly, or None."""
+        ...
+
+    def head_of(self, model) -> Any:
+        """The output head as `hpd.heads.Head`: weight (dense or quantized), logit scale, soft-cap."""
+        ...
 
     def to_arrays(self, batch: dict[str, np.ndarray]) -> dict[str, Any]: ...
 

@@ -2,10 +2,13 @@
 
 The plain path needs the student's and the teacher's logits for every position at once;
 at a 152k vocabulary, 4k tokens and 8 sequences that is 20 GB per tensor in float32.
-Here the positions are flattened and taken `chunk_size` at a time: each chunk's logits
-are computed from the hidden states and the heads, the method's rule runs on them, and
-the chunk's gradient is formed in closed form and pushed straight through the head
-matmul, so only (chunk, V) arrays ever exist.
+Here only the positions whose target counts are gathered (prompt and padding never
+reach the vocabulary), and they are taken a chunk at a time, the chunk sized from a
+byte budget: each chunk's student logits come from the hidden states and the student's
+`Head` (dense, tied, quantized, scaled or soft-capped), the teacher's log-probs from a
+`TeacherSource` (the live teacher's head, or an offline store), the method's rule runs
+on them, and the chunk's gradient is formed in closed form and pushed back through the
+head, so only (chunk, V) arrays ever exist.
 
 Every rule's gradient w.r.t. the student's log-probs is -sum w * grad log q, so w.r.t.
 the logits z (at temperature T, the rule sees z / T) it is, per active position,
@@ -13,7 +16,8 @@ the logits z (at temperature T, the rule sees z / T) it is, per active position,
     dL/dz = (q * (sum_v full_v + sum_i w_i) - full - scatter(w_i at idx_i)) / (T * N)
 
 with N the normaliser. The chunk then contributes g @ head to the hidden states'
-gradient and g.T @ hidden to the head's.
+gradient and g.T @ hidden to the head's (through the soft-cap's tanh, where there is
+one; `hpd.heads.pullback`).
 
 Fused forward, not recompute: the loss is a terminal scalar, so its backward only scales
 these gradients by the incoming cotangent. Forming them in the forward pass costs one
@@ -34,26 +38,36 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from hpd.losses import MetricTally, _check_sampled, active_positions, sample_tokens
+from hpd.heads import Head, as_head, project, pullback
+from hpd.losses import MetricTally, _check_sampled, active_positions, sample_tokens, sample_with_uniforms
 from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, get_method, resolve_params
 from hpd.ops import ops_for
+from hpd.teacher import LiveTeacher, TeacherSource
 
+# What one chunk holds at its peak, in (chunk, V) arrays of the compute dtype, counted
+# from the loop below: the student's log-probs (and floored copy), the teacher's
+# log-probs, the rule's weights and the logit gradient with its temporaries.
+CHUNK_BUFFERS = 6
+DEFAULT_CHUNK_BUDGET_MB = 256
 
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Everything about one chunked loss except the student's differentiable inputs."""
+    """Everything about one chunked loss except the student's differentiable inputs.
+
+    Every array here is over the active positions only (those whose target counts),
+    in row-major order of the targets."""
 
     method: Method
     params: dict[str, float]
     temperature: float
     chunk_size: int
     vocab: int  # shared prefix of the two vocabularies
-    teacher_hidden: Any  # (N, H_t), constant
-    teacher_head: Any  # (vocab, H_t), constant
-    targets: Any  # (N,) ignored positions point at 0
-    mask: Any  # (N,) positions that count
-    sampled: Any  # (N,) student samples, or None: drawn per chunk when the method needs them
+    teacher: TeacherSource  # selected to the active positions, constant
+    student_head: Head  # its weight is replaced by the wrapper's differentiable input
+    targets: Any  # (N,)
+    sampled: Any  # (N,) given student samples, or None
+    uniforms: Any  # (N,) uniforms for inverse-CDF samples, or None: drawn per chunk
     count: float  # active positions here
     denom: float  # what the summed objective is divided by
 
@@ -62,77 +76,106 @@ def chunked_loss(
     method: str,
     student_hidden,
     student_head,
-    teacher_hidden,
-    teacher_head,
-    targets,
+    teacher_hidden=None,
+    teacher_head=None,
+    targets=None,
     *,
+    teacher: TeacherSource | None = None,
     sampled=None,
+    uniforms=None,
     ignore_index: int = -100,
     num_tokens: float | None = None,
     temperature: float = 1.0,
-    chunk_size: int = 1024,
+    chunk_size: int | str = "auto",
+    chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB,
     **params: Any,
 ):
-    """`hpd.loss` of `method`, computed `chunk_size` positions at a time.
+    """`hpd.loss` of `method`, computed a chunk of supervised positions at a time.
 
-    student_hidden (B, T, H_s), teacher_hidden (B, T, H_t): final (post-norm) hidden
-    states, where hidden[..., t, :] scores targets[..., t]. student_head (V_s, H_s),
-    teacher_head (V_t, H_t): output-projection weights (logits = hidden @ head.T); the
-    vocabularies are cut to their shared prefix. Gradients reach student_hidden and
-    student_head (whatever tensor is passed, so a tied embedding gets them); the teacher
-    is constant. The other arguments, the returned loss and the metrics are as in
+    student_hidden (B, T, H_s): final (post-norm) hidden states, where hidden[..., t, :]
+    scores targets[..., t]. student_head: the output projection, a `hpd.heads.Head` or a
+    bare (V_s, H_s) weight (logits = hidden @ head.T). The teacher is either
+    teacher_hidden (B, T, H_t) with teacher_head, or `teacher=`, any `TeacherSource`
+    (an offline store, say). The vocabularies are cut to their shared prefix.
+
+    Only positions whose target counts are gathered, before any vocabulary-sized work.
+    chunk_size: positions per chunk, or "auto" to size chunks so that one chunk's
+    (chunk, V) buffers stay within chunk_budget_mb. uniforms (B, T) in [0, 1): draw the
+    student sample of methods that need one by inverse CDF with these instead of the
+    framework's RNG. Gradients reach student_hidden and a dense student head (whatever
+    tensor is passed, so a tied embedding gets them); a quantized head and the teacher
+    are constant. The other arguments, the returned loss and the metrics are as in
     `hpd.loss`. Computes in float32 (float64 when student_hidden is float64).
     """
     m = get_method(method)
     temperature = TEMPERATURE.check(method, "temperature", temperature)
     params = resolve_params(m, params)
-    chunk_size = _check_chunk_size(chunk_size)
     o = ops_for(student_hidden)
-    others = {"student_head": student_head, "teacher_hidden": teacher_hidden, "teacher_head": teacher_head}
-    for name, x in others.items():
+    head = as_head(student_head)
+    if teacher is None:
+        if teacher_hidden is None or teacher_head is None:
+            raise ValueError("chunked_loss needs teacher_hidden and teacher_head, or teacher=")
+        _check_teacher_shapes(teacher_hidden, as_head(teacher_head), targets)
+        teacher = LiveTeacher(teacher_hidden, teacher_head)
+    arrays = {"student_head": head.weight, "targets": targets}
+    if isinstance(teacher, LiveTeacher):
+        arrays.update(teacher_hidden=teacher.hidden, teacher_head=teacher.head.weight)
+    for name, x in arrays.items():
         if ops_for(x).name != o.name:
             raise TypeError(
                 f"{name} is a {ops_for(x).name} array but student_hidden is a {o.name} one; "
-                "pass all four from one framework"
+                "pass every array from one framework"
             )
-    vocab = _check_shapes(student_hidden, student_head, teacher_hidden, teacher_head, targets)
+    vocab = _check_shapes(student_hidden, head, targets, teacher.vocab)
     mask, y = active_positions(o, targets, vocab, ignore_index)
+    index = o.nonzero(mask)
     s = None
     if m.needs_sample and sampled is not None:
-        s = _check_sampled(o, sampled, targets, vocab).reshape((-1,))
-    count = o.count(mask)
+        s = o.rows(_check_sampled(o, sampled, targets, vocab).reshape((-1,)), index)
+    u = None
+    if m.needs_sample and s is None and uniforms is not None:
+        u = o.rows(_check_uniforms(o, uniforms, targets, student_hidden), index)
+    count = float(index.shape[0])
+    width = student_hidden.shape[-1]
     plan = ChunkPlan(
         method=m,
         params=params,
         temperature=temperature,
-        chunk_size=chunk_size,
+        chunk_size=resolve_chunk_size(chunk_size, vocab, o.itemsize(o.compute_dtype(student_hidden)),
+                                      chunk_budget_mb),
         vocab=vocab,
-        teacher_hidden=o.stop_gradient(teacher_hidden).reshape((-1, teacher_hidden.shape[-1])),
-        teacher_head=o.stop_gradient(teacher_head)[:vocab],
-        targets=y.reshape((-1,)),
-        mask=mask.reshape((-1,)),
+        teacher=teacher.select(o, index),
+        student_head=head,
+        targets=o.rows(y.reshape((-1,)), index),
         sampled=s,
+        uniforms=u,
         count=count,
         denom=float(num_tokens) if num_tokens is not None else max(count, 1.0),
     )
+    hidden = o.rows(student_hidden.reshape((-1, width)), index)  # (N, H_s), differentiable
     backend = importlib.import_module(f"hpd.backends.{o.name}.chunked")
-    return backend.chunked_loss(plan, student_hidden, student_head)
+    return backend.chunked_loss(plan, hidden, None if head.quantized else head.weight)
 
 
-def forward_and_grads(o, plan: ChunkPlan, student_hidden, student_head, *, want_hidden=True, want_head=True):
-    """(loss, grad w.r.t. student_hidden, grad w.r.t. student_head, metrics), chunk by chunk.
+def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=True, want_head=True):
+    """(loss, grad w.r.t. hidden (N, H), grad w.r.t. the dense head weight, metrics).
 
-    The gradients are those of the returned loss, in the compute dtype and shaped like
-    the inputs (None when not wanted); the framework wrappers hand them to autograd.
+    `hidden` holds the active positions only. The gradients are those of the returned
+    loss, in the compute dtype (None when not wanted, and for a quantized head's
+    weight); the framework wrappers hand them to autograd.
     """
     with o.no_grad():
-        dtype = o.compute_dtype(student_hidden)
-        n, width = plan.targets.shape[0], student_hidden.shape[-1]
-        hidden = o.stop_gradient(student_hidden).reshape((n, width))
-        # Heads are cast once, not per chunk: a head-sized copy, like the head's gradient.
-        head_s = o.astype(o.stop_gradient(student_head)[: plan.vocab], dtype)  # (V, H_s)
-        head_t = o.astype(plan.teacher_head, dtype)  # (V, H_t)
-        scale = 1.0 / (plan.temperature * plan.denom)
+        dtype = o.compute_dtype(hidden)
+        n, width = hidden.shape[0], hidden.shape[-1]
+        hidden = o.stop_gradient(hidden)
+        head = plan.student_head
+        want_head = want_head and not head.quantized and head_weight is not None
+        weight = None
+        if not head.quantized:
+            head = head.with_weight(head_weight)
+            # cast once, not per chunk: a head-sized copy, like the head's gradient
+            weight = o.astype(o.stop_gradient(head_weight)[: plan.vocab], dtype)  # (V, H_s)
+        T, scale = plan.temperature, 1.0 / plan.denom
         total = o.zeros((), dtype, hidden)
         tally = MetricTally(o, plan.method, dtype, hidden)
         grad_hidden = []
@@ -140,40 +183,58 @@ def forward_and_grads(o, plan: ChunkPlan, student_hidden, student_head, *, want_
         for start in range(0, n, plan.chunk_size):
             rows = slice(start, min(start + plan.chunk_size, n))
             h = o.astype(hidden[rows], dtype)  # (C, H_s)
-            zs = h @ head_s.T  # (C, V)
-            zt = o.astype(plan.teacher_hidden[rows], dtype) @ head_t.T
-            if plan.temperature != 1.0:
-                zs, zt = zs / plan.temperature, zt / plan.temperature
-            y, mask = plan.targets[rows], plan.mask[rows]
+            zs, tanh = project(o, head, h, plan.vocab, T, dtype=dtype, weight=weight)  # (C, V)
+            y = plan.targets[rows]
             s = None
             if plan.method.needs_sample:
-                s = sample_tokens(o, zs) if plan.sampled is None else plan.sampled[rows]
+                if plan.sampled is not None:
+                    s = plan.sampled[rows]
+                elif plan.uniforms is None:
+                    s = sample_tokens(o, zs)
             log_q = o.log_softmax(zs)
+            del zs  # (C, V), not needed past here: kept out of the chunk's peak
+            if s is None and plan.method.needs_sample:
+                s = sample_with_uniforms(o, log_q, plan.uniforms[rows])
             lq = o.maximum(log_q, LOG_FLOOR)
-            lp = o.maximum(o.log_softmax(zt), LOG_FLOOR)
-            del zs, zt  # (C, V) each, not needed past here: kept out of the chunk's peak
+            lp = o.maximum(plan.teacher.log_probs(o, rows, plan.vocab, T, dtype), LOG_FLOOR)
             w = plan.method.rule(o, lq, lp, y, s, **plan.params)
-            total = total + o.sum(o.where(mask, w.value, o.zeros_like(w.value)))
-            tally.add(w, o.take(log_q, y), mask)
+            del lp, lq
+            total = total + o.sum(w.value)
+            tally.add(w, o.take(log_q, y))
             pending = [total, *tally.arrays()]
             if want_hidden or want_head:
-                g = logit_grad(o, w, log_q, mask)  # (C, V): inactive rows zero, not yet scaled
-                # The scale goes on the (C, H) side of each matmul, not over (C, V).
+                g = logit_grad(o, w, log_q)  # (C, V), not yet scaled
+                gh, gw = pullback(o, head, g, h, tanh, T, want_weight=want_head, weight=weight,
+                                  extra_scale=scale)
                 if want_hidden:
-                    grad_hidden.append((g @ head_s) * scale)  # (C, H_s)
-                    pending.append(grad_hidden[-1])
+                    grad_hidden.append(gh)  # (C, H_s)
+                    pending.append(gh)
                 if want_head:
-                    grad_head = grad_head + g.T @ (h * scale)
+                    grad_head = grad_head + gw
                     pending.append(grad_head)
             o.evaluate(*pending)
         if want_hidden:
-            grad_hidden = o.concat(grad_hidden, axis=0).reshape(tuple(student_hidden.shape))
+            grad_hidden = o.concat(grad_hidden, axis=0) if grad_hidden else o.zeros((0, width), dtype, hidden)
         else:
             grad_hidden = None
-        if want_head and student_head.shape[0] > plan.vocab:
-            rest = o.zeros((student_head.shape[0] - plan.vocab, width), dtype, hidden)
+        if want_head and head.vocab > plan.vocab:
+            rest = o.zeros((head.vocab - plan.vocab, width), dtype, hidden)
             grad_head = o.concat([grad_head, rest], axis=0)
         return total / plan.denom, grad_hidden, grad_head, tally.metrics(plan.count)
+
+
+def resolve_chunk_size(chunk_size: int | str, vocab: int, itemsize: int = 4,
+                       budget_mb: float = DEFAULT_CHUNK_BUDGET_MB) -> int:
+    """Positions per chunk: as given, or ("auto") as many as keep one chunk's
+    CHUNK_BUFFERS (chunk, vocab) arrays within budget_mb (at least 16)."""
+    if chunk_size == "auto":
+        if not budget_mb or budget_mb <= 0:
+            raise ValueError(f"chunk_budget_mb must be positive; got {budget_mb!r}")
+        per_position = CHUNK_BUFFERS * max(vocab, 1) * itemsize
+        return max(16, int(budget_mb * 2**20 // per_position))
+    if isinstance(chunk_size, str) and chunk_size.strip().isdigit():
+        chunk_size = int(chunk_size)
+    return _check_chunk_size(chunk_size)
 
 
 def logit_grad(o, w, log_q, mask=None):
@@ -206,26 +267,46 @@ def logit_grad(o, w, log_q, mask=None):
 
 def _check_chunk_size(chunk_size) -> int:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer (positions per chunk); got {chunk_size!r}")
+        raise ValueError(f"chunk_size must be a positive integer (positions per chunk) or 'auto'; "
+                         f"got {chunk_size!r}")
     return chunk_size
 
 
-def _check_shapes(student_hidden, student_head, teacher_hidden, teacher_head, targets) -> int:
-    """The shared vocabulary size, after checking that the shapes fit together."""
-    sh, th, y = tuple(student_hidden.shape), tuple(teacher_hidden.shape), tuple(targets.shape)
-    if len(sh) < 2 or sh[:-1] != y or th[:-1] != y:
+def _check_uniforms(o, uniforms, targets, like):
+    if tuple(uniforms.shape) != tuple(targets.shape):
+        raise ValueError(f"uniforms has shape {tuple(uniforms.shape)}, targets {tuple(targets.shape)}; "
+                         "they must match")
+    return o.uniforms(uniforms, like).reshape((-1,))
+
+
+def _check_shapes(student_hidden, head: Head, targets, teacher_vocab: int) -> int:
+    """The shared vocabulary size, after checking that the student's shapes fit together."""
+    sh, y = tuple(student_hidden.shape), tuple(targets.shape)
+    if len(sh) < 2 or sh[:-1] != y:
         raise ValueError(
-            f"shape mismatch: student hidden {sh}, teacher hidden {th}, targets {y}; expected "
-            "(..., H) hidden states with the same leading shape as the targets (widths may differ)"
+            f"shape mismatch: student hidden {sh}, targets {y}; expected (..., H) hidden states "
+            "with the same leading shape as the targets"
         )
-    for side, hidden, head in [("student", sh, student_head), ("teacher", th, teacher_head)]:
-        head = tuple(head.shape)
-        if len(head) != 2 or head[1] != hidden[-1]:
-            raise ValueError(
-                f"{side} head has shape {head}; expected (V, {hidden[-1]}) to match the {side} "
-                f"hidden width (logits = hidden @ head.T)"
-            )
-    return min(student_head.shape[0], teacher_head.shape[0])
+    if len(head.weight.shape) != 2 or head.width != sh[-1]:
+        raise ValueError(
+            f"student head has shape {tuple(head.weight.shape)}; expected (V, {sh[-1]}) to match the "
+            "student hidden width (logits = hidden @ head.T)"
+        )
+    return min(head.vocab, teacher_vocab)
 
 
-__all__ = ["chunked_loss", "forward_and_grads", "logit_grad", "ChunkPlan"]
+def _check_teacher_shapes(teacher_hidden, head: Head, targets) -> None:
+    th, y = tuple(teacher_hidden.shape), tuple(targets.shape)
+    if len(th) < 2 or th[:-1] != y:
+        raise ValueError(
+            f"shape mismatch: teacher hidden {th}, targets {y}; expected (..., H) hidden states "
+            "with the same leading shape as the targets (widths may differ)"
+        )
+    if len(head.weight.shape) != 2 or head.width != th[-1]:
+        raise ValueError(
+            f"teacher head has shape {tuple(head.weight.shape)}; expected (V, {th[-1]}) to match the "
+            "teacher hidden width (logits = hidden @ head.T)"
+        )
+
+
+__all__ = ["chunked_loss", "forward_and_grads", "logit_grad", "resolve_chunk_size", "ChunkPlan"]

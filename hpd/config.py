@@ -83,7 +83,10 @@ class DistillConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory")
     chunked: str = _f("auto", "chunked loss from hidden states (never holds batch x length x vocab)",
                       choices=("auto", "on", "off"))
-    chunk_size: int = _f(1024, "positions per chunk on the chunked path", low=1)
+    chunk_size: str = _f("auto", "supervised positions per chunk on the chunked path, or auto: as many as "
+                         "fit --chunk-budget-mb")
+    chunk_budget_mb: float = _f(256.0, "auto chunks: MiB for one chunk's (chunk x vocabulary) buffers, "
+                                "about 6 float32 arrays", low=0.0, low_open=True)
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
     # LoRA students (hpd.lora): adapters over a frozen base, which may be quantized (QLoRA)
     lora_rank: int = _f(0, "train LoRA adapters of this rank instead of the whole student (0: full "
@@ -175,6 +178,8 @@ class DistillConfig:
                 self.schedule_config()
             except ValueError as e:
                 errors.append(f"schedule: {e}")
+        if not (self.chunk_size == "auto" or (self.chunk_size.isdigit() and int(self.chunk_size) >= 1)):
+            errors.append(f"chunk_size={self.chunk_size!r}: allowed auto or a positive integer")
         if self.eval_every and not self.eval_data:
             errors.append("eval_every is set but eval_data is not")
         if (self.schedule or {}).get("lambda_schedule") == "adaptive" and not (self.eval_data and self.eval_every):

@@ -16,7 +16,9 @@ import numpy as np
 
 import hpd
 from hpd.backend import Backend, Outputs
+from hpd.chunked import DEFAULT_CHUNK_BUDGET_MB
 from hpd.data import IGNORE_INDEX, Batches
+from hpd.teacher import LiveTeacher, LogitsTeacher
 
 
 def learning_rate(step: int, total: int, peak: float, *, kind: str = "cosine",
@@ -39,20 +41,24 @@ def target_count(targets: np.ndarray, vocab: int) -> int:
     return int(((targets != IGNORE_INDEX) & (targets >= 0) & (targets < vocab)).sum())
 
 
-def objective_loss_fn(objectives, teacher_out: Outputs, targets, *, sampled, num_tokens: float,
-                      temperature: float, chunk_size: int):
-    """loss_fn(student_out) for the step's weighted objectives, averaged over num_tokens."""
+def objective_loss_fn(objectives, teacher, targets, *, sampled, num_tokens: float, temperature: float,
+                      chunk_size, chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB, uniforms=None):
+    """loss_fn(student_out) for the step's weighted objectives, averaged over num_tokens.
+
+    `teacher`: the teacher model's `Outputs` for the batch, or any `TeacherSource`."""
+    source = teacher_source_of(teacher)
 
     def loss_fn(student_out: Outputs):
         total, metrics = None, {}
         for obj in objectives:
-            common = dict(sampled=sampled, num_tokens=num_tokens, temperature=temperature, **obj.params)
+            common = dict(sampled=sampled, uniforms=uniforms, num_tokens=num_tokens, temperature=temperature,
+                          **obj.params)
             if student_out.logits is not None:
-                value, m = hpd.loss(obj.method, student_out.logits, teacher_out.logits, targets, **common)
+                value, m = hpd.loss(obj.method, student_out.logits, source, targets, **common)
             else:
-                value, m = hpd.chunked_loss(obj.method, student_out.hidden, student_out.head,
-                                            teacher_out.hidden, teacher_out.head, targets,
-                                            chunk_size=chunk_size, **common)
+                value, m = hpd.chunked_loss(obj.method, student_out.hidden, student_out.head, targets=targets,
+                                            teacher=source, chunk_size=chunk_size,
+                                            chunk_budget_mb=chunk_budget_mb, **common)
             term = value * obj.weight if obj.weight != 1.0 else value
             total = term if total is None else total + term
             if len(objectives) > 1:
@@ -61,6 +67,19 @@ def objective_loss_fn(objectives, teacher_out: Outputs, targets, *, sampled, num
         return total, metrics
 
     return loss_fn
+
+
+def teacher_source_of(teacher):
+    """A TeacherSource from the teacher model's Outputs (hidden states and head, or
+    logits), or the source itself."""
+    if isinstance(teacher, Outputs):
+        return LiveTeacher(teacher.hidden, teacher.head) if teacher.logits is None else LogitsTeacher(teacher.logits)
+    return teacher
+
+
+def live_teacher(loop: "Loop", micro_batch: dict, arrays: dict, plan):
+    """The default teacher of a step: the teacher model's forward on the batch."""
+    return loop.backend.forward(loop.teacher, arrays, hidden=loop.chunked)
 
 
 @dataclass
@@ -123,6 +142,9 @@ class Loop:
     # tests inject samples that do not depend on the batch split: batch -> (B, T) ids
     given_samples: Callable[[dict], np.ndarray] | None = None
     rollout: Callable[["Loop", Any, dict], dict] | None = None
+    # where a step's teacher log-probs come from: (loop, micro-batch, arrays, plan) ->
+    # the teacher's Outputs or a TeacherSource (an offline store, say)
+    teacher_source: Callable[["Loop", dict, dict, Any], Any] = live_teacher
 
     def run(self, progress=None) -> dict[str, float]:
         cfg = self.config
@@ -167,10 +189,10 @@ class Loop:
             elif not plan.sample:  # no student sample this step: s = y leaves only the data token
                 t = mb["targets"]
                 sampled = backend.to_arrays({"s": np.where((t >= 0) & (t < self.vocab), t, 0)})["s"]
-            teacher_out = backend.forward(self.teacher, arrays, hidden=self.chunked)
-            loss_fn = objective_loss_fn(plan.objectives, teacher_out, arrays["targets"], sampled=sampled,
+            teacher = self.teacher_source(self, mb, arrays, plan)
+            loss_fn = objective_loss_fn(plan.objectives, teacher, arrays["targets"], sampled=sampled,
                                         num_tokens=max(global_tokens, 1.0), temperature=cfg.temperature,
-                                        chunk_size=cfg.chunk_size)
+                                        chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb)
             value, metrics = backend.forward_backward(self.student, arrays, loss_fn, hidden=self.chunked)
             loss_total += value
             means.add(metrics, target_count(mb["targets"], self.vocab))

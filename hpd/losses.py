@@ -6,6 +6,7 @@ from typing import Any
 
 from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, Weights, get_method, resolve_params
 from hpd.ops import ops_for
+from hpd.teacher import LogitsTeacher, as_source
 
 
 def loss(
@@ -15,6 +16,7 @@ def loss(
     targets,
     *,
     sampled=None,
+    uniforms=None,
     ignore_index: int = -100,
     num_tokens: float | None = None,
     temperature: float = 1.0,
@@ -23,9 +25,12 @@ def loss(
     """Reweighted log-likelihood loss of `method` and its metrics.
 
     student_logits, teacher_logits: (B, T, V) torch tensors or mlx arrays, where
-    logits[..., t, :] scores targets[..., t]. targets: (B, T) integers; positions equal
-    to `ignore_index` (or outside the shared vocabulary) do not count. sampled: (B, T)
-    student samples for methods that use them (drawn here, without gradient, when None).
+    logits[..., t, :] scores targets[..., t]; teacher_logits may also be any
+    `hpd.teacher.TeacherSource` (an offline store, say). targets: (B, T) integers;
+    positions equal to `ignore_index` (or outside the shared vocabulary) do not count,
+    and are dropped before any vocabulary-sized work. sampled: (B, T) student samples
+    for methods that use them; when None they are drawn here, without gradient, by
+    inverse CDF from `uniforms` (B, T) in [0, 1) if given, else with the framework's RNG.
     num_tokens: divide by this count instead of the local count of active positions
     (the training loop passes the global count over accumulation steps and ranks).
 
@@ -35,35 +40,47 @@ def loss(
     temperature = TEMPERATURE.check(method, "temperature", temperature)
     params = resolve_params(m, params)
     o = ops_for(student_logits)
-    student_logits, teacher_logits, vocab = _shared_vocab(student_logits, teacher_logits, targets)
+    teacher = as_source(teacher_logits)
+    vocab = _shared_vocab(student_logits, teacher, targets)
     mask, y = active_positions(o, targets, vocab, ignore_index)
+    index = o.nonzero(mask)
+    count = float(index.shape[0])
     dtype = o.compute_dtype(student_logits)
-    zs = o.astype(student_logits, dtype)
-    zt = o.stop_gradient(o.astype(teacher_logits, dtype))
+    zs = o.rows(student_logits.reshape((-1, student_logits.shape[-1])), index)  # (N, V_s)
+    zs = o.astype(zs[:, :vocab], dtype)
     if temperature != 1.0:
-        zs, zt = zs / temperature, zt / temperature
+        zs = zs / temperature
+    denom = float(num_tokens) if num_tokens is not None else max(count, 1.0)
+    if count == 0:  # nothing counts: a zero that still reaches the graph
+        return o.sum(zs) / denom, MetricTally(o, m, dtype, zs).metrics(0.0)
+    lp = teacher.select(o, index).log_probs(o, slice(None), vocab, temperature, dtype)
+    y = o.rows(y.reshape((-1,)), index)
     s = None
     if m.needs_sample:
-        s = sample_tokens(o, zs) if sampled is None else _check_sampled(o, sampled, targets, vocab)
-    per_pos, weights, log_q_y = objective_terms(o, m, zs, zt, y, s, params)
-    count = o.count(mask)
-    denom = float(num_tokens) if num_tokens is not None else max(count, 1.0)
-    total = o.sum(o.where(mask, per_pos, 0.0 * per_pos))
-    value = total / denom
-    metrics = summarize(o, m, weights, log_q_y, mask, count)
+        if sampled is not None:
+            s = o.rows(_check_sampled(o, sampled, targets, vocab).reshape((-1,)), index)
+        elif uniforms is not None:
+            u = o.rows(o.uniforms(uniforms, zs).reshape((-1,)), index)
+            s = sample_with_uniforms(o, o.log_softmax(o.stop_gradient(zs)), u)
+        else:
+            s = sample_tokens(o, zs)
+    per_pos, weights, log_q_y = objective_terms(o, m, zs, lp, y, s, params)
+    value = o.sum(per_pos) / denom
+    metrics = summarize(o, m, weights, log_q_y, count)
     return value, metrics
 
 
-def objective_terms(o, m: Method, zs, zt, y, s, params) -> tuple[Any, Weights, Any]:
+def objective_terms(o, m: Method, zs, lp, y, s, params) -> tuple[Any, Weights, Any]:
     """Per-position objective (..., differentiable in zs), the rule's weights, and the
-    student's log-prob of y (unfloored, without gradient) for the metrics.
+    student's log-prob of y (unfloored, without gradient) for the metrics. lp: the
+    teacher's log-probs.
 
     The value equals the rule's reported value (the literal divergence for the
     full-vocabulary methods); its gradient is -sum w * grad log q.
     """
     log_q = o.log_softmax(zs)  # (..., V)
     logq = o.maximum(log_q, LOG_FLOOR)
-    lp = o.maximum(o.log_softmax(zt), LOG_FLOOR)
+    lp = o.maximum(o.stop_gradient(lp), LOG_FLOOR)
     lq = o.stop_gradient(logq)
     w = m.rule(o, lq, lp, y, s, **params)
     surrogate = None
@@ -89,10 +106,24 @@ def sample_tokens(o, logits, generator=None):
     return o.argmax(z + o.gumbel_like(z, generator))
 
 
-def summarize(o, m: Method, w: Weights, lq_y, mask, count: float) -> dict[str, float]:
-    """Means over active positions (and min/max for the k statistics) as Python floats."""
+def sample_with_uniforms(o, log_probs, u):
+    """One token per row of log_probs (N, V) by inverse CDF with u (N,) in [0, 1).
+
+    Token i is drawn when cdf[i-1] <= u * cdf[-1] < cdf[i], so a token of probability 0
+    never is, whatever the rounding; the draw depends only on the row and its uniform,
+    not on how positions are split across chunks, micro-batches or processes."""
+    cdf = o.cumsum(o.exp(o.stop_gradient(log_probs)))  # (N, V)
+    vocab = cdf.shape[-1]
+    threshold = u.reshape((-1, 1)) * cdf[:, vocab - 1:vocab]
+    drawn = o.int_array(o.sum(o.int_array(cdf <= threshold), axis=-1))
+    return o.where(drawn > vocab - 1, drawn * 0 + (vocab - 1), drawn)
+
+
+def summarize(o, m: Method, w: Weights, lq_y, count: float) -> dict[str, float]:
+    """Means over the (active) positions given, and min/max for the k statistics, as
+    Python floats."""
     tally = MetricTally(o, m, o.float_dtype(lq_y), lq_y)
-    tally.add(w, lq_y, mask)
+    tally.add(w, lq_y)
     return tally.metrics(count)
 
 
@@ -112,27 +143,30 @@ class MetricTally:
         self.lows: dict[str, Any] = {}
         self.highs: dict[str, Any] = {}
 
-    def add(self, w: Weights, log_q_y, mask) -> None:
+    def add(self, w: Weights, log_q_y, mask=None) -> None:
+        """Add positions' metrics; `mask` (N,) marks those that count (None: all)."""
         o = self.o
+        if 0 in tuple(log_q_y.shape):
+            return  # no positions: nothing to add (and no minimum of nothing)
 
         def masked_sum(x, where):
             # where(), not a product: lq_y is -inf at ignored positions that point at a
             # masked vocabulary entry, and 0 * -inf is NaN
             x = o.stop_gradient(x)
-            return o.sum(o.where(where, x, o.zeros_like(x)))
+            return o.sum(x if where is None else o.where(where, x, o.zeros_like(x)))
 
         self.sums["objective"] = self.sums["objective"] + masked_sum(w.value, mask)
         self.sums["nll"] = self.sums["nll"] - masked_sum(log_q_y, mask)
         for name, x in w.diagnostics.items():
             where = mask
             if name in w.domains:
-                where = mask & w.domains[name]
+                where = w.domains[name] if mask is None else mask & w.domains[name]
                 self.counts[name] = self.counts.get(name, self.zero) + masked_sum(o.zeros_like(x) + 1.0, where)
             self.sums[name] = self.sums.get(name, self.zero) + masked_sum(x, where)
             if name.startswith("k_"):
                 x = o.stop_gradient(x)
-                low = o.min(o.where(where, x, o.zeros_like(x) + _BIG))
-                high = o.max(o.where(where, x, o.zeros_like(x) - _BIG))
+                low = o.min(x if where is None else o.where(where, x, o.zeros_like(x) + _BIG))
+                high = o.max(x if where is None else o.where(where, x, o.zeros_like(x) - _BIG))
                 old_low, old_high = self.lows.get(name, low), self.highs.get(name, high)
                 self.lows[name] = o.where(low < old_low, low, old_low)
                 self.highs[name] = o.where(high > old_high, high, old_high)
@@ -157,21 +191,16 @@ class MetricTally:
         return out
 
 
-def _shared_vocab(student_logits, teacher_logits, targets):
-    s_shape, t_shape = tuple(student_logits.shape), tuple(teacher_logits.shape)
-    y_shape = tuple(targets.shape)
-    if len(s_shape) < 2 or s_shape[:-1] != t_shape[:-1] or s_shape[:-1] != y_shape:
+def _shared_vocab(student_logits, teacher, targets) -> int:
+    s_shape, y_shape = tuple(student_logits.shape), tuple(targets.shape)
+    t_shape = tuple(teacher.logits.shape) if isinstance(teacher, LogitsTeacher) else None
+    if len(s_shape) < 2 or s_shape[:-1] != y_shape or (t_shape is not None and t_shape[:-1] != y_shape):
         raise ValueError(
             "shape mismatch: student logits "
             f"{s_shape}, teacher logits {t_shape}, targets {y_shape}; expected (..., V) logits "
             "with the same leading shape as the targets (vocabulary sizes may differ)"
         )
-    vocab = min(s_shape[-1], t_shape[-1])
-    if s_shape[-1] != vocab:
-        student_logits = student_logits[..., :vocab]
-    if t_shape[-1] != vocab:
-        teacher_logits = teacher_logits[..., :vocab]
-    return student_logits, teacher_logits, vocab
+    return min(s_shape[-1], teacher.vocab)
 
 
 def _check_sampled(o, sampled, targets, vocab: int):

@@ -132,6 +132,31 @@ class TorchOps:
     def concat(self, xs, axis=0):
         return self.t.cat(list(xs), dim=axis)
 
+    def tanh(self, x):
+        return self.t.tanh(x)
+
+    def itemsize(self, dtype) -> int:
+        return dtype.itemsize
+
+    def quantized_matmul(self, x, head, transpose: bool):
+        raise NotImplementedError("quantized output heads are supported on the mlx backend only")
+
+    def nonzero(self, mask):
+        """Flat indices (N,) of the True entries of a 1-D mask, in order."""
+        return self.t.nonzero(mask.reshape(-1)).reshape(-1)
+
+    def rows(self, x, index):
+        """x (N, ...) at rows `index` (M,): a gather that autograd differentiates."""
+        return x.index_select(0, index)
+
+    def uniforms(self, u, like):
+        """Host or framework uniforms as a float32 array beside `like`."""
+        if not self.is_array(u):
+            import numpy as np
+
+            u = self.t.from_numpy(np.ascontiguousarray(u, dtype=np.float32))
+        return u.to(device=like.device, dtype=self.t.float32)
+
     def evaluate(self, *xs):
         """Force pending computation (lazy frameworks only); torch computes eagerly."""
 
@@ -255,6 +280,31 @@ class MlxOps:
         # mlx is lazy: evaluating per chunk keeps a chunked loop from building one
         # graph whose scheduling could hold every chunk's intermediates at once.
         self.mx.eval(*xs)
+
+    def tanh(self, x):
+        return self.mx.tanh(x)
+
+    def itemsize(self, dtype) -> int:
+        return dtype.size
+
+    def quantized_matmul(self, x, head, transpose: bool):
+        return self.mx.quantized_matmul(x, head.weight, head.scales, head.biases, transpose=transpose,
+                                        group_size=head.group_size, bits=head.bits)
+
+    def nonzero(self, mask):
+        import numpy as np
+
+        return self.mx.array(np.flatnonzero(np.array(mask.reshape(-1))).astype(np.int32))
+
+    def rows(self, x, index):
+        return x[index]
+
+    def uniforms(self, u, like):
+        import numpy as np
+
+        if not self.is_array(u):
+            u = self.mx.array(np.asarray(u, dtype=np.float32))
+        return u.astype(self.mx.float32)
 
 
 _OPS: dict[str, Any] = {}

@@ -102,8 +102,7 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         state = LoopState(**saved["loop"])
         say(f"resuming from {resume_from} (step {state.step} of {total})", rank)
 
-    chunked = cfg.chunked == "on" or (
-        cfg.chunked == "auto" and backend.supports_chunked(student) and backend.supports_chunked(teacher))
+    chunked, loss_path = choose_loss_path(cfg.chunked, backend, student=student, teacher=teacher)
     run_info = {
         "name": out.name, "backend": cfg.backend, "teacher": cfg.teacher, "student": cfg.student,
         "method": cfg.method, "method_params": dict(cfg.method_params), "temperature": cfg.temperature,
@@ -134,8 +133,8 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
                 chunked=chunked, state=state, eval_batches=eval_batches, log=metrics_log, save=save,
                 **loop_hooks)
     say(f"distilling {cfg.teacher} -> {cfg.student} with {cfg.method} on {cfg.backend}: "
-        f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} x {backend.world_size} sequences"
-        f"{', chunked loss' if chunked else ''}", rank)
+        f"{total} steps of {cfg.batch_size} x {cfg.grad_accum} x {backend.world_size} sequences; "
+        f"{loss_path}", rank)
     baseline = {}
     if cfg.eval_generate and eval_batches and resume_from is None:
         baseline = _accuracy_baseline(backend, student, teacher, tokenizer, cfg)
@@ -167,6 +166,23 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     backend.barrier()
     return {"out": str(out), "steps": loop.state.step, "metrics": final, "student": student,
             "tokenizer": tokenizer, "backend": backend}
+
+
+def choose_loss_path(mode: str, backend, **models) -> tuple[bool, str]:
+    """(chunked?, a line saying which loss path and why). `on` refuses a head the
+    chunked loss cannot compute exactly rather than computing a different loss."""
+    blockers = {name: backend.chunked_blocker(m) for name, m in models.items() if m is not None}
+    blocked = {name: why for name, why in blockers.items() if why}
+    if mode == "off":
+        return False, "plain loss (--chunked off)"
+    if blocked:
+        reasons = "; ".join(f"the {name}: {why}" for name, why in blocked.items())
+        if mode == "on":
+            raise ValueError(f"--chunked on: the chunked loss cannot compute these logits exactly ({reasons}); "
+                             "use --chunked auto or off")
+        return False, f"plain loss (the chunked path cannot serve {reasons})"
+    heads = ", ".join(f"{name} head {backend.head_of(m).describe()}" for name, m in models.items() if m is not None)
+    return True, f"chunked loss over supervised positions ({heads})"
 
 
 def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, float]:

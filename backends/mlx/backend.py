@@ -32,13 +32,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from hpd.backend import Outputs
+from hpd.heads import Head, logit_transform
 from hpd.models import hub_failure, local_or_hub
 from hpd.rng import host_rng_state, set_host_rng_state
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 _QUANT_GROUP_SIZES = (64, 32)  # mlx also allows 128; 64 is mlx-lm's default
-_LOGIT_SCALING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
 _STATE_FORMAT = "hpd-mlx-optimizer-1"
 
 
@@ -160,23 +160,35 @@ class MlxBackend:
     def vocab_size(self, model) -> int:
         return int(_head_module(model).weight.shape[0])  # rows: also right when quantized
 
+    def head_of(self, model) -> Head:
+        """The output head as the chunked loss sees it: dense or quantized (mlx affine),
+        with the family's logit scaling or soft-capping."""
+        module = _head_module(model)
+        transform = logit_transform(getattr(model, "args", None) or info_of(model).config)
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            return Head(weight=module.weight, scales=module.scales, biases=module.get("biases"),
+                        group_size=module.group_size, bits=module.bits, **transform)
+        return Head(weight=module.weight, **transform)
+
     def supports_chunked(self, model) -> bool:
-        """Plain, unquantized linear head without bias or logit scaling: logits = hidden @ W.T."""
+        """A linear head without bias, dense or quantized, with any logit scaling or
+        soft-capping of the family: the chunked loss computes exactly what the model does."""
+        return self.chunked_blocker(model) is None
+
+    def chunked_blocker(self, model) -> str | None:
+        """Why the chunked loss cannot compute this model's logits exactly, or None."""
         try:
-            import hpd.chunked  # noqa: F401
             import hpd.backends.mlx.chunked  # noqa: F401
-        except ImportError:
-            return False
+        except ImportError as e:
+            return f"the mlx chunked loss is unavailable ({e})"
         if not hasattr(model, "model") or not hasattr(model.model, "embed_tokens"):
-            return False
+            return f"hpd does not know where {type(model).__module__} keeps its embeddings and head"
         head = _head_module(model)
-        if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-            return False
         if isinstance(head, nn.Linear) and "bias" in head:
-            return False
-        args = getattr(model, "args", None)
-        scaled = any(getattr(args, k, None) not in (None, 1.0, 0.0) for k in _LOGIT_SCALING)
-        return not scaled
+            return "its output head has a bias"
+        if getattr(head, "mode", "affine") != "affine":
+            return f"its output head is quantized in mode {head.mode!r} (only affine is supported)"
+        return None
 
     # ------------------------------------------------------------------ compute
     def to_arrays(self, batch: dict[str, np.ndarray]) -> dict[str, mx.array]:
@@ -195,17 +207,17 @@ class MlxBackend:
 
     def _run(self, model, batch, hidden: bool) -> Outputs:
         if hidden:
-            head = _head_module(model)
-            if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-                raise ValueError("the chunked loss needs an unquantized output head; use --chunked off "
-                                 "with --teacher-quantize")
-            return Outputs(hidden=model.model(batch["input_ids"]), head=head.weight)
+            return Outputs(hidden=model.model(batch["input_ids"]), head=self.head_of(model))
         return Outputs(logits=model(batch["input_ids"]))
 
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
         out = self._run(model, batch, hidden)
-        out = Outputs(**{k: (None if v is None else mx.stop_gradient(v)) for k, v in vars(out).items()})
-        mx.eval([v for v in vars(out).values() if v is not None])  # keep the teacher out of the student's graph
+        if hidden:
+            out.hidden = mx.stop_gradient(out.hidden)
+            mx.eval(out.hidden)  # keep the teacher out of the student's graph
+        else:
+            out.logits = mx.stop_gradient(out.logits)
+            mx.eval(out.logits)
         return out
 
     def forward_backward(self, model, batch, loss_fn, *, hidden: bool = False):

@@ -10,8 +10,9 @@ from hpd.chunked import ChunkPlan, forward_and_grads
 from hpd.ops import ops_for
 
 
-def chunked_loss(plan: ChunkPlan, student_hidden: mx.array, student_head: mx.array):
-    """(loss, metrics) of `plan`, differentiable in student_hidden and student_head.
+def chunked_loss(plan: ChunkPlan, student_hidden: mx.array, student_head: mx.array | None):
+    """(loss, metrics) of `plan`, differentiable in student_hidden (N, H) and a dense
+    student_head (None for a quantized, frozen head).
 
     mlx cannot tell a custom function whether a gradient will be asked for, so the
     forward always forms both gradients. The metrics are read (evaluated) in the
@@ -23,21 +24,22 @@ def chunked_loss(plan: ChunkPlan, student_hidden: mx.array, student_head: mx.arr
     # The teacher, targets and samples reach the function through `plan`, not as its
     # arguments: they are constants, and custom_function outputs pass no gradient to them.
     @mx.custom_function
-    def fused(hidden, head):
-        hidden, head = untraced(hidden), untraced(head)
-        value, grad_hidden, grad_head, found = forward_and_grads(o, plan, hidden, head)
+    def fused(hidden, *head):
+        weight = untraced(head[0]) if head else None
+        value, grad_hidden, grad_head, found = forward_and_grads(o, plan, untraced(hidden), weight,
+                                                                 want_head=bool(head))
         metrics.update(found)
-        return value, grad_hidden, grad_head
+        return (value, grad_hidden, grad_head) if head else (value, grad_hidden)
 
     @fused.vjp
     def fused_vjp(primals, cotangents, outputs):
         # The loss is a terminal scalar: its backward scales the gradients formed in forward.
-        hidden, head = primals
-        _, grad_hidden, grad_head = outputs
         scale = cotangents[0]
-        return (grad_hidden * scale).astype(hidden.dtype), (grad_head * scale).astype(head.dtype)
+        grads = [(g * scale).astype(p.dtype) for g, p in zip(outputs[1:], primals)]
+        return tuple(grads)
 
-    value = fused(student_hidden, student_head)[0]
+    args = (student_hidden,) if student_head is None else (student_hidden, student_head)
+    value = fused(*args)[0]
     return value, metrics
 
 

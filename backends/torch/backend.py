@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hpd.backend import Outputs
+from hpd.heads import Head, logit_transform
 from hpd.models import hub_failure, local_or_hub
 from hpd.rng import host_rng_state, set_host_rng_state
 
@@ -106,18 +107,25 @@ class TorchBackend:
     def vocab_size(self, model) -> int:
         return int(model.get_output_embeddings().weight.shape[0])
 
+    def head_of(self, model, weight=None) -> Head:
+        """The output head as the chunked loss sees it (`weight` overrides the module's,
+        for a gathered or cloned copy)."""
+        module = model.get_output_embeddings()
+        return Head(weight=module.weight if weight is None else weight, **logit_transform(model.config))
+
     def supports_chunked(self, model) -> bool:
-        """Plain linear head without bias or logit scaling: logits = hidden @ W.T."""
+        """A linear head without bias (logits = hidden @ W.T, then any logit scaling or
+        soft-capping of the family): the chunked loss computes exactly what the model does."""
+        return self.chunked_blocker(model) is None
+
+    def chunked_blocker(self, model) -> str | None:
+        """Why the chunked loss cannot compute this model's logits exactly, or None."""
         head = model.get_output_embeddings()
-        cfg = model.config
-        plain = isinstance(head, torch.nn.Linear) and head.bias is None
-        scaled = any(getattr(cfg, k, None) not in (None, 1.0, 0.0)
-                     for k in ("final_logit_softcapping", "logit_scale", "logits_scaling"))
-        try:
-            import hpd.chunked  # noqa: F401
-        except ImportError:
-            return False
-        return plain and not scaled
+        if not isinstance(head, torch.nn.Linear):
+            return f"its output head is a {type(head).__name__}, not a linear layer"
+        if head.bias is not None:
+            return "its output head has a bias"
+        return None
 
     # ------------------------------------------------------------------ compute
     def to_arrays(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -127,7 +135,7 @@ class TorchBackend:
         if hidden:
             base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
             h = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-            return Outputs(hidden=h, head=model.get_output_embeddings().weight)
+            return Outputs(hidden=h, head=self.head_of(model))
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return Outputs(logits=out.logits)
 

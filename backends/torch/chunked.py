@@ -10,10 +10,12 @@ from hpd.chunked import ChunkPlan, forward_and_grads
 from hpd.ops import ops_for
 
 
-def chunked_loss(plan: ChunkPlan, student_hidden: torch.Tensor, student_head: torch.Tensor):
-    """(loss, metrics) of `plan`, differentiable in student_hidden and student_head."""
+def chunked_loss(plan: ChunkPlan, student_hidden: torch.Tensor, student_head: torch.Tensor | None):
+    """(loss, metrics) of `plan`, differentiable in student_hidden (N, H) and a dense
+    student_head (None for a quantized, frozen head)."""
     o = ops_for(student_hidden)
-    wanted = torch.is_grad_enabled() and (student_hidden.requires_grad or student_head.requires_grad)
+    head_grad = student_head is not None and student_head.requires_grad
+    wanted = torch.is_grad_enabled() and (student_hidden.requires_grad or head_grad)
     if not wanted:
         # No graph will be built, so skip the gradients (an evaluation pass costs half).
         value, _, _, metrics = forward_and_grads(
@@ -36,7 +38,7 @@ class _FusedChunkedLoss(torch.autograd.Function):
                 o, plan, student_hidden, student_head, want_hidden=want_hidden, want_head=want_head
             )
         metrics_out.update(metrics)
-        ctx.dtypes = (student_hidden.dtype, student_head.dtype)
+        ctx.dtypes = (student_hidden.dtype, None if student_head is None else student_head.dtype)
         ctx.save_for_backward(grad_hidden, grad_head)
         return value
 

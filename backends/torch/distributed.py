@@ -203,7 +203,7 @@ class DistributedTorchBackend(TorchBackend):
     def _run(self, model, batch, hidden: bool) -> Outputs:
         if hidden and hasattr(model, "hpd_hidden"):  # sharded: through the root's FSDP hooks
             h, head = model.hpd_hidden(batch["input_ids"], batch["attention_mask"])
-            return Outputs(hidden=h, head=head)
+            return Outputs(hidden=h, head=self.head_of(model, weight=head))
         return super()._run(model, batch, hidden)
 
     def forward_backward(self, model, batch, loss_fn, *, hidden: bool = False):
@@ -217,7 +217,8 @@ class DistributedTorchBackend(TorchBackend):
         with nullcontext() if sync else ddp.no_sync():
             with autocast:
                 out = ddp(batch["input_ids"], batch["attention_mask"], hidden)
-            outputs = Outputs(hidden=out[0], head=out[1]) if hidden else Outputs(logits=out[0])
+            outputs = Outputs(hidden=out[0], head=self.head_of(model, weight=out[1])) if hidden \
+                else Outputs(logits=out[0])
             loss, metrics = loss_fn(outputs)
             loss.backward()
         self._unsynced = not sync
