@@ -308,3 +308,73 @@ def test_mlx_gradient_checkpointing_same_gradients_less_memory(assets, tmp_path)
     assert checkpointed[2] < 0.8 * plain[2], (checkpointed[2], plain[2])
     assert getattr(checkpointed[3].layers[0], "hpd_checkpointed", False)
     assert not getattr(after[3].layers[0], "hpd_checkpointed", False)
+
+
+# ---------------------------------------------------------------------- quantized heads
+@pytest.mark.parametrize("family", ["", "qwen_"], ids=["untied-head", "tied-head"])
+@pytest.mark.parametrize("method", ["fkl", "hpd"])
+def test_quantized_heads_chunked_equals_plain_on_the_models(assets, tmp_path, family, method):
+    """A 4-bit teacher and a QLoRA student (4-bit base, its head quantized too): the chunked
+    loss (each chunk's logits from the quantized matmul, no head gradient) gives the plain
+    path's loss and adapter gradients on the same models, within 1e-4 relative."""
+    from mlx.utils import tree_flatten
+
+    from hpd.backends.mlx import MlxBackend
+    from hpd.data import collate, load_dataset, pad_id_of
+    from hpd.heads import Head
+    from hpd.lora import LoraSpec
+    from hpd.loop import objective_loss_fn, target_count
+    from hpd.schedule import Objective
+    from hpd.student import load_base
+
+    backend = MlxBackend()
+    spec = LoraSpec(rank=4, alpha=8.0, quantize=4)
+    student = load_base(backend, str(assets[f"{family}student"]), spec, "float32")
+    backend.lora.apply(student, spec, seed=0, base={})
+    # B = 0 would leave A without a gradient: give B values so that both are checked
+    rng = np.random.default_rng(1)
+    backend.lora.set_adapters(student, {n: (a, rng.normal(0, 0.1, size=b.shape).astype(np.float32))
+                                        for n, (a, b) in backend.lora.adapters(student).items()})
+    from conftest import build_model
+
+    # hidden 64: the fixtures' 48-wide teacher has no group size that divides its head's width
+    folder = build_model(tmp_path / "teacher", assets["tokenizer"], family="qwen2" if family else "llama",
+                         hidden=64, layers=2, seed=5, tie=bool(family))
+    teacher = backend.load_model(str(folder), trainable=False, dtype="float32", quantize=4)
+    for model in (student, teacher):
+        head = backend.head_of(model)
+        assert isinstance(head, Head) and head.quantized and head.bits == 4
+    assert backend.supports_chunked(student) and backend.supports_chunked(teacher)
+
+    tok = backend.load_tokenizer(str(assets["student"]))
+    batch = collate(load_dataset(assets["data"], tok, 48).examples[:4], pad_id_of(tok))
+    arrays = backend.to_arrays(batch)
+    sampled = backend.to_arrays({"s": np.random.default_rng(0).integers(0, len(tok), batch["targets"].shape)})["s"]
+    tokens = float(target_count(batch["targets"], backend.vocab_size(student)))
+    found = []
+    for hidden in (False, True):
+        loss_fn = objective_loss_fn([Objective(method, 1.0, {})], backend.forward(teacher, arrays, hidden=hidden),
+                                    arrays["targets"], sampled=sampled, num_tokens=tokens, temperature=1.0,
+                                    chunk_size=16)
+        value, _ = backend.forward_backward(student, arrays, loss_fn, hidden=hidden)
+        grads = dict(tree_flatten(backend._grads.pop(id(student))))
+        found.append((value, {k: np.array(v) for k, v in grads.items()}))
+    (plain, g_plain), (chunked, g_chunked) = found
+    assert chunked == pytest.approx(plain, rel=1e-4)
+    assert sorted(g_plain) == sorted(g_chunked) and all(k.endswith(("lora_a", "lora_b")) for k in g_plain)
+    for name, g in g_plain.items():
+        np.testing.assert_allclose(g_chunked[name], g, rtol=1e-4, atol=1e-6, err_msg=name)
+        assert np.abs(g).max() > 1e-4, f"{name}: no gradient, the check would be vacuous"
+
+
+@pytest.mark.slow
+def test_qlora_run_with_a_quantized_teacher_keeps_the_chunked_path(assets, tmp_path, capsys):
+    from conftest import build_model
+
+    teacher = build_model(tmp_path / "teacher", assets["tokenizer"], hidden=64, layers=2, seed=5)
+    result = run(assets, tmp_path / "run", "mlx", teacher=str(teacher), teacher_quantize=4, student_quantize=4,
+                 chunked="auto", steps=2)
+    err = capsys.readouterr().err
+    assert "chunked loss over supervised positions (student head 4-bit, teacher head 4-bit)" in err
+    assert "4-bit base (QLoRA)" in err and "trainable parameters:" in err
+    assert np.isfinite(result["metrics"]["loss"])
