@@ -141,7 +141,8 @@ def child(args) -> None:
         arrays = backend.to_arrays(batch)
         t_out = backend.forward(teacher, arrays, hidden=chunked)
         loss_fn = objective_loss_fn([Objective("hpd", 1.0, {})], t_out, arrays["targets"], sampled=None,
-                                    num_tokens=float(args.length), temperature=1.0, chunk_size=cfg.chunk_size)
+                                    num_tokens=float(args.length), temperature=1.0, chunk_size=cfg.chunk_size,
+                                    chunk_budget_mb=cfg.chunk_budget_mb)
         backend.forward_backward(student, arrays, loss_fn, hidden=chunked)
         backend.optimizer_step(student, optimizer, 1e-5, 1.0)
         del t_out, loss_fn, arrays
@@ -179,7 +180,7 @@ def _peak(backend, baseline: int) -> int:
 
 
 # ---------------------------------------------------------------------------- parent
-def estimate(config: str, backend: str, layers: int | None, length: int, chunk_size: int, chunked: bool) -> int:
+def estimate(config: str, backend: str, layers: int | None, length: int, chunk_size, chunked: bool) -> int:
     from hpd.memory import Setting, Shape, plan
 
     teacher_size, t_bits, student_size, rank, s_bits, gc = CONFIGS[config]
@@ -213,7 +214,7 @@ def main() -> None:
     ap.add_argument("--backends", nargs="+", default=["mlx"], choices=["mlx", "torch"])
     ap.add_argument("--layers", type=int, default=2, help="decoder blocks of every model (widths as published)")
     ap.add_argument("--lengths", type=int, nargs="+", default=[32, 128])
-    ap.add_argument("--chunk-size", type=int, default=1024)
+    ap.add_argument("--chunk-size", default="auto")
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "hpd-memory-plan"),
                     help="where the random models are written (reused between runs)")
     ap.add_argument("--plan-only", action="store_true", help="print the plan at full depth and exit")

@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-# float32 (chunk, V) arrays alive at once in one chunk of the chunked loss: student and
-# teacher logits, their log-softmaxes (floored copies), the rule's weights and the logit
-# gradient; the order of hpd.chunked.forward_and_grads frees the logits first.
+# float32 (chunk, V) arrays alive at once in one chunk of the chunked loss (counted in
+# hpd.chunked, which sizes auto chunks by the same number).
 _CHUNK_BUFFERS = 6
 # float32 (B, T, V) arrays on the plain path: both models' logits and log-softmaxes,
 # the rule's weights and the logit gradient.
@@ -148,7 +147,8 @@ class Setting:
     lora_targets: str = "all-linear"
     gradient_checkpointing: bool = False
     chunked: bool = True
-    chunk_size: int = 1024
+    chunk_size: int | str = "auto"
+    chunk_budget_mb: float = 256.0
 
 
 def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
@@ -172,17 +172,43 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
     parts += [("gradients (float32)", 4 * trainable), ("optimizer state (AdamW, float32)", 8 * trainable),
               ("student activations" + (" (checkpointed)" if s.gradient_checkpointing else ""), activations)]
     if s.chunked:
-        chunk = min(s.chunk_size, tokens)
         parts.append(("teacher hidden states", tokens * teacher.hidden * s.teacher_dtype))
-        # the loss copies the student's hidden states and head, and forms both gradients
-        head = vocab * student.hidden * 4
-        parts.append(("loss: chunk buffers", _CHUNK_BUFFERS * chunk * vocab * 4
-                      + 2 * tokens * student.hidden * 4 + 2 * head))
+        parts.append(("loss: chunk buffers", chunk_buffers(s, tokens, vocab)))
+        parts.append(("loss: hidden and head copies", loss_copies(teacher, student, s, tokens, vocab)))
     else:
         parts.append(("teacher logits", tokens * vocab * s.teacher_dtype))
         parts.append(("loss: logits buffers", _PLAIN_BUFFERS * tokens * vocab * 4))
     parts.append(("total", sum(b for _, b in parts)))
     return parts
+
+
+def chunk_positions(s: Setting, vocab: int) -> int:
+    """Positions per chunk, as hpd.chunked.resolve_chunk_size picks them."""
+    if str(s.chunk_size) != "auto":
+        return int(s.chunk_size)
+    return max(16, int(s.chunk_budget_mb * 2**20 // (_CHUNK_BUFFERS * vocab * 4)))
+
+
+def chunk_buffers(s: Setting, tokens: int, vocab: int) -> int:
+    return _CHUNK_BUFFERS * min(chunk_positions(s, vocab), tokens) * vocab * 4
+
+
+def loss_copies(teacher: Shape, student: Shape, s: Setting, tokens: int, vocab: int) -> int:
+    """What the chunked loss holds besides its chunks: the supervised positions' hidden
+    states (gathered, copied off the graph) and their float32 gradient (per chunk, then
+    joined); a trainable dense head's copy and float32 gradient (twice while a chunk's part
+    is added); a dense head stored below float32, cast once. A quantized or frozen head
+    forms no gradient, and a quantized one is never cast."""
+    hs, ht = student.hidden, teacher.hidden
+    total = tokens * (2 * hs * s.student_dtype + 2 * hs * 4 + ht * s.teacher_dtype)
+    if not s.student_bits:
+        if not s.lora_rank:
+            total += vocab * hs * (s.student_dtype + 2 * 4)
+        if s.student_dtype != 4:
+            total += vocab * hs * 4
+    if not s.teacher_bits and s.teacher_dtype != 4:
+        total += vocab * ht * 4
+    return total
 
 
 def trainable_count(student: Shape, s: Setting) -> tuple[int, int]:
@@ -205,7 +231,7 @@ def setting_of(cfg, backend: str | None = None) -> Setting:
                    teacher_bits=cfg.teacher_quantize, student_bits=cfg.student_quantize,
                    lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
                    gradient_checkpointing=cfg.gradient_checkpointing, chunked=cfg.chunked != "off",
-                   chunk_size=cfg.chunk_size)
+                   chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb)
 
 
 def gib(n: int) -> str:

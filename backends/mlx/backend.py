@@ -168,7 +168,9 @@ class MlxBackend:
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             return Head(weight=module.weight, scales=module.scales, biases=module.get("biases"),
                         group_size=module.group_size, bits=module.bits, **transform)
-        return Head(weight=module.weight, **transform)
+        # a frozen dense head (a LoRA student's): the chunked loss forms no gradient for it
+        frozen = "weight" not in dict(tree_flatten(module.trainable_parameters()))
+        return Head(weight=module.weight, frozen=frozen, **transform)
 
     def supports_chunked(self, model) -> bool:
         """A linear head without bias, dense or quantized, with any logit scaling or
