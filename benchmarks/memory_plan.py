@@ -134,9 +134,10 @@ def child(args) -> None:
     batch = {"input_ids": ids[:, :-1], "attention_mask": np.ones((1, args.length), dtype=np.int64),
              "targets": ids[:, 1:]}
     chunked = backend.supports_chunked(student) and backend.supports_chunked(teacher)
-    peaks = []
+    peaks, resident = [], 0
     for step in range(2):
         if step == 1:
+            resident = _resident(backend, baseline)
             _reset_peak(backend)
         arrays = backend.to_arrays(batch)
         t_out = backend.forward(teacher, arrays, hidden=chunked)
@@ -147,7 +148,7 @@ def child(args) -> None:
         backend.optimizer_step(student, optimizer, 1e-5, 1.0)
         del t_out, loss_fn, arrays
         peaks.append(_peak(backend, baseline))
-    print(json.dumps({"peak": peaks[1], "chunked": chunked}))
+    print(json.dumps({"peak": peaks[1], "resident": resident, "chunked": chunked}))
 
 
 def _rss() -> int:
@@ -155,6 +156,15 @@ def _rss() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _resident(backend, baseline: int) -> int:
+    """Memory held between steps: weights, adapters, optimizer state."""
+    if backend.name == "mlx":
+        import mlx.core as mx
+
+        return int(mx.get_active_memory())
+    return _rss() - baseline
 
 
 def _reset_peak(backend) -> None:
@@ -187,8 +197,11 @@ def estimate(config: str, backend: str, layers: int | None, length: int, chunk_s
     s = Setting(backend=backend, batch=1, length=length, student_dtype=4, teacher_dtype=4, teacher_bits=t_bits,
                 student_bits=s_bits, lora_rank=rank, gradient_checkpointing=gc, chunked=chunked,
                 chunk_size=chunk_size)
-    return plan(Shape.from_config(qwen_config(teacher_size, layers)),
-                Shape.from_config(qwen_config(student_size, layers)), s)[-1][1]
+    parts = plan(Shape.from_config(qwen_config(teacher_size, layers)),
+                 Shape.from_config(qwen_config(student_size, layers)), s)
+    resident = sum(b for name, b in parts if name.endswith(("weights", "adapters (float32)"))
+                   or name.startswith("optimizer"))
+    return parts[-1][1], resident
 
 
 def headline() -> None:
@@ -235,7 +248,8 @@ def main() -> None:
         write_model(root / f"{t}-{args.layers}", qwen_config(t, args.layers), "bfloat16" if t_bits else "float32")
         write_model(root / f"{s}-{args.layers}", qwen_config(s, args.layers), "float32")
     print(f"\nmeasured vs planned, one training step, batch 1, {args.layers} blocks per model:")
-    print(f"{'config':<14} {'backend':<7} {'tokens':>6} {'path':<8} {'measured':>12} {'planned':>12} {'error':>7}")
+    print(f"{'config':<14} {'backend':<7} {'tokens':>6} {'path':<8} {'measured':>12} {'planned':>12} {'error':>7}"
+          f"   {'resident: measured':>18} {'planned':>10}")
     worst = 0.0
     for name in args.configs:
         for backend in args.backends:
@@ -248,12 +262,12 @@ def main() -> None:
                     print(f"{name:<14} {backend:<7} {length:>6} failed: {done.stderr.strip().splitlines()[-1:]}")
                     continue
                 found = json.loads(done.stdout.strip().splitlines()[-1])
-                planned = estimate(name, backend, args.layers, length, args.chunk_size, found["chunked"])
+                planned, resident = estimate(name, backend, args.layers, length, args.chunk_size, found["chunked"])
                 error = planned / found["peak"] - 1
                 worst = max(worst, abs(error))
                 print(f"{name:<14} {backend:<7} {length:>6} {'chunked' if found['chunked'] else 'plain':<8} "
-                      f"{found['peak'] / 2**30:>8.3f} GiB {planned / 2**30:>8.3f} GiB {100 * error:>+6.1f}%",
-                      flush=True)
+                      f"{found['peak'] / 2**30:>8.3f} GiB {planned / 2**30:>8.3f} GiB {100 * error:>+6.1f}%"
+                      f"   {found['resident'] / 2**30:>14.3f} GiB {resident / 2**30:>6.3f} GiB", flush=True)
     print(f"largest error: {100 * worst:.1f}%")
 
 

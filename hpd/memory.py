@@ -216,10 +216,25 @@ def trainable_count(student: Shape, s: Setting) -> tuple[int, int]:
     return trainable, student.params() + (trainable if s.lora_rank else 0)
 
 
+def _accelerated(backend: str, device: str) -> bool:
+    """Whether --dtype auto would put frozen models in bfloat16 here (Metal or CUDA)."""
+    try:
+        if backend == "mlx":
+            import mlx.core as mx
+
+            return mx.default_device().type == mx.DeviceType.gpu
+        if device in ("cuda", "mps"):
+            return device == "cuda"
+        import torch
+
+        return device == "auto" and torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def setting_of(cfg, backend: str | None = None) -> Setting:
     backend = backend or cfg.backend
-    accel = backend == "torch" and cfg.device == "cuda"
-    auto_frozen = 2 if accel else 4  # --dtype auto: bfloat16 teacher on an accelerator
+    auto_frozen = 2 if _accelerated(backend, cfg.device) else 4  # --dtype auto: bfloat16 frozen models
 
     def dtype(frozen: bool) -> int:
         if cfg.dtype != "auto":
