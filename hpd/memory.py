@@ -95,14 +95,20 @@ class Shape:
                                  if wanted is None or name in wanted)
 
 
-def weight_bytes(shape: Shape, dtype_bytes: int, bits: int = 0) -> int:
+def weight_bytes(shape: Shape, dtype_bytes: int, bits: int = 0, backend: str = "mlx") -> int:
     """Every parameter at `dtype_bytes`; with `bits`, every matrix (linear layers, embedding,
     head) packed at bits/8 bytes per weight plus a scale and a bias per group, as
-    hpd.backends.mlx.backend.quantize_model does (group 64, or 32 where the width needs it)."""
+    hpd.backends.mlx.backend.quantize_model does (group 64, or 32 where the width needs it).
+    bitsandbytes (torch) quantizes the blocks' linear layers only, with one float32 absmax
+    per 64 weights."""
     matrices = [(n_in, n_out) for _, n_in, n_out in shape.linears()] * shape.layers
-    matrices += [(shape.hidden, shape.vocab)] * (1 if shape.tied else 2)
+    embeddings = [(shape.hidden, shape.vocab)] * (1 if shape.tied else 2)
     vectors = shape.layers * shape.block_vector_params() + shape.hidden
     total = vectors * dtype_bytes
+    if bits and backend == "torch":
+        dense = sum(a * b for a, b in embeddings) * dtype_bytes
+        return total + dense + sum(a * b * bits // 8 + (a * b // 64) * 4 for a, b in matrices)
+    matrices += embeddings
     for n_in, n_out in matrices:
         group = next((g for g in (64, 32) if n_in % g == 0), 0) if bits else 0
         if group:
@@ -164,8 +170,8 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
         activations = student.layers * block
     activations += 2 * tokens * student.hidden * act_dtype  # embedding output, final norm
     parts = [
-        ("teacher weights", weight_bytes(teacher, s.teacher_dtype, s.teacher_bits)),
-        ("student weights", weight_bytes(student, s.student_dtype, s.student_bits)),
+        ("teacher weights", weight_bytes(teacher, s.teacher_dtype, s.teacher_bits, s.backend)),
+        ("student weights", weight_bytes(student, s.student_dtype, s.student_bits, s.backend)),
     ]
     if s.lora_rank:
         parts.append(("LoRA adapters (float32)", 4 * trainable))
@@ -271,7 +277,7 @@ def dry_run(cfg) -> str:
     backends = [cfg.backend] + [b for b in ("mlx", "torch") if b != cfg.backend]
     out = []
     for backend in backends:
-        if backend == "torch" and (cfg.teacher_quantize or cfg.student_quantize) and backend != cfg.backend:
-            continue  # the torch backend quantizes no teacher, and a student only on CUDA
+        if backend == "torch" and cfg.teacher_quantize:
+            continue  # the torch backend quantizes no teacher
         out.append(format_plan(teacher, student, setting_of(cfg, backend)))
     return "\n\n".join(out)

@@ -209,13 +209,14 @@ def test_adapter_formats_load_in_their_own_library(assets, tmp_path, backend):
 
 
 @pytest.mark.slow
-def test_hpd_export_of_a_lora_checkpoint(assets, tmp_path):
+@pytest.mark.parametrize("backend", ["mlx", "torch"])
+def test_hpd_export_of_a_lora_checkpoint(assets, tmp_path, backend):
     from click.testing import CliRunner
     import mlx_lm
 
     from hpd.cli.main import cli
 
-    result = run(assets, tmp_path / "run", "mlx", steps=2)
+    result = run(assets, tmp_path / "run", backend, steps=2)
     want = logits(result)
     ckpt = tmp_path / "run/checkpoints/step-2"
     merged = CliRunner().invoke(cli, ["export", str(ckpt), "--out", str(tmp_path / "merged")])

@@ -29,6 +29,10 @@ def _peft():
 def check_supported(spec: LoraSpec, backend) -> None:
     """Fail before loading anything when the spec cannot run here."""
     _peft()
+    if backend.world_size > 1:
+        # the adapters would need their own DDP/FSDP wrapping to keep ranks in sync
+        raise ValueError("LoRA students on the torch backend run in a single process; under torchrun "
+                         "train the whole student, or use --backend mlx with mlx.launch")
     if spec.quantize:
         if backend.device.type != "cuda":
             raise ValueError(f"--student-quantize {spec.quantize} on the torch backend needs CUDA "
