@@ -118,24 +118,34 @@ def weight_bytes(shape: Shape, dtype_bytes: int, bits: int = 0, backend: str = "
     return total
 
 
-def block_activations(shape: Shape, tokens: int, length: int, dtype_bytes: int, lora_rank: int = 0,
+def block_activations(shape: Shape, tokens: int, dtype_bytes: int, lora_rank: int = 0,
                       targets: str = "all-linear") -> int:
     """Bytes one block's forward keeps for the backward (every intermediate of the block:
     under autodiff mlx keeps a traced array's inputs alive, and torch saves the same ones).
 
     Per token: the two norms' outputs, q/k/v, rotated q/k, the attention output and its
-    transposed copy, o_proj, the residual sums, gate, up, the SwiGLU product and down_proj;
-    per sequence the attention's (heads, T, T) scores and probabilities (float32). A LoRA
-    layer adds x @ A (rank), its product with B, the scaled copy and the sum (out each).
+    transposed copy, o_proj, the residual sums, gate, up, the SwiGLU product and down_proj.
+    A LoRA layer adds x @ A (rank), its product with B, the scaled copy and the sum (out
+    each). The attention's (heads, T, T) scores are not kept: its backward recomputes them
+    (see attention_scores).
     """
     h, i, d = shape.hidden, shape.intermediate, shape.head_dim
-    per_token = 6 * h + (4 * shape.heads + 3 * shape.kv_heads) * d + 3 * i
+    per_token = (6 * h + (4 * shape.heads + 3 * shape.kv_heads) * d + 3 * i) * dtype_bytes
     if lora_rank:
+        # the float32 adapters' branch: x @ A and its product with B, scaled (float32), then
+        # cast to the base's dtype (no copy when it is float32) and added
         wanted = None if targets == "all-linear" else set(targets.split(","))
-        per_token += sum(lora_rank + 3 * out for name, _, out in shape.linears()
-                         if wanted is None or name in wanted)
-    scores = 2 * shape.heads * length * 4 * tokens  # float32 (B, heads, T, T) twice
-    return per_token * tokens * dtype_bytes + scores
+        outs = sum(out for name, _, out in shape.linears() if wanted is None or name in wanted)
+        adapted = sum(1 for name, _, _ in shape.linears() if wanted is None or name in wanted)
+        per_out = 2 * 4 + (dtype_bytes if dtype_bytes == 4 else 2 * dtype_bytes)
+        per_token += adapted * lora_rank * 4 + outs * per_out
+    return per_token * tokens
+
+
+def attention_scores(shape: Shape, batch: int, length: int) -> int:
+    """The float32 scores and probabilities (B, heads, T, T) that one block's attention
+    backward recomputes: one block at a time."""
+    return 2 * batch * shape.heads * length * length * 4
 
 
 @dataclass
@@ -163,12 +173,13 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
     vocab = min(teacher.vocab, student.vocab)
     trainable = student.lora_params(s.lora_rank, s.lora_targets) if s.lora_rank else student.params()
     act_dtype = s.student_dtype
-    block = block_activations(student, tokens, s.length, act_dtype, s.lora_rank, s.lora_targets)
+    block = block_activations(student, tokens, act_dtype, s.lora_rank, s.lora_targets)
     if s.gradient_checkpointing:
         activations = student.layers * tokens * student.hidden * act_dtype + block
     else:
         activations = student.layers * block
     activations += 2 * tokens * student.hidden * act_dtype  # embedding output, final norm
+    activations += attention_scores(student, s.batch, s.length)
     parts = [
         ("teacher weights", weight_bytes(teacher, s.teacher_dtype, s.teacher_bits, s.backend)),
         ("student weights", weight_bytes(student, s.student_dtype, s.student_bits, s.backend)),
