@@ -52,6 +52,9 @@ CONFIGS = {
     "qlora-1.5b": ("7b", 4, "1.5b", 16, 4, False),
     "lora-1.5b-gc": ("7b", 4, "1.5b", 16, 0, True),
     "full-0.5b": ("1.5b", 4, "0.5b", 0, 0, False),
+    # a dense teacher: the torch backend quantizes no teacher
+    "lora-0.5b-dense": ("1.5b", 0, "0.5b", 16, 0, False),
+    "full-0.5b-dense": ("1.5b", 0, "0.5b", 0, 0, False),
 }
 
 
@@ -70,6 +73,7 @@ def write_model(folder: Path, config: dict, dtype: str) -> Path:
     from hpd.memory import Shape
 
     if (folder / "config.json").exists():
+        _index(folder)
         return folder
     folder.mkdir(parents=True)
     s = Shape.from_config(config)
@@ -95,7 +99,22 @@ def write_model(folder: Path, config: dict, dtype: str) -> Path:
         del value
     (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}))
     _tokenizer(folder)
+    _index(folder)
     return folder
+
+
+def _index(folder: Path) -> None:
+    """model.safetensors.index.json, which transformers needs to find sharded weights."""
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors.index.json"
+    if path.exists():
+        return
+    weight_map = {}
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        with safe_open(str(shard), "np") as fh:
+            weight_map.update({k: shard.name for k in fh.keys()})
+    path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
 def _tokenizer(folder: Path) -> None:
@@ -122,6 +141,8 @@ def child(args) -> None:
     root = Path(args.root)
     teacher_dir = root / f"{teacher_size}-{args.layers}"
     student_dir = root / f"{student_size}-{args.layers}"
+    if args.backend == "torch":
+        _warm_torch()
     baseline = _rss()
     cfg = DistillConfig(teacher=str(teacher_dir), student=str(student_dir), data="x", out="x",
                         backend=args.backend, lora_rank=rank, student_quantize=s_bits, teacher_quantize=t_bits,
@@ -154,6 +175,22 @@ def child(args) -> None:
     print(json.dumps({"peak": peaks[1], "resident": resident, "chunked": chunked}))
 
 
+def _warm_torch() -> None:
+    """Run every kind of kernel a step uses once on toy tensors, so that the library code it
+    pages in (hundreds of MB of MKL and ATen) is part of the baseline, not of the model."""
+    import torch
+
+    x = torch.randn(4, 8, 64, requires_grad=True)
+    lin = torch.nn.Linear(64, 64)
+    q = lin(x).view(4, 8, 4, 16).transpose(1, 2)
+    y = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    z = torch.nn.functional.silu(y).sum() + torch.log_softmax(lin(x), -1).exp().sum()
+    z.backward()
+    opt = torch.optim.AdamW(lin.parameters())
+    torch.nn.utils.clip_grad_norm_(lin.parameters(), 1.0)
+    opt.step()
+
+
 def _rss() -> int:
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
@@ -162,11 +199,17 @@ def _rss() -> int:
 
 
 def _resident(backend, baseline: int) -> int:
-    """Memory held between steps: weights, adapters, optimizer state."""
+    """Memory held between steps: weights, adapters, optimizer state. On torch, glibc keeps
+    freed heap pages mapped (counted in RSS) until asked to return them: asked here."""
     if backend.name == "mlx":
         import mlx.core as mx
 
         return int(mx.get_active_memory())
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     return _rss() - baseline
 
 

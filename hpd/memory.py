@@ -190,7 +190,7 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
               ("student activations" + (" (checkpointed)" if s.gradient_checkpointing else ""), activations)]
     if s.chunked:
         parts.append(("teacher hidden states", tokens * teacher.hidden * s.teacher_dtype))
-        parts.append(("loss: chunk buffers", chunk_buffers(s, tokens, vocab)))
+        parts.append(("loss: chunk buffers", chunk_buffers(s, tokens, vocab, teacher, student)))
         parts.append(("loss: hidden and head copies", loss_copies(teacher, student, s, tokens, vocab)))
     else:
         parts.append(("teacher logits", tokens * vocab * s.teacher_dtype))
@@ -206,8 +206,15 @@ def chunk_positions(s: Setting, vocab: int) -> int:
     return max(16, int(s.chunk_budget_mb * 2**20 // (_CHUNK_BUFFERS * vocab * 4)))
 
 
-def chunk_buffers(s: Setting, tokens: int, vocab: int) -> int:
-    return _CHUNK_BUFFERS * min(chunk_positions(s, vocab), tokens) * vocab * 4
+def chunk_buffers(s: Setting, tokens: int, vocab: int, teacher: Shape | None = None,
+                  student: Shape | None = None) -> int:
+    """The chunk's (C, V) float32 arrays; a quantized head with more rows than the shared
+    vocabulary (Qwen2.5-7B's 152064 against 151936) yields full-width logits that are then
+    cut, one more (C, V) array (measured: 7.0 instead of 6.0 per position)."""
+    buffers = _CHUNK_BUFFERS
+    buffers += bool(s.teacher_bits and teacher is not None and teacher.vocab > vocab)
+    buffers += bool(s.student_bits and student is not None and student.vocab > vocab)
+    return buffers * min(chunk_positions(s, vocab), tokens) * vocab * 4
 
 
 def loss_copies(teacher: Shape, student: Shape, s: Setting, tokens: int, vocab: int) -> int:
