@@ -279,6 +279,8 @@ def main() -> None:
     ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "hpd-memory-plan"),
                     help="where the random models are written (reused between runs)")
     ap.add_argument("--plan-only", action="store_true", help="print the plan at full depth and exit")
+    ap.add_argument("--from-measured", action="store_true",
+                    help="print the table from the measurements kept in ROOT/measured.jsonl (no new runs)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--backend", default="mlx", help=argparse.SUPPRESS)
@@ -291,6 +293,9 @@ def main() -> None:
     if args.plan_only:
         return
     root = Path(args.root)
+    if args.from_measured:
+        table([json.loads(line) for line in (root / "measured.jsonl").read_text().splitlines()], args.chunk_size)
+        return
     for name in args.configs:
         t, t_bits, s, *_ = CONFIGS[name]
         write_model(root / f"{t}-{args.layers}", qwen_config(t, args.layers), "bfloat16" if t_bits else "float32")
@@ -324,6 +329,22 @@ def main() -> None:
                 print(f"{name:<14} {backend:<7} {length:>6} {'chunked' if found['chunked'] else 'plain':<8} "
                       f"{found['peak'] / 2**30:>8.3f} GiB {planned / 2**30:>8.3f} GiB {100 * error:>+6.1f}%"
                       f"   {found['resident'] / 2**30:>14.3f} GiB {resident / 2**30:>6.3f} GiB", flush=True)
+    print(f"largest error: {100 * worst:.1f}%")
+
+
+def table(rows: list[dict], chunk_size) -> None:
+    """Measured (latest row per point) against the current plan."""
+    latest = {(r["config"], r["backend"], r["length"], r["layers"]): r for r in rows}
+    print(f"{'config':<16} {'backend':<7} {'blocks':>6} {'tokens':>6} {'measured':>12} {'planned':>12} {'error':>7}"
+          f"   {'resident: measured':>18} {'planned':>10}")
+    worst = 0.0
+    for (name, backend, length, layers), r in sorted(latest.items()):
+        planned, resident = estimate(name, backend, layers, length, chunk_size, r["chunked"])
+        error = planned / r["peak"] - 1
+        worst = max(worst, abs(error))
+        print(f"{name:<16} {backend:<7} {layers:>6} {length:>6} {r['peak'] / 2**30:>8.3f} GiB "
+              f"{planned / 2**30:>8.3f} GiB {100 * error:>+6.1f}%   {r.get('resident', 0) / 2**30:>14.3f} GiB "
+              f"{resident / 2**30:>6.3f} GiB")
     print(f"largest error: {100 * worst:.1f}%")
 
 

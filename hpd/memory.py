@@ -228,6 +228,10 @@ def loss_copies(teacher: Shape, student: Shape, s: Setting, tokens: int, vocab: 
     if not s.student_bits:
         if not s.lora_rank:
             total += vocab * hs * (s.student_dtype + 2 * 4)
+            if s.backend == "mlx" and student.tied:
+                # mlx forms the embedding's own (scatter) gradient and adds the head's to it;
+                # torch accumulates a tied weight's gradient in place
+                total += vocab * hs * 4
         if s.student_dtype != 4:
             total += vocab * hs * 4
     if not s.teacher_bits and s.teacher_dtype != 4:
