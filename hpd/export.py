@@ -1,6 +1,6 @@
 """The exported student folder: the contract both backends write.
 
-config.json (with a top-level rope_theta, which mlx-lm reads), safetensors weights
+config.json (in the forms both transformers 5 and mlx-lm read), safetensors weights
 (sharded with an index when large), tokenizer files, generation_config.json and a
 README.md model card. It loads unchanged with `mlx_lm.load` and with transformers'
 `AutoModelForCausalLM.from_pretrained`.
@@ -20,15 +20,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 
 
 def fix_config(folder: Path) -> None:
-    """Add a top-level rope_theta when transformers only wrote it inside rope_parameters."""
+    """Write the config in both forms (hpd.families.both_forms): transformers 5's nested
+    rope_parameters and the top-level keys that mlx-lm and older transformers read."""
+    from hpd.families import both_forms
+
     path = Path(folder) / "config.json"
-    config = json.loads(path.read_text())
-    if "rope_theta" not in config:
-        for key in ("rope_parameters", "rope_scaling"):
-            params = config.get(key)
-            if isinstance(params, dict) and "rope_theta" in params:
-                config["rope_theta"] = params["rope_theta"]
-                break
+    config = both_forms(json.loads(path.read_text()))
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -32,7 +32,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
 from hpd.backend import Outputs
-from hpd.heads import Head, logit_transform
+from hpd.backends.mlx import family
+from hpd.heads import Head
 from hpd.models import hub_failure, local_or_hub
 from hpd.rng import host_rng_state, set_host_rng_state
 
@@ -123,14 +124,12 @@ class MlxBackend:
         return _DTYPES[name]
 
     def load_model(self, path: str, *, trainable: bool, dtype: str = "auto", quantize: int = 0):
-        from mlx_lm.utils import load_model
-
         if quantize and trainable:
             raise ValueError("only the teacher can be quantized (--teacher-quantize); the student trains")
         if quantize not in (0, 4, 8):
             raise ValueError(f"quantize={quantize}: allowed 0, 4, 8")
         folder = resolve_model_path(path)
-        model, config = load_model(folder, lazy=True)  # weights are read as they are evaluated below
+        model, config = family.load(folder)  # weights are read as they are evaluated below
         if "quantization" in config:
             if trainable:
                 raise ValueError(f"{folder} holds a quantized model; a student must be full precision")
@@ -164,7 +163,7 @@ class MlxBackend:
         """The output head as the chunked loss sees it: dense or quantized (mlx affine),
         with the family's logit scaling or soft-capping."""
         module = _head_module(model)
-        transform = logit_transform(getattr(model, "args", None) or info_of(model).config)
+        transform = family.logit_transform(model)
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             return Head(weight=module.weight, scales=module.scales, biases=module.get("biases"),
                         group_size=module.group_size, bits=module.bits, **transform)
@@ -183,8 +182,8 @@ class MlxBackend:
             import hpd.backends.mlx.chunked  # noqa: F401
         except ImportError as e:
             return f"the mlx chunked loss is unavailable ({e})"
-        if not hasattr(model, "model") or not hasattr(model.model, "embed_tokens"):
-            return f"hpd does not know where {type(model).__module__} keeps its embeddings and head"
+        if (reason := family.chunked_blocker(model)) is not None:
+            return reason
         head = _head_module(model)
         if isinstance(head, nn.Linear) and "bias" in head:
             return "its output head has a bias"
@@ -208,8 +207,9 @@ class MlxBackend:
         return out
 
     def _run(self, model, batch, hidden: bool) -> Outputs:
+        family.check_length(model, batch["input_ids"])
         if hidden:
-            return Outputs(hidden=model.model(batch["input_ids"]), head=self.head_of(model))
+            return Outputs(hidden=family.hidden_states(model, batch["input_ids"]), head=self.head_of(model))
         return Outputs(logits=model(batch["input_ids"]))
 
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
@@ -307,13 +307,13 @@ class MlxBackend:
 
     # ------------------------------------------------------------------ state
     def save_model(self, model, tokenizer, folder: Path) -> None:
-        from mlx_lm.utils import save_config, save_model
+        from mlx_lm.utils import save_config
 
         from hpd.export import fix_config, write_generation_config
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(folder, model, donate_model=False)
+        family.save_weights(folder, model)
         config = json.loads(json.dumps(info_of(model).config))  # save_config mutates its argument
         dtypes = {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
         if len(dtypes) == 1 and (name := _DTYPE_NAMES.get(dtypes.pop())):
@@ -409,9 +409,7 @@ def quantize_model(model, bits: int) -> int:
 
 
 def _head_module(model):
-    if "lm_head" in model:
-        return model.lm_head
-    return model.model.embed_tokens
+    return family.head_module(model)
 
 
 def _right_padded(mask: np.ndarray) -> bool:

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hpd.backend import Outputs
-from hpd.heads import Head, logit_transform
+from hpd.backends.torch import family
+from hpd.heads import Head
 from hpd.models import hub_failure, local_or_hub
 from hpd.rng import host_rng_state, set_host_rng_state
 
@@ -110,8 +111,8 @@ class TorchBackend:
     def head_of(self, model, weight=None) -> Head:
         """The output head as the chunked loss sees it (`weight` overrides the module's,
         for a gathered or cloned copy)."""
-        module = model.get_output_embeddings()
-        return Head(weight=module.weight if weight is None else weight, **logit_transform(model.config))
+        module = family.head_module(model)
+        return Head(weight=module.weight if weight is None else weight, **family.logit_transform(model))
 
     def supports_chunked(self, model) -> bool:
         """A linear head without bias (logits = hidden @ W.T, then any logit scaling or
@@ -120,7 +121,9 @@ class TorchBackend:
 
     def chunked_blocker(self, model) -> str | None:
         """Why the chunked loss cannot compute this model's logits exactly, or None."""
-        head = model.get_output_embeddings()
+        if (reason := family.chunked_blocker(model)) is not None:
+            return reason
+        head = family.head_module(model)
         if not isinstance(head, torch.nn.Linear):
             return f"its output head is a {type(head).__name__}, not a linear layer"
         if head.bias is not None:
@@ -133,8 +136,7 @@ class TorchBackend:
 
     def _run(self, model, batch, hidden: bool) -> Outputs:
         if hidden:
-            base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-            h = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+            h = family.hidden_states(model, batch["input_ids"], batch["attention_mask"])
             return Outputs(hidden=h, head=self.head_of(model))
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         return Outputs(logits=out.logits)

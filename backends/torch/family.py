@@ -1,0 +1,58 @@
+"""transformers models of every family: where a family keeps its decoder and output head
+(mirrors backends/mlx/family.py)."""
+
+from __future__ import annotations
+
+from hpd import families
+
+
+def head_module(model):
+    """The module whose weight projects hidden states to logits (tied or not)."""
+    head = model.get_output_embeddings()
+    if head is None or getattr(head, "weight", None) is None:
+        raise families.FamilyError(f"{model.config.model_type}: transformers' {type(model).__name__} names no "
+                                   "output embeddings; hpd cannot find its head")
+    return head
+
+
+def decoder_of(model):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if decoder is None:
+        decoder = model.base_model
+    if decoder is None or decoder is model:
+        raise families.FamilyError(f"{model.config.model_type}: transformers' {type(model).__name__} has no "
+                                   "separate decoder module; hpd cannot read its hidden states")
+    return decoder
+
+
+def config_of(model):
+    return model.config
+
+
+def logit_transform(model) -> dict[str, float]:
+    """Head(scale=..., softcap=...) of the model's family (hpd.families.HEAD_RULES)."""
+    scaling = families.head_scaling(config_of(model))
+    if scaling is None:
+        raise families.FamilyError(chunked_blocker(model))
+    return {"scale": scaling[0], "softcap": scaling[1]}
+
+
+def chunked_blocker(model) -> str | None:
+    """Why hpd cannot find this family's hidden states and head, or how its logits are
+    scaled (None when it can compute them exactly)."""
+    try:
+        decoder_of(model)
+        head_module(model)
+    except families.FamilyError as e:
+        return str(e)
+    config = config_of(model)
+    unknown = families.unknown_scaling(config)
+    if unknown:
+        model_type = config.get("model_type") if isinstance(config, dict) else config.model_type
+        return f"{model_type} sets {', '.join(unknown)}, a logit scaling hpd has no rule for in this family"
+    return None
+
+
+def hidden_states(model, input_ids, attention_mask):
+    """Final (post-norm) hidden states (B, T, H)."""
+    return decoder_of(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
