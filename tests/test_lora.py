@@ -379,3 +379,34 @@ def test_qlora_run_with_a_quantized_teacher_keeps_the_chunked_path(assets, tmp_p
     assert "chunked loss over supervised positions (student head 4-bit, teacher head 4-bit)" in err
     assert "4-bit base (QLoRA)" in err and "trainable parameters:" in err
     assert np.isfinite(result["metrics"]["loss"])
+
+
+def test_frozen_dense_head_same_loss_no_head_gradient_on_mlx():
+    """A LoRA student's dense head is frozen: mlx's chunked loss gives the same value and
+    hidden-state gradient without forming the head's (V, H) gradient and copy (peak lower by
+    at least one head-sized float32 array)."""
+    from hpd.heads import Head
+
+    rng = np.random.default_rng(0)
+    V, H, C = 4096, 256, 8
+    head = mx.array(rng.normal(0, 0.1, (V, H)).astype(np.float32))
+    t_head = mx.array(rng.normal(0, 0.1, (V, H)).astype(np.float32))
+    h = mx.array(rng.normal(size=(1, C, H)).astype(np.float32))
+    t_h = mx.array(rng.normal(size=(1, C, H)).astype(np.float32))
+    y = mx.array(rng.integers(0, V, (1, C)).astype(np.int32))
+    mx.eval(head, t_head, h, t_h, y)
+    found = []
+    for frozen in (False, True):
+        def loss(x):
+            return hpd.chunked_loss("fkl", x, Head(weight=head, frozen=frozen), t_h, t_head, y, chunk_size=C)[0]
+
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        value, grad = mx.value_and_grad(loss)(h)
+        mx.eval(value, grad)
+        found.append((value.item(), np.array(grad), mx.get_peak_memory() - base))
+    (v1, g1, p1), (v2, g2, p2) = found
+    assert v2 == v1
+    np.testing.assert_array_equal(g2, g1)
+    assert p2 < p1 - V * H * 4, (p1, p2)
