@@ -174,10 +174,12 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
     trainable = student.lora_params(s.lora_rank, s.lora_targets) if s.lora_rank else student.params()
     act_dtype = s.student_dtype
     block = block_activations(student, tokens, act_dtype, s.lora_rank, s.lora_targets)
+    # the backward of a block forms a cotangent beside each of its intermediates: one
+    # block's worth more while it runs (with checkpointing, beside the recomputed block)
     if s.gradient_checkpointing:
-        activations = student.layers * tokens * student.hidden * act_dtype + block
+        activations = student.layers * tokens * student.hidden * act_dtype + 2 * block
     else:
-        activations = student.layers * block
+        activations = (student.layers + 1) * block
     activations += 2 * tokens * student.hidden * act_dtype  # embedding output, final norm
     activations += attention_scores(student, s.batch, s.length)
     parts = [
