@@ -64,7 +64,7 @@ def distill(recipe, params, **flags):
           - {until: 0.1, objectives: {fkl: 1.0}}
           - objectives: {hpd: 1.0, sft: 0.1}
     """
-    overrides = {k: (int(v) if k == "teacher_quantize" else v) for k, v in flags.items()
+    overrides = {k: (int(v) if k in ("teacher_quantize", "student_quantize") else v) for k, v in flags.items()
                  if v is not None and v != ()}
     if params:
         method_params = {}
@@ -100,6 +100,8 @@ def distill(recipe, params, **flags):
         fail(str(e), e.status)
     except KeyboardInterrupt:
         interrupted_before_start()
+    if result.get("dry_run"):
+        return
     if result["backend"].rank != 0:  # under torchrun or mlx.launch, rank 0 reports
         return
     summary = result["metrics"]

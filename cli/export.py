@@ -9,15 +9,16 @@ import click
 @click.argument("checkpoint", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="folder to write")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty --out folder")
-def export(checkpoint, out, overwrite):
-    """Export a checkpoint's student as a model folder.
-
-    CHECKPOINT is a run's checkpoint folder (e.g. RUN/checkpoints/step-100); OUT gets the
-    student without its training state, loadable by transformers and mlx-lm, with a model card."""
+@click.option("--adapter-only", is_flag=True,
+              help="a LoRA checkpoint: write its adapters (peft/ for PeftModel.from_pretrained, mlx-lm/ for "
+                   "mlx_lm.load(base, adapter_path=...)) instead of the merged student")
+def export(checkpoint, out, overwrite, adapter_only):
+    """Export the student of CHECKPOINT (e.g. RUN/checkpoints/step-100) to OUT, loadable by
+    transformers and mlx-lm, with a model card."""
     from hpd.export import export_checkpoint
 
     try:
-        path = export_checkpoint(checkpoint, out, overwrite=overwrite)
+        path = export_checkpoint(checkpoint, out, overwrite=overwrite, adapter_only=adapter_only)
     except (FileNotFoundError, FileExistsError) as e:
         raise click.ClickException(str(e)) from None
     except ValueError as e:  # a hostile or damaged checkpoint: named, never followed

@@ -1,6 +1,7 @@
 """Checkpoints: a loadable model folder plus training state, written atomically.
 
     checkpoints/step-N/   config.json, model safetensors, tokenizer files   (the student)
+                          or lora.safetensors + lora.json, tokenizer files  (a LoRA student's adapters)
                           optimizer.safetensors (+ backend JSON)             (optimizer state)
                           rng.safetensors                                    (RNG states)
                           trainer_state.json                                 (step, data position, schedule)
@@ -30,6 +31,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from hpd.filemodes import respect_umask
+from hpd.student import save_weights
 
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"
@@ -93,7 +95,7 @@ def _save_single(run_dir: Path, step: int, backend, model, tokenizer, optimizer,
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    backend.save_model(model, tokenizer, tmp)
+    save_weights(backend, model, tokenizer, tmp)
     backend.save_training_state(model, optimizer, tmp)
     save_file({k: np.ascontiguousarray(v) for k, v in backend.rng_state().items()}, str(tmp / RNG_FILE))
     _write_json(tmp / STATE_FILE, {"step": step, **state})  # last: marks the folder complete
@@ -132,7 +134,7 @@ def _save_collective(run_dir: Path, step: int, backend, model, tokenizer, optimi
             shutil.rmtree(tmp)
         (tmp / DIST_DIR).mkdir(parents=True)
     backend.barrier()
-    backend.save_model(model, tokenizer, tmp)  # gathered to rank 0, which writes it
+    save_weights(backend, model, tokenizer, tmp)  # gathered to rank 0, which writes it
     backend.save_training_state(model, optimizer, tmp / DIST_DIR)
     save_file({k: np.ascontiguousarray(v) for k, v in backend.rng_state().items()},
               str(tmp / DIST_DIR / f"rng-{rank}.safetensors"))

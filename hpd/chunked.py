@@ -159,7 +159,7 @@ def chunked_loss(
     )
     hidden = o.rows(student_hidden.reshape((-1, width)), index)  # (N, H_s), differentiable
     backend = importlib.import_module(f"hpd.backends.{o.name}.chunked")
-    return backend.chunked_loss(plan, hidden, None if head.quantized else head.weight)
+    return backend.chunked_loss(plan, hidden, None if head.quantized or head.frozen else head.weight)
 
 
 def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=True, want_head=True):
@@ -177,9 +177,10 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
         want_head = want_head and not head.quantized and head_weight is not None
         weight = None
         if not head.quantized:
-            head = head.with_weight(head_weight)
+            if head_weight is not None:  # else frozen: the head's own weight, no gradient
+                head = head.with_weight(head_weight)
             # cast once, not per chunk: a head-sized copy, like the head's gradient
-            weight = o.astype(o.stop_gradient(head_weight)[: plan.vocab], dtype)  # (V, H_s)
+            weight = o.astype(o.stop_gradient(head.weight)[: plan.vocab], dtype)  # (V, H_s)
         T, scale = plan.temperature, 1.0 / plan.denom
         total = o.zeros((), dtype, hidden)
         tally = MetricTally(o, plan.method, dtype, hidden)

@@ -103,11 +103,27 @@ class DistillConfig:
     compile: str = _f("off", "mlx: run the student's step under mx.compile where a micro-batch's supervised "
                       "positions fit one chunk (auto: on a GPU only)", choices=("auto", "on", "off"))
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
+    # LoRA students (hpd.lora): adapters over a frozen base, which may be quantized (QLoRA)
+    lora_rank: int = _f(0, "train LoRA adapters of this rank instead of the whole student (0: full "
+                        "fine-tuning); mlx-lm's LoRA layers on mlx, peft on torch", low=0)
+    lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank on both backends",
+                           low=0.0, low_open=True)
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch's input", low=0.0, high=0.99)
+    lora_targets: str = _f("all-linear", "layers that get adapters: all-linear (every linear layer of "
+                           "the decoder blocks) or leaf names, e.g. q_proj,v_proj")
+    student_quantize: int = _f(0, "QLoRA: quantize the frozen student base to 4 or 8 bits (mlx: mlx-lm "
+                               "quantization; torch: bitsandbytes, CUDA only); needs --lora-rank",
+                               choices=(0, 4, 8))
+    adapter_only: bool = _f(False, "at the end of a LoRA run, write the adapters (peft/ and mlx-lm/ "
+                            "formats) instead of the merged student")
     progress: bool = _f(True, "show a progress bar on a terminal (--no-progress: only evaluations are printed)")
     log_every: int = _f(0, "print a plain line every N steps (step, loss, kl, lr, tokens/s, ETA) instead of the "
                         "bar; 0: the bar on a terminal, about 20 lines per run otherwise", low=0)
     report_to: list = _f(["none"], "also send every metrics.jsonl record to: none, tensorboard (OUT/runs), "
                          "wandb; repeatable", cli="multiple")
+    dry_run: bool = _f(False, "print the memory plan (weights, trainable parameters, gradients, optimizer "
+                       "state, activations, loss buffers) from the models' config.json, then stop: nothing "
+                       "is loaded, trained or written")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -213,6 +229,10 @@ class DistillConfig:
             from hpd.store_teacher import config_errors
 
             errors.extend(config_errors(self))
+
+        from hpd.lora import config_errors
+
+        errors.extend(config_errors(self))
         if errors:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
         return self

@@ -88,7 +88,7 @@ Distilled with [hpd](https://pypi.org/project/{DISTRIBUTION}/) (`pip install {DI
 | method | `{info.get('method', '?')}` ({params_text}), temperature {info.get('temperature', 1.0)} |
 | data | `{info.get('data', '?')}` (sha256 `{info.get('data_sha256', '?')}`) |
 | steps | {info.get('steps', '?')} |
-
+{lora_card_row(info)}
 ## Final metrics
 
 | metric | value |
@@ -105,14 +105,29 @@ Loads with `transformers.AutoModelForCausalLM.from_pretrained` and `mlx_lm.load`
 """
 
 
+def lora_card_row(info: dict) -> str:
+    lora = info.get("lora")
+    if not lora:
+        return ""
+    quant = f", over a {lora['quantize']}-bit base (QLoRA)" if lora.get("quantize") else ""
+    how = {"merged": "merged into the base weights" + (", dequantized" if lora.get("quantize") else ""),
+           "adapter": "adapters only: peft/ for PeftModel.from_pretrained, mlx-lm/ for "
+                      "mlx_lm.load(base, adapter_path=...)"}[lora["export"]]
+    return (f"| LoRA | rank {lora['rank']}, alpha {lora['alpha']:g}, targets {lora['targets']}{quant}; "
+            f"{how} |\n")
+
+
 def finalize(folder: Path, tokenizer, info: dict) -> None:
     folder = Path(folder)
-    fix_config(folder)
-    write_generation_config(folder, tokenizer)
+    adapter_only = (info.get("lora") or {}).get("export") == "adapter"
+    if not adapter_only:  # an adapter folder holds peft/ and mlx-lm/, no model of its own
+        fix_config(folder)
+        write_generation_config(folder, tokenizer)
     (folder / "README.md").write_text(model_card(info))
     (folder / "hpd_export.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
     respect_umask(folder, recursive=False)  # checkpoints/ got theirs when written
-    check_model_folder(folder)
+    if not adapter_only:
+        check_model_folder(folder)
 
 
 # Everything an exported folder holds besides the weights (hpd.models.weight_files): the
@@ -139,11 +154,19 @@ def metrics_at(path: Path, step) -> dict:
     return latest
 
 
-def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -> Path:
-    """`hpd export`: the checkpoint's student, without training state, as an exported folder."""
+def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, adapter_only: bool = False
+                      ) -> Path:
+    """`hpd export`: the checkpoint's student, without training state, as an exported folder
+    (a LoRA checkpoint's adapters merged into their base, or as adapters with adapter_only)."""
     checkpoint, out = Path(checkpoint), Path(out)
     if not (checkpoint / STATE_FILE).exists():
         raise FileNotFoundError(f"{checkpoint} is not an hpd checkpoint (no {STATE_FILE})")
+    from hpd.lora import read_meta
+
+    if read_meta(checkpoint) is not None:
+        return _export_lora(checkpoint, out, overwrite=overwrite, adapter_only=adapter_only)
+    if adapter_only:
+        raise ValueError(f"{checkpoint} holds a full fine-tune: it has no adapters to export")
     check_model_folder(checkpoint)
     state = read_state(checkpoint)  # refuses links and malformed state before anything is copied
     weights = weight_files(checkpoint)
@@ -160,4 +183,21 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False) -
         from transformers import AutoTokenizer
 
         finalize(out, AutoTokenizer.from_pretrained(str(out)), info)
+    return out
+
+
+def _export_lora(checkpoint: Path, out: Path, *, overwrite: bool, adapter_only: bool) -> Path:
+    from transformers import AutoTokenizer
+
+    from hpd.student import export_lora_checkpoint
+
+    state = read_state(checkpoint)  # refuses links and malformed state before anything is written
+    manifest = ensure_writable(out, overwrite)
+    with manifest.recording():
+        meta = export_lora_checkpoint(checkpoint, out, adapter_only=adapter_only)
+        info = dict(state.get("run_info", {}))
+        info["steps"] = state.get("step")
+        info.setdefault("final_metrics", metrics_at(checkpoint.parent.parent / "metrics.jsonl", info["steps"]))
+        info["lora"] = {**meta["lora"], "export": "adapter" if adapter_only else "merged"}
+        finalize(out, AutoTokenizer.from_pretrained(str(checkpoint)), info)
     return out

@@ -29,6 +29,7 @@ class Head:
     bits: int = 0  # 0: dense
     scale: float = 1.0
     softcap: float = 0.0  # 0: off
+    frozen: bool = False  # a dense weight that takes no gradient (a LoRA student's head): none is formed
 
     @property
     def quantized(self) -> bool:

@@ -14,6 +14,7 @@ from typing import Any
 
 from hpd import checkpoint as ckpt
 from hpd import resume as resume_check
+from hpd import student as student_kind
 from hpd.backend import get_backend
 from hpd.config import DistillConfig
 from hpd.data import Batches, check_tokenizers, collate, load_dataset, pad_id_of
@@ -92,7 +93,13 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     SIGTERM stop the run after the current step with a checkpoint (`Interrupted`)."""
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(dict(config))
     cfg.validate()
+    if cfg.dry_run:
+        from hpd.memory import dry_run
+
+        say(dry_run(cfg))
+        return {"out": None, "steps": 0, "metrics": {}, "dry_run": True}
     backend = get_backend(cfg.backend, cfg)
+    student_kind.check_student(backend, cfg)  # before the output folder is touched
     out = Path(cfg.out)
     lock = None
     created = backend.rank == 0 and not out.exists()
@@ -144,7 +151,7 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
         eval_batches = [collate(ex[i:i + cfg.batch_size], pad_id_of(tokenizer))
                         for i in range(0, len(ex), cfg.batch_size)]
 
-    student = backend.load_model(str(resume_from or cfg.student), trainable=True, dtype=cfg.dtype)
+    student = student_kind.load_student(backend, cfg, resume_from, say=lambda m: say(m, rank))
     teacher = None
     if cfg.teacher:
         teacher = backend.load_model(cfg.teacher, trainable=False, dtype=cfg.dtype, quantize=cfg.teacher_quantize)
@@ -260,9 +267,10 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
     started = time.perf_counter()
     with manifest.recording() if rank == 0 else nullcontext():
         if rank == 0 or collective:
-            backend.save_model(student, tokenizer, out)
+            student_kind.export(backend, student, tokenizer, out, adapter_only=cfg.adapter_only)
         if rank == 0:
-            finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final})
+            finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final,
+                                      **student_kind.card_info(student, cfg.adapter_only)})
             metrics_log.close()
             _own_report_folders(manifest, out)
     say(f"exported the student to {out} ({time.perf_counter() - started:.1f} s)", rank)

@@ -94,6 +94,13 @@ class MlxBackend:
         self._grads: dict[int, dict] = {}  # id(model) -> gradients accumulated since the last step
         self._steps: dict[int, object] = {}  # id(model) -> its compiled step (compiled.CompiledStep)
 
+    @property
+    def lora(self):
+        """LoRA students on this backend (hpd.backends.mlx.lora), imported when used."""
+        from hpd.backends.mlx import lora
+
+        return lora
+
     # ------------------------------------------------------------------ loading
     def seed(self, seed: int) -> None:
         random.seed(seed)
@@ -144,6 +151,10 @@ class MlxBackend:
         if trainable:
             model.train()
             model.unfreeze()
+            if getattr(self.config, "gradient_checkpointing", False):
+                from hpd.backends.mlx.lora import enable_checkpointing
+
+                enable_checkpointing(model)
         else:
             model.eval()
             model.freeze()
@@ -161,7 +172,9 @@ class MlxBackend:
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             return Head(weight=module.weight, scales=module.scales, biases=module.get("biases"),
                         group_size=module.group_size, bits=module.bits, **transform)
-        return Head(weight=module.weight, **transform)
+        # a frozen dense head (a LoRA student's): the chunked loss forms no gradient for it
+        frozen = "weight" not in dict(tree_flatten(module.trainable_parameters()))
+        return Head(weight=module.weight, frozen=frozen, **transform)
 
     def supports_chunked(self, model) -> bool:
         """A linear head without bias, dense or quantized, with any logit scaling or

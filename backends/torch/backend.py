@@ -85,6 +85,13 @@ class TorchBackend:
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
 
+    @property
+    def lora(self):
+        """LoRA students on this backend (hpd.backends.torch.lora), imported when used."""
+        from hpd.backends.torch import lora
+
+        return lora
+
     # ------------------------------------------------------------------ loading
     def seed(self, seed: int) -> None:
         random.seed(seed)

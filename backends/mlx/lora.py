@@ -1,0 +1,148 @@
+"""LoRA students on mlx, through mlx-lm's tuner (linear_to_lora_layers, LoRALinear).
+
+Mirrors `hpd.backends.torch.lora` function for function. Adapters cross this module as numpy
+pairs A (r, in), B (out, r) keyed by the layer's full name (model.layers.0.self_attn.q_proj),
+which is also the name transformers gives the layer; mlx-lm holds them transposed.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten, tree_unflatten
+
+from hpd.lora import Attached, LoraSpec, initial_a, resolve_targets
+
+_LINEAR = (nn.Linear, nn.QuantizedLinear)
+
+
+def check_supported(spec: LoraSpec, backend) -> None:
+    """Everything a LoRA spec asks for runs on mlx (quantized bases included)."""
+
+
+def _layer_prefix(model) -> str:
+    """The name of the decoder blocks' list (model.layers for every mlx-lm family we load)."""
+    first = model.layers[0]
+    for name, module in model.named_modules():
+        if module is first:
+            return name.rsplit(".", 1)[0]
+    raise ValueError("cannot find the decoder blocks of this model")
+
+
+def linear_names(model) -> list[str]:
+    """Full names of the linear layers inside the decoder blocks (the head and embeddings are
+    left alone, as peft's all-linear does)."""
+    prefix = _layer_prefix(model)
+    return [f"{prefix}.{i}.{name}" for i, layer in enumerate(model.layers)
+            for name, module in layer.named_modules() if isinstance(module, _LINEAR)]
+
+
+def linear_names_at(path: str) -> list[str]:
+    """The same names from a model folder, without reading its weights."""
+    from mlx_lm.utils import load_model
+
+    from hpd.backends.mlx.backend import resolve_model_path
+
+    model, _ = load_model(resolve_model_path(path), lazy=True)
+    return linear_names(model)
+
+
+def apply(model, spec: LoraSpec, *, seed: int, base: dict, gradient_checkpointing: bool = False) -> None:
+    """Freeze `model` and put mlx-lm LoRA layers on the spec's targets, A drawn from the seed."""
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    names = resolve_targets(linear_names(model), spec.targets)
+    prefix = _layer_prefix(model) + "."
+    keys = sorted({n[len(prefix):].split(".", 1)[1] for n in names})  # relative to a block
+    model.freeze()
+    linear_to_lora_layers(model, len(model.layers),
+                          {"rank": spec.rank, "scale": spec.scale, "dropout": spec.dropout, "keys": keys})
+    modules = dict(model.named_modules())
+    for name in names:
+        layer = modules[name]
+        layer.lora_a = mx.array(initial_a(seed, name, spec.rank, layer.lora_a.shape[0]).T)
+        layer.lora_b = mx.zeros_like(layer.lora_b)
+    mx.eval(model.trainable_parameters())
+    if gradient_checkpointing:
+        enable_checkpointing(model)
+    model.train()
+    model.hpd_lora = Attached(spec=spec, base=base, layers=len(model.layers), modules=names)
+
+
+def enable_checkpointing(model) -> None:
+    """mlx-lm's helper: the blocks recompute their activations in the backward pass. The helper
+    patches a block's class; this model's blocks get a class of their own first, so that other
+    models of the family in the process (the teacher) are left as they are."""
+    from mlx_lm.tuner.trainer import grad_checkpoint
+
+    layers = model.layers
+    own = type(type(layers[0]).__name__, (type(layers[0]),), {"hpd_checkpointed": True})
+    for layer in layers:
+        if not getattr(layer, "hpd_checkpointed", False):
+            layer.__class__ = own
+    grad_checkpoint(layers[0])
+
+
+def _lora_layers(model):
+    from mlx_lm.tuner.lora import LoRALinear
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+def adapters(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    out = {}
+    for name, m in _lora_layers(model):
+        mx.eval(m.lora_a, m.lora_b)
+        out[name] = (np.array(m.lora_a.astype(mx.float32)).T, np.array(m.lora_b.astype(mx.float32)).T)
+    return out
+
+
+def set_adapters(model, arrays: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    layers = dict(_lora_layers(model))
+    if sorted(layers) != sorted(arrays):
+        raise ValueError(f"the adapters cover {len(arrays)} layers, the model has {len(layers)} LoRA layers")
+    for name, (a, b) in arrays.items():
+        layers[name].lora_a = mx.array(np.ascontiguousarray(a.T))
+        layers[name].lora_b = mx.array(np.ascontiguousarray(b.T))
+    mx.eval(model.trainable_parameters())
+
+
+def counts(model) -> tuple[int, int]:
+    """(trainable, total) parameters; a quantized weight counts as its unpacked size. mlx-lm's
+    total counts leaf modules only, which leaves out the adapters (a LoRA layer is no leaf)."""
+    from mlx_lm.utils import get_total_parameters
+
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    return trainable, get_total_parameters(model) + trainable
+
+
+def save_merged(model, tokenizer, folder, backend) -> None:
+    """Export the student with the adapters folded into dense weights (quantized layers
+    dequantized), then put the training modules back: the model in memory is unchanged."""
+    lora = dict(_lora_layers(model))
+    originals, fused = [], []
+    for name, m in model.named_modules():
+        if name in lora:
+            originals.append((name, m))
+            fused.append((name, m.fuse(dequantize=True)))
+        elif isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and name.rsplit(".", 1)[0] not in lora:
+            originals.append((name, m))
+            fused.append((name, _dequantized(m)))
+    model.update_modules(tree_unflatten(fused))
+    try:
+        backend.save_model(model, tokenizer, folder)
+    finally:
+        model.update_modules(tree_unflatten(originals))
+
+
+def _dequantized(m):
+    weight = mx.dequantize(m.weight, m.scales, m.biases, group_size=m.group_size, bits=m.bits, mode=m.mode)
+    if isinstance(m, nn.QuantizedEmbedding):
+        out = nn.Embedding(*weight.shape)
+    else:
+        out = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in m)
+        if "bias" in m:
+            out.bias = m.bias
+    out.weight = weight
+    return out

@@ -1,0 +1,352 @@
+"""Measured peak memory of one training step against hpd.memory's plan, on Qwen2.5 shapes.
+
+Random-weight models with the published Qwen2.5 widths (0.5B, 1.5B, 3B, 7B; written out
+below, no download) are written as sharded safetensors folders, one tensor at a time, and
+loaded through hpd's own code paths (backend.load_model, hpd.student.load_student), as a
+real checkpoint would be. On a 24 GB, 2-core CPU machine a whole 7B teacher and 1.5B
+student cannot run, so the blocks are cut to --layers (every width, the vocabulary and the
+embeddings as published) and the plan is evaluated for the same cut shape: what is checked
+is the plan's per-block and per-token accounting, at that depth.
+
+Each configuration runs in a fresh subprocess. One step (teacher forward, student forward
+and backward, AdamW step) on 8 tokens runs first to create the optimizer state; the peak of
+the second step, at the full length, is the measurement:
+- mlx (CPU): mx.get_peak_memory() after mx.reset_peak_memory(), i.e. every mlx array;
+- torch (CPU): VmHWM after resetting it (/proc/self/clear_refs), minus the process's RSS
+  before any model was loaded (the interpreter and libraries).
+
+    python benchmarks/memory_plan.py                    # the default table
+    python benchmarks/memory_plan.py --layers 2 --lengths 32 64 --configs lora-1.5b
+    python benchmarks/memory_plan.py --plan-only        # the plan at full depth, 2048 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+QWEN25 = {  # published config.json values (Qwen/Qwen2.5-*-Instruct)
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False),
+}
+COMMON = dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"], hidden_act="silu",
+              max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0,
+              bos_token_id=151643, eos_token_id=151645, torch_dtype="bfloat16")
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0"  # Debian libopenblas0-pthread
+
+# name: (teacher, teacher bits, student, lora rank, student bits, gradient checkpointing)
+CONFIGS = {
+    "lora-1.5b": ("7b", 4, "1.5b", 16, 0, False),
+    "qlora-1.5b": ("7b", 4, "1.5b", 16, 4, False),
+    "lora-1.5b-gc": ("7b", 4, "1.5b", 16, 0, True),
+    "full-0.5b": ("1.5b", 4, "0.5b", 0, 0, False),
+    # a dense teacher: the torch backend quantizes no teacher
+    "lora-0.5b-dense": ("1.5b", 0, "0.5b", 16, 0, False),
+    "full-0.5b-dense": ("1.5b", 0, "0.5b", 0, 0, False),
+}
+
+
+def qwen_config(size: str, layers: int | None = None) -> dict:
+    config = {**COMMON, **QWEN25[size]}
+    if layers:
+        config["num_hidden_layers"] = layers
+    return config
+
+
+def write_model(folder: Path, config: dict, dtype: str) -> Path:
+    """A random-weight Qwen2 folder (config.json, safetensors shards, a tokenizer), one tensor
+    in memory at a time."""
+    import mlx.core as mx
+
+    from hpd.memory import Shape
+
+    if (folder / "config.json").exists():
+        _index(folder)
+        return folder
+    folder.mkdir(parents=True)
+    s = Shape.from_config(config)
+    mdtype = getattr(mx, dtype)
+    tensors = {"model.embed_tokens.weight": (s.vocab, s.hidden), "model.norm.weight": (s.hidden,)}
+    if not s.tied:
+        tensors["lm_head.weight"] = (s.vocab, s.hidden)
+    for i in range(s.layers):
+        p = f"model.layers.{i}."
+        for name, n_in, n_out in s.linears():
+            group = "self_attn." if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp."
+            tensors[p + group + name + ".weight"] = (n_out, n_in)
+            if s.qkv_bias and name in ("q_proj", "k_proj", "v_proj"):
+                tensors[p + group + name + ".bias"] = (n_out,)
+        tensors[p + "input_layernorm.weight"] = (s.hidden,)
+        tensors[p + "post_attention_layernorm.weight"] = (s.hidden,)
+    for k, (name, shape) in enumerate(tensors.items()):
+        if len(shape) == 1:
+            value = mx.ones(shape, dtype=mdtype)
+        else:
+            value = (mx.random.normal(shape, key=mx.random.key(k)) * 0.02).astype(mdtype)
+        mx.save_safetensors(str(folder / f"model-{k:05d}.safetensors"), {name: value}, metadata={"format": "mlx"})
+        del value
+    (folder / "config.json").write_text(json.dumps({**config, "torch_dtype": dtype}))
+    _tokenizer(folder)
+    _index(folder)
+    return folder
+
+
+def _index(folder: Path) -> None:
+    """model.safetensors.index.json, which transformers needs to find sharded weights."""
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors.index.json"
+    if path.exists():
+        return
+    weight_map = {}
+    for shard in sorted(folder.glob("model-*.safetensors")):
+        with safe_open(str(shard), "np") as fh:
+            weight_map.update({k: shard.name for k in fh.keys()})
+    path.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(1000)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t1", pad_token="t2").save_pretrained(folder)
+
+
+# ---------------------------------------------------------------------------- child
+def child(args) -> None:
+    import numpy as np
+
+    from hpd.backend import get_backend
+    from hpd.config import DistillConfig
+    from hpd.loop import objective_loss_fn
+    from hpd.schedule import Objective
+    from hpd.student import load_student
+
+    teacher_size, t_bits, student_size, rank, s_bits, gc = CONFIGS[args.config]
+    root = Path(args.root)
+    teacher_dir = root / f"{teacher_size}-{args.layers}"
+    student_dir = root / f"{student_size}-{args.layers}"
+    if args.backend == "torch":
+        _warm_torch()
+    baseline = _rss()
+    cfg = DistillConfig(teacher=str(teacher_dir), student=str(student_dir), data="x", out="x",
+                        backend=args.backend, lora_rank=rank, student_quantize=s_bits, teacher_quantize=t_bits,
+                        gradient_checkpointing=gc, batch_size=1, max_length=args.length, dtype="float32",
+                        chunk_size=args.chunk_size, lr=1e-5, method="hpd")
+    backend = get_backend(args.backend, cfg)
+    student = load_student(backend, cfg, None)
+    teacher = backend.load_model(str(teacher_dir), trainable=False, dtype="float32", quantize=t_bits)
+    optimizer = backend.make_optimizer(student, cfg)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 1000, size=(1, args.length + 1))
+    batch = {"input_ids": ids[:, :-1], "attention_mask": np.ones((1, args.length), dtype=np.int64),
+             "targets": ids[:, 1:]}
+    chunked = backend.supports_chunked(student) and backend.supports_chunked(teacher)
+    peaks, resident = [], 0
+    for step in range(2):
+        if step == 1:
+            resident = _resident(backend, baseline)
+            _reset_peak(backend)
+        # the first step only creates the optimizer state: a few tokens are enough
+        arrays = backend.to_arrays(batch if step == 1 else {k: v[:, :8] for k, v in batch.items()})
+        t_out = backend.forward(teacher, arrays, hidden=chunked)
+        loss_fn = objective_loss_fn([Objective("hpd", 1.0, {})], t_out, arrays["targets"], sampled=None,
+                                    num_tokens=float(args.length), temperature=1.0, chunk_size=cfg.chunk_size,
+                                    chunk_budget_mb=cfg.chunk_budget_mb)
+        backend.forward_backward(student, arrays, loss_fn, hidden=chunked)
+        backend.optimizer_step(student, optimizer, 1e-5, 1.0)
+        del t_out, loss_fn, arrays
+        peaks.append(_peak(backend, baseline))
+    print(json.dumps({"peak": peaks[1], "resident": resident, "chunked": chunked}))
+
+
+def _warm_torch() -> None:
+    """Run every kind of kernel a step uses once on toy tensors, so that the library code it
+    pages in (hundreds of MB of MKL and ATen) is part of the baseline, not of the model."""
+    import torch
+
+    x = torch.randn(4, 8, 64, requires_grad=True)
+    lin = torch.nn.Linear(64, 64)
+    q = lin(x).view(4, 8, 4, 16).transpose(1, 2)
+    y = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    z = torch.nn.functional.silu(y).sum() + torch.log_softmax(lin(x), -1).exp().sum()
+    z.backward()
+    opt = torch.optim.AdamW(lin.parameters())
+    torch.nn.utils.clip_grad_norm_(lin.parameters(), 1.0)
+    opt.step()
+
+
+def _rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _resident(backend, baseline: int) -> int:
+    """Memory held between steps: weights, adapters, optimizer state. On torch, glibc keeps
+    freed heap pages mapped (counted in RSS) until asked to return them: asked here."""
+    if backend.name == "mlx":
+        import mlx.core as mx
+
+        return int(mx.get_active_memory())
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return _rss() - baseline
+
+
+def _reset_peak(backend) -> None:
+    if backend.name == "mlx":
+        import mlx.core as mx
+
+        mx.clear_cache()
+        mx.reset_peak_memory()
+    else:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+
+
+def _peak(backend, baseline: int) -> int:
+    if backend.name == "mlx":
+        import mlx.core as mx
+
+        return int(mx.get_peak_memory())
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024 - baseline
+    return 0
+
+
+# ---------------------------------------------------------------------------- parent
+def estimate(config: str, backend: str, layers: int | None, length: int, chunk_size, chunked: bool) -> int:
+    from hpd.memory import Setting, Shape, plan
+
+    teacher_size, t_bits, student_size, rank, s_bits, gc = CONFIGS[config]
+    s = Setting(backend=backend, batch=1, length=length, student_dtype=4, teacher_dtype=4, teacher_bits=t_bits,
+                student_bits=s_bits, lora_rank=rank, gradient_checkpointing=gc, chunked=chunked,
+                chunk_size=chunk_size)
+    parts = plan(Shape.from_config(qwen_config(teacher_size, layers)),
+                 Shape.from_config(qwen_config(student_size, layers)), s)
+    resident = sum(b for name, b in parts if name.endswith(("weights", "adapters (float32)"))
+                   or name.startswith("optimizer"))
+    return parts[-1][1], resident
+
+
+def headline() -> None:
+    from hpd.memory import Setting, Shape, format_plan
+
+    teacher, student = Shape.from_config(qwen_config("7b")), Shape.from_config(qwen_config("1.5b"))
+    cases = [("LoRA r16, bfloat16 base", dict(lora_rank=16, student_dtype=2)),
+             ("LoRA r16, bfloat16 base, checkpointing", dict(lora_rank=16, student_dtype=2,
+                                                            gradient_checkpointing=True)),
+             ("QLoRA r16, 4-bit base", dict(lora_rank=16, student_bits=4, student_dtype=2)),
+             ("QLoRA r16, 4-bit base, checkpointing", dict(lora_rank=16, student_bits=4, student_dtype=2,
+                                                          gradient_checkpointing=True)),
+             ("full fine-tuning, float32", dict()),
+             ("full fine-tuning, float32, checkpointing", dict(gradient_checkpointing=True))]
+    for name, extra in cases:
+        s = Setting(backend="mlx", batch=1, length=2048, teacher_bits=4, teacher_dtype=2, **extra)
+        print(f"\nQwen2.5-7B (4-bit) -> Qwen2.5-1.5B, {name}:")
+        print(format_plan(teacher, student, s))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--configs", nargs="+", default=["lora-1.5b", "qlora-1.5b", "lora-1.5b-gc", "full-0.5b"],
+                    choices=sorted(CONFIGS))
+    ap.add_argument("--backends", nargs="+", default=["mlx"], choices=["mlx", "torch"])
+    ap.add_argument("--layers", type=int, default=2, help="decoder blocks of every model (widths as published)")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[32, 128])
+    ap.add_argument("--chunk-size", default="auto")
+    ap.add_argument("--root", default=os.path.join(tempfile.gettempdir(), "hpd-memory-plan"),
+                    help="where the random models are written (reused between runs)")
+    ap.add_argument("--plan-only", action="store_true", help="print the plan at full depth and exit")
+    ap.add_argument("--from-measured", action="store_true",
+                    help="print the table from the measurements kept in ROOT/measured.jsonl (no new runs)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--backend", default="mlx", help=argparse.SUPPRESS)
+    ap.add_argument("--length", type=int, default=32, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args)
+        return
+    headline()
+    if args.plan_only:
+        return
+    root = Path(args.root)
+    if args.from_measured:
+        table([json.loads(line) for line in (root / "measured.jsonl").read_text().splitlines()], args.chunk_size)
+        return
+    for name in args.configs:
+        t, t_bits, s, *_ = CONFIGS[name]
+        write_model(root / f"{t}-{args.layers}", qwen_config(t, args.layers), "bfloat16" if t_bits else "float32")
+        write_model(root / f"{s}-{args.layers}", qwen_config(s, args.layers), "float32")
+    print(f"\nmeasured vs planned, one training step, batch 1, {args.layers} blocks per model:")
+    print(f"{'config':<14} {'backend':<7} {'tokens':>6} {'path':<8} {'measured':>12} {'planned':>12} {'error':>7}"
+          f"   {'resident: measured':>18} {'planned':>10}")
+    worst = 0.0
+    for name in args.configs:
+        for backend in args.backends:
+            for length in args.lengths:
+                cmd = [sys.executable, __file__, "--child", "1", "--config", name, "--backend", backend,
+                       "--length", str(length), "--layers", str(args.layers), "--root", str(root),
+                       "--chunk-size", str(args.chunk_size)]
+                env = dict(os.environ)
+                if backend == "mlx" and os.path.exists(OPENBLAS):
+                    # mlx[cpu] on Linux ships a reference BLAS; OpenBLAS computes the same ~20x
+                    # faster. Memory is what mlx allocates either way.
+                    env.update(LD_PRELOAD=OPENBLAS, OPENBLAS_NUM_THREADS="1")
+                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                if done.returncode != 0:
+                    print(f"{name:<14} {backend:<7} {length:>6} failed: {done.stderr.strip().splitlines()[-1:]}")
+                    continue
+                found = json.loads(done.stdout.strip().splitlines()[-1])
+                with open(root / "measured.jsonl", "a") as fh:  # kept, to re-plan without re-measuring
+                    fh.write(json.dumps({"config": name, "backend": backend, "length": length,
+                                         "layers": args.layers, **found}) + "\n")
+                planned, resident = estimate(name, backend, args.layers, length, args.chunk_size, found["chunked"])
+                error = planned / found["peak"] - 1
+                worst = max(worst, abs(error))
+                print(f"{name:<14} {backend:<7} {length:>6} {'chunked' if found['chunked'] else 'plain':<8} "
+                      f"{found['peak'] / 2**30:>8.3f} GiB {planned / 2**30:>8.3f} GiB {100 * error:>+6.1f}%"
+                      f"   {found['resident'] / 2**30:>14.3f} GiB {resident / 2**30:>6.3f} GiB", flush=True)
+    print(f"largest error: {100 * worst:.1f}%")
+
+
+def table(rows: list[dict], chunk_size) -> None:
+    """Measured (latest row per point) against the current plan."""
+    latest = {(r["config"], r["backend"], r["length"], r["layers"]): r for r in rows}
+    print(f"{'config':<16} {'backend':<7} {'blocks':>6} {'tokens':>6} {'measured':>12} {'planned':>12} {'error':>7}"
+          f"   {'resident: measured':>18} {'planned':>10}")
+    worst = 0.0
+    for (name, backend, length, layers), r in sorted(latest.items()):
+        planned, resident = estimate(name, backend, layers, length, chunk_size, r["chunked"])
+        error = planned / r["peak"] - 1
+        worst = max(worst, abs(error))
+        print(f"{name:<16} {backend:<7} {layers:>6} {length:>6} {r['peak'] / 2**30:>8.3f} GiB "
+              f"{planned / 2**30:>8.3f} GiB {100 * error:>+6.1f}%   {r.get('resident', 0) / 2**30:>14.3f} GiB "
+              f"{resident / 2**30:>6.3f} GiB")
+    print(f"largest error: {100 * worst:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""The memory plan: what one training step holds at its peak, from the models' config.json
+alone (no weights are read), per part and per backend. `hpd distill --dry-run` prints it.
+
+Parts, in bytes:
+- weights: every parameter at its dtype; a quantized layer (mlx affine: every linear and
+  embedding layer, group 64) at bits/8 per weight plus a scale and a bias per group;
+- gradients and optimizer state: float32, one and two copies (AdamW) of the trainable
+  parameters (the whole student, or the LoRA adapters);
+- activations: what the student's forward keeps for its backward, counted op by op for the
+  Llama/Qwen2 block (mlx-lm and transformers run the same ops); under gradient
+  checkpointing the blocks' inputs plus one block's worth, recomputed;
+- the teacher's forward output (its final hidden states, or logits on the plain path);
+- the loss: on the chunked path a few (chunk, vocabulary) float32 buffers plus the
+  hidden- and head-sized copies and gradients the chunked loss forms; on the plain path
+  (batch x length x vocabulary) float32 arrays for both models.
+
+`benchmarks/memory_plan.py` measures one step's peak on models of the published Qwen2.5
+shapes and prints it beside this estimate.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+# float32 (chunk, V) arrays alive at once in one chunk of the chunked loss (counted in
+# hpd.chunked, which sizes auto chunks by the same number).
+_CHUNK_BUFFERS = 6
+# float32 (B, T, V) arrays on the plain path: both models' logits and log-softmaxes,
+# the rule's weights and the logit gradient.
+_PLAIN_BUFFERS = 6
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A decoder-only transformer (Llama / Qwen2 family) as its config.json describes it."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    qkv_bias: bool
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Shape":
+        heads = int(config["num_attention_heads"])
+        hidden = int(config["hidden_size"])
+        return cls(hidden=hidden, intermediate=int(config["intermediate_size"]),
+                   layers=int(config["num_hidden_layers"]), heads=heads,
+                   kv_heads=int(config.get("num_key_value_heads") or heads),
+                   head_dim=int(config.get("head_dim") or hidden // heads), vocab=int(config["vocab_size"]),
+                   tied=bool(config.get("tie_word_embeddings", False)),
+                   qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")))
+
+    @classmethod
+    def from_folder(cls, path: str) -> "Shape":
+        from hpd.models import local_or_hub
+
+        source = local_or_hub(path)
+        if not isinstance(source, Path):
+            from huggingface_hub import hf_hub_download
+
+            source = Path(hf_hub_download(source, "config.json")).parent
+        return cls.from_config(json.loads((source / "config.json").read_text()))
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(leaf name, in, out) of one block's linear layers."""
+        q, kv, h, i = self.heads * self.head_dim, self.kv_heads * self.head_dim, self.hidden, self.intermediate
+        return [("q_proj", h, q), ("k_proj", h, kv), ("v_proj", h, kv), ("o_proj", q, h),
+                ("gate_proj", h, i), ("up_proj", h, i), ("down_proj", i, h)]
+
+    def block_matrix_params(self) -> int:
+        return sum(a * b for _, a, b in self.linears())
+
+    def block_vector_params(self) -> int:
+        bias = (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
+        return bias + 2 * self.hidden  # two RMSNorm weights
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def params(self) -> int:
+        blocks = self.layers * (self.block_matrix_params() + self.block_vector_params())
+        return blocks + self.embedding_params() + self.hidden
+
+    def lora_params(self, rank: int, targets: str = "all-linear") -> int:
+        wanted = None if targets == "all-linear" else set(targets.split(","))
+        return self.layers * sum(rank * (a + b) for name, a, b in self.linears()
+                                 if wanted is None or name in wanted)
+
+
+def weight_bytes(shape: Shape, dtype_bytes: int, bits: int = 0, backend: str = "mlx") -> int:
+    """Every parameter at `dtype_bytes`; with `bits`, every matrix (linear layers, embedding,
+    head) packed at bits/8 bytes per weight plus a scale and a bias per group, as
+    hpd.backends.mlx.backend.quantize_model does (group 64, or 32 where the width needs it).
+    bitsandbytes (torch) quantizes the blocks' linear layers only, with one float32 absmax
+    per 64 weights."""
+    matrices = [(n_in, n_out) for _, n_in, n_out in shape.linears()] * shape.layers
+    embeddings = [(shape.hidden, shape.vocab)] * (1 if shape.tied else 2)
+    vectors = shape.layers * shape.block_vector_params() + shape.hidden
+    total = vectors * dtype_bytes
+    if bits and backend == "torch":
+        dense = sum(a * b for a, b in embeddings) * dtype_bytes
+        return total + dense + sum(a * b * bits // 8 + (a * b // 64) * 4 for a, b in matrices)
+    matrices += embeddings
+    for n_in, n_out in matrices:
+        group = next((g for g in (64, 32) if n_in % g == 0), 0) if bits else 0
+        if group:
+            total += n_in * n_out * bits // 8 + 2 * (n_in // group) * n_out * dtype_bytes
+        else:
+            total += n_in * n_out * dtype_bytes
+    return total
+
+
+def block_activations(shape: Shape, tokens: int, dtype_bytes: int, lora_rank: int = 0,
+                      targets: str = "all-linear") -> int:
+    """Bytes one block's forward keeps for the backward (every intermediate of the block:
+    under autodiff mlx keeps a traced array's inputs alive, and torch saves the same ones).
+
+    Per token: the two norms' outputs, q/k/v, rotated q/k, the attention output and its
+    transposed copy, o_proj, the residual sums, gate, up, the SwiGLU product and down_proj.
+    A LoRA layer adds x @ A (rank), its product with B, the scaled copy and the sum (out
+    each). The attention's (heads, T, T) scores are not kept: its backward recomputes them
+    (see attention_scores).
+    """
+    h, i, d = shape.hidden, shape.intermediate, shape.head_dim
+    per_token = (6 * h + (4 * shape.heads + 3 * shape.kv_heads) * d + 3 * i) * dtype_bytes
+    if lora_rank:
+        # the float32 adapters' branch: x @ A and its product with B, scaled (float32), then
+        # cast to the base's dtype (no copy when it is float32) and added
+        wanted = None if targets == "all-linear" else set(targets.split(","))
+        outs = sum(out for name, _, out in shape.linears() if wanted is None or name in wanted)
+        adapted = sum(1 for name, _, _ in shape.linears() if wanted is None or name in wanted)
+        per_out = 2 * 4 + (dtype_bytes if dtype_bytes == 4 else 2 * dtype_bytes)
+        per_token += adapted * lora_rank * 4 + outs * per_out
+    return per_token * tokens
+
+
+def attention_scores(shape: Shape, batch: int, length: int) -> int:
+    """The float32 scores and probabilities (B, heads, T, T) that one block's attention
+    backward recomputes: one block at a time."""
+    return 2 * batch * shape.heads * length * length * 4
+
+
+@dataclass
+class Setting:
+    """One run's memory-relevant choices (the fields of hpd.config.DistillConfig)."""
+
+    backend: str = "mlx"
+    batch: int = 1
+    length: int = 2048
+    student_dtype: int = 4  # bytes
+    teacher_dtype: int = 4
+    teacher_bits: int = 0
+    student_bits: int = 0
+    lora_rank: int = 0
+    lora_targets: str = "all-linear"
+    gradient_checkpointing: bool = False
+    chunked: bool = True
+    chunk_size: int | str = "auto"
+    chunk_budget_mb: float = 256.0
+
+
+def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
+    """[(part, bytes)] for one training step's peak; the last entry is the total."""
+    tokens = s.batch * s.length
+    vocab = min(teacher.vocab, student.vocab)
+    trainable = student.lora_params(s.lora_rank, s.lora_targets) if s.lora_rank else student.params()
+    act_dtype = s.student_dtype
+    block = block_activations(student, tokens, act_dtype, s.lora_rank, s.lora_targets)
+    # the backward of a block forms a cotangent beside each of its intermediates: one
+    # block's worth more while it runs (with checkpointing, beside the recomputed block)
+    if s.gradient_checkpointing:
+        activations = student.layers * tokens * student.hidden * act_dtype + 2 * block
+    else:
+        activations = (student.layers + 1) * block
+    activations += 2 * tokens * student.hidden * act_dtype  # embedding output, final norm
+    activations += attention_scores(student, s.batch, s.length)
+    parts = [
+        ("teacher weights", weight_bytes(teacher, s.teacher_dtype, s.teacher_bits, s.backend)),
+        ("student weights", weight_bytes(student, s.student_dtype, s.student_bits, s.backend)),
+    ]
+    if s.lora_rank:
+        parts.append(("LoRA adapters (float32)", 4 * trainable))
+    parts += [("gradients (float32)", 4 * trainable), ("optimizer state (AdamW, float32)", 8 * trainable),
+              ("student activations" + (" (checkpointed)" if s.gradient_checkpointing else ""), activations)]
+    if s.chunked:
+        parts.append(("teacher hidden states", tokens * teacher.hidden * s.teacher_dtype))
+        parts.append(("loss: chunk buffers", chunk_buffers(s, tokens, vocab, teacher, student)))
+        parts.append(("loss: hidden and head copies", loss_copies(teacher, student, s, tokens, vocab)))
+    else:
+        parts.append(("teacher logits", tokens * vocab * s.teacher_dtype))
+        parts.append(("loss: logits buffers", _PLAIN_BUFFERS * tokens * vocab * 4))
+    parts.append(("total", sum(b for _, b in parts)))
+    return parts
+
+
+def chunk_positions(s: Setting, vocab: int) -> int:
+    """Positions per chunk, as hpd.chunked.resolve_chunk_size picks them."""
+    if str(s.chunk_size) != "auto":
+        return int(s.chunk_size)
+    return max(16, int(s.chunk_budget_mb * 2**20 // (_CHUNK_BUFFERS * vocab * 4)))
+
+
+def chunk_buffers(s: Setting, tokens: int, vocab: int, teacher: Shape | None = None,
+                  student: Shape | None = None) -> int:
+    """The chunk's (C, V) float32 arrays; a quantized head with more rows than the shared
+    vocabulary (Qwen2.5-7B's 152064 against 151936) yields full-width logits that are then
+    cut, one more (C, V) array (measured: 7.0 instead of 6.0 per position)."""
+    buffers = _CHUNK_BUFFERS
+    buffers += bool(s.teacher_bits and teacher is not None and teacher.vocab > vocab)
+    buffers += bool(s.student_bits and student is not None and student.vocab > vocab)
+    return buffers * min(chunk_positions(s, vocab), tokens) * vocab * 4
+
+
+def loss_copies(teacher: Shape, student: Shape, s: Setting, tokens: int, vocab: int) -> int:
+    """What the chunked loss holds besides its chunks: the supervised positions' hidden
+    states (gathered, copied off the graph) and their float32 gradient (per chunk, then
+    joined); a trainable dense head's copy and float32 gradient (twice while a chunk's part
+    is added); a dense head stored below float32, cast once. A quantized or frozen head
+    forms no gradient, and a quantized one is never cast."""
+    hs, ht = student.hidden, teacher.hidden
+    total = tokens * (2 * hs * s.student_dtype + 2 * hs * 4 + ht * s.teacher_dtype)
+    if not s.student_bits:
+        if not s.lora_rank:
+            total += vocab * hs * (s.student_dtype + 2 * 4)
+            if s.backend == "mlx" and student.tied:
+                # mlx forms the embedding's own (scatter) gradient and adds the head's to it;
+                # torch accumulates a tied weight's gradient in place
+                total += vocab * hs * 4
+        if s.student_dtype != 4:
+            total += vocab * hs * 4
+    if not s.teacher_bits and s.teacher_dtype != 4:
+        total += vocab * ht * 4
+    return total
+
+
+def trainable_count(student: Shape, s: Setting) -> tuple[int, int]:
+    trainable = student.lora_params(s.lora_rank, s.lora_targets) if s.lora_rank else student.params()
+    return trainable, student.params() + (trainable if s.lora_rank else 0)
+
+
+def _accelerated(backend: str, device: str) -> bool:
+    """Whether --dtype auto would put frozen models in bfloat16 here (Metal or CUDA)."""
+    try:
+        if backend == "mlx":
+            import mlx.core as mx
+
+            return mx.default_device().type == mx.DeviceType.gpu
+        if device in ("cuda", "mps"):
+            return device == "cuda"
+        import torch
+
+        return device == "auto" and torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def setting_of(cfg, backend: str | None = None) -> Setting:
+    backend = backend or cfg.backend
+    auto_frozen = 2 if _accelerated(backend, cfg.device) else 4  # --dtype auto: bfloat16 frozen models
+
+    def dtype(frozen: bool) -> int:
+        if cfg.dtype != "auto":
+            return _BYTES[cfg.dtype]
+        return auto_frozen if frozen else 4
+
+    return Setting(backend=backend, batch=cfg.batch_size, length=cfg.max_length,
+                   student_dtype=dtype(bool(cfg.lora_rank)), teacher_dtype=dtype(True),
+                   teacher_bits=cfg.teacher_quantize, student_bits=cfg.student_quantize,
+                   lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
+                   gradient_checkpointing=cfg.gradient_checkpointing, chunked=cfg.chunked != "off",
+                   chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:8.2f} GiB" if n >= 2**30 else f"{n / 2**20:8.1f} MiB"
+
+
+def format_plan(teacher: Shape, student: Shape, s: Setting) -> str:
+    trainable, total = trainable_count(student, s)
+    lines = [f"memory plan ({s.backend}, batch {s.batch} x {s.length} tokens, "
+             f"{'chunked' if s.chunked else 'plain'} loss"
+             f"{', gradient checkpointing' if s.gradient_checkpointing else ''}):",
+             f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"]
+    lines += [f"  {name:<36} {gib(b)}" for name, b in plan(teacher, student, s)]
+    return "\n".join(lines)
+
+
+def dry_run(cfg) -> str:
+    """`hpd distill --dry-run`: the plan for the run's backend (and the other one, where it
+    can run the same configuration), from the two config.json files; nothing is loaded or
+    written."""
+    teacher, student = Shape.from_folder(cfg.teacher), Shape.from_folder(cfg.student)
+    backends = [cfg.backend] + [b for b in ("mlx", "torch") if b != cfg.backend]
+    out = []
+    for backend in backends:
+        if backend == "torch" and cfg.teacher_quantize:
+            continue  # the torch backend quantizes no teacher
+        out.append(format_plan(teacher, student, setting_of(cfg, backend)))
+    return "\n\n".join(out)

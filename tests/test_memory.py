@@ -1,0 +1,87 @@
+"""The memory plan: its parameter counts and weight bytes against real models, and
+`hpd distill --dry-run`, which prints it and writes nothing. (Its activation and loss terms
+are checked against measured peaks by benchmarks/memory_plan.py, not here.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpd.memory import Setting, Shape, plan, trainable_count, weight_bytes
+
+
+def shape_of(folder) -> Shape:
+    return Shape.from_config(json.loads((folder / "config.json").read_text()))
+
+
+@pytest.mark.parametrize("name", ["student", "teacher", "qwen_student", "qwen_teacher"])
+def test_parameter_count_matches_the_model(assets, name):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets[name], dtype=torch.float32)
+    shape = shape_of(assets[name])
+    assert shape.params() == sum(p.numel() for p in model.parameters())
+    assert weight_bytes(shape, 4) == 4 * shape.params()
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_weight_bytes_match_mlx(assets, bits):
+    pytest.importorskip("mlx_lm")
+    from hpd.backends.mlx import MlxBackend
+    from hpd.backends.mlx.backend import param_bytes
+
+    for name in ("teacher", "qwen_student"):
+        model = MlxBackend().load_model(str(assets[name]), trainable=False, dtype="float32", quantize=bits)
+        assert weight_bytes(shape_of(assets[name]), 4, bits) == param_bytes(model)
+
+
+@pytest.mark.parametrize("targets", ["all-linear", "q_proj,v_proj"])
+def test_lora_count_matches_the_backends(assets, targets):
+    pytest.importorskip("mlx_lm")
+    pytest.importorskip("peft")
+    from hpd.backends.mlx import MlxBackend
+    from hpd.backends.torch import TorchBackend
+    from hpd.lora import LoraSpec
+
+    shape = shape_of(assets["qwen_student"])
+    want = trainable_count(shape, Setting(lora_rank=4, lora_targets=targets))
+    for backend in (MlxBackend(), TorchBackend()):
+        model = backend.load_model(str(assets["qwen_student"]), trainable=False, dtype="float32")
+        model = backend.lora.apply(model, LoraSpec(rank=4, alpha=8.0, targets=targets), seed=0, base={}) or model
+        assert backend.lora.counts(model) == want, backend.name
+
+
+def test_plan_parts_add_up_and_respond_to_the_settings(assets):
+    t = s = shape_of(assets["teacher"])  # 2 blocks: checkpointing has something to save
+    base = Setting(length=256, batch=2)
+    parts = dict(plan(t, s, base))
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    lora = dict(plan(t, s, Setting(length=256, batch=2, lora_rank=4)))
+    assert lora["optimizer state (AdamW, float32)"] < 0.2 * parts["optimizer state (AdamW, float32)"]
+    ckpt = dict(plan(t, s, Setting(length=256, batch=2, gradient_checkpointing=True)))
+    assert ckpt["student activations (checkpointed)"] < parts["student activations"]
+    plain = dict(plan(t, s, Setting(length=256, batch=2, chunked=False)))
+    assert "loss: logits buffers" in plain and "loss: chunk buffers" not in plain
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(assets, tmp_path):
+    from click.testing import CliRunner
+
+    from hpd.cli.main import cli
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, [
+        "distill", "--teacher", str(assets["teacher"]), "--student", str(assets["student"]),
+        "--data", str(assets["data"]), "--out", str(out), "--lora-rank", "4", "--backend", "mlx", "--dry-run"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    shape = shape_of(assets["student"])
+    trainable, total = trainable_count(shape, Setting(lora_rank=4))
+    assert f"trainable parameters: {trainable:,} of {total:,}" in result.output
+    for part in ("teacher weights", "student weights", "gradients", "optimizer state", "student activations",
+                 "loss: chunk buffers", "total"):
+        assert part in result.output
+    assert "memory plan (mlx" in result.output and "memory plan (torch" in result.output
+    assert not out.exists()
+    assert not list(tmp_path.iterdir())
