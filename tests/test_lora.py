@@ -249,7 +249,7 @@ def _cli(args):
     (["--lora-rank", "x"], "'x' is not a valid integer"),
     (["--lora-rank", "4", "--lora-alpha", "0"], "lora_alpha=0.0: must be > 0"),
     (["--lora-rank", "4", "--lora-alpha", "-1"], "lora_alpha=-1.0: must be > 0"),
-    (["--lora-rank", "4", "--lora-alpha", "nan"], "lora_alpha is NaN"),
+    (["--lora-rank", "4", "--lora-alpha", "nan"], "lora_alpha=nan: must be a finite number"),
     (["--lora-rank", "4", "--lora-alpha", "big"], "'big' is not a valid float"),
     (["--adapter-only"], "adapter_only needs lora_rank"),
     (["--lora-rank", "4", "--lora-targets", "q_proj,wq"], "no linear layer named wq; its linear layers are "
