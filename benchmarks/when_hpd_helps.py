@@ -155,7 +155,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--sample-rows", type=int, default=0, help="held-out rows for sampled accuracy (default: 50, quick 30)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (default: 2)")
     parser.add_argument("--out", default="runs/when-hpd-helps", help="folder for the runs, the table and the plot")
+    parser.add_argument("--from-results", metavar="JSON", default="",
+                        help="only rewrite the table and the plot from an earlier run's results.json")
     args = parser.parse_args(argv)
+    if args.from_results:
+        return write_report(json.loads(Path(args.from_results).read_text()), Path(args.out))
     plan = dict(QUICK if args.quick else FULL)
     for key in ("steps", "eval_every", "eval_generate", "final_rows", "samples", "sample_rows"):
         if getattr(args, key):
@@ -168,7 +172,7 @@ def main(argv=None) -> dict:
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
     args.params, args.prompt_tokens = {}, 0.0
-    started = time.perf_counter()
+    started, at_commit = time.perf_counter(), commit()
     base = baselines(args, plan)
     print(f"teacher: greedy {base['teacher']['greedy']:.3f}; student before: greedy "
           f"{base['student before']['greedy']:.3f}", flush=True)
@@ -180,20 +184,26 @@ def main(argv=None) -> dict:
             print(f"{name:18s} seed {seed}: greedy {r['greedy']:.3f} sampled {r['sampled']:.3f} "
                   f"KL {r['kl_teacher_text']:.3f} {r['seconds']:.0f} s", flush=True)
     meta = {"command": " ".join(["python benchmarks/when_hpd_helps.py", *(argv if argv is not None else sys.argv[1:])]),
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": at_commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
             "plan": plan, "params": args.params, "prompt_tokens": args.prompt_tokens,
             "total_seconds": time.perf_counter() - started}
     results = {"meta": meta, "baselines": base, "runs": runs}
     (out_root / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    text = report.markdown(results, list(args.methods))
+    return write_report(results, out_root)
+
+
+def write_report(results: dict, out_root: Path) -> dict:
+    methods = [m for m in METHODS if any(r["method"] == m for r in results["runs"])]
+    out_root.mkdir(parents=True, exist_ok=True)
+    text = report.markdown(results, methods)
     (out_root / "results.md").write_text(text)
     print("\n" + text)
     try:
-        report.plot(results, list(args.methods), out_root / "curves.png")
-        print(f"wrote {out_root / 'results.md'}, {out_root / 'results.json'} and {out_root / 'curves.png'}")
+        report.plot(results, methods, out_root / "curves.png")
+        print(f"wrote {out_root / 'results.md'} and {out_root / 'curves.png'}")
     except ImportError as e:
-        print(f"no plot ({e}); wrote {out_root / 'results.md'} and {out_root / 'results.json'}")
+        print(f"no plot ({e}); wrote {out_root / 'results.md'}")
     return results
 
 

@@ -185,7 +185,9 @@ def plot(results: dict, methods: list, path: Path) -> Path:
         secs = [statistics.fmean(r["series"]["evals"][j]["seconds"] for r in rs) for j in range(n)]
         mean = [statistics.fmean(a) for a in acc]
         lo, hi = [min(a) for a in acc], [max(a) for a in acc]
-        for ax, xs in ((axes[0], steps), (axes[1], secs)):
+        # points at the same step would hide each other: each method is nudged sideways a little
+        dodge = (i - (len(methods) - 1) / 2) * 0.006 * max(steps[-1], 1)
+        for ax, xs in ((axes[0], [x + dodge for x in steps]), (axes[1], secs)):
             ax.plot(xs, mean, **kw)
             if len(rs) > 1:
                 ax.fill_between(xs, lo, hi, color=colors[i % 10], alpha=0.12, linewidth=0)
@@ -195,7 +197,7 @@ def plot(results: dict, methods: list, path: Path) -> Path:
         smooth = [statistics.fmean(g[max(0, t - 9):t + 1]) for t in range(length)]
         axes[2].plot(rs[0]["series"]["steps"][:length], smooth, color=colors[i % 10],
                      linestyle=styles[i % len(styles)], linewidth=1.6, label=m)
-    axes[0].set(title="held-out greedy exact match vs steps\n(line: mean over seeds; band: min-max)",
+    axes[0].set(title="held-out greedy exact match vs steps\n(mean over seeds, band min-max; methods nudged apart on x)",
                 xlabel="optimizer step", ylabel="exact match")
     axes[1].set(title="held-out greedy exact match vs training seconds\n(same points; x: mean over seeds)",
                 xlabel="training seconds (forward, backward, rollouts)", ylabel="exact match")
@@ -203,8 +205,9 @@ def plot(results: dict, methods: list, path: Path) -> Path:
                 xlabel="optimizer step", ylabel="gradient norm", yscale="log")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=9, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=10, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
