@@ -90,7 +90,8 @@ def run_one(name: str, seed: int, plan: dict, args, out_root: Path) -> dict:
     kl_data_text = likelihood(backend, student, tok, str(sm.HELD_PATH), teacher=teacher)["kl_to_teacher"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     return {"method": name, "seed": seed, "greedy": greedy["accuracy"], "sampled": sampled["accuracy"],
-            "styles": greedy["styles"], "sampled_styles": sampled["styles"], "kl_teacher_text": kl_teacher_text,
+            "styles": greedy["styles"], "openings": greedy["openings"], "sampled_styles": sampled["styles"],
+            "kl_teacher_text": kl_teacher_text,
             "kl_data_text": kl_data_text, "seconds": seconds, "out": str(out),
             "series": report.series(records), "flops": report.flops(records, args.params, args.prompt_tokens, cfg.batch_size)}
 
@@ -122,11 +123,33 @@ def baselines(args, plan) -> dict:
         if name != "teacher":
             kl = {"kl_teacher_text": likelihood(backend, model, tok, str(sm.HELD_TEACHER_PATH), teacher=teacher)["kl_to_teacher"],
                   "kl_data_text": likelihood(backend, model, tok, str(sm.HELD_PATH), teacher=teacher)["kl_to_teacher"]}
-        out[name] = {"greedy": greedy["accuracy"], "sampled": sampled["accuracy"], "styles": greedy["styles"], **kl}
+        out[name] = {"greedy": greedy["accuracy"], "sampled": sampled["accuracy"], "styles": greedy["styles"],
+                     "openings": greedy["openings"], **kl}
         n_params = sum(p.numel() for p in model.parameters())
         args.params["teacher" if name == "teacher" else "student"] = n_params
     args.prompt_tokens = sum(len(tok.encode(p, add_special_tokens=False)) + 1 for p in prompts) / len(prompts)
     return out
+
+
+def add_openings(results: dict) -> None:
+    """Greedy answers of every run's exported student again; fills in `openings` (first-line styles)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hpd.tasks import sums_models as sm
+
+    held = sm.load_rows("held")[: results["meta"]["plan"]["final_rows"]]
+    prompts, refs = [r["prompt"] for r in held], [r["completion"] for r in held]
+    folders = [(b, path) for b, path in ((results["baselines"]["teacher"], sm.TEACHER_DIR),
+                                         (results["baselines"]["student before"], sm.STUDENT_DIR))]
+    folders += [(r, r["out"]) for r in results["runs"]]
+    for entry, folder in folders:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        tok = AutoTokenizer.from_pretrained(folder)
+        got = sm.score(prompts, refs, sm.generate_texts(model, tok, prompts, max_new_tokens=80))
+        if abs(got["accuracy"] - entry["greedy"]) > 1e-9:
+            print(f"note: {folder}: greedy {got['accuracy']:.3f} now, {entry['greedy']:.3f} recorded")
+        entry["openings"] = got["openings"]
 
 
 def commit() -> str:
@@ -157,9 +180,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/when-hpd-helps", help="folder for the runs, the table and the plot")
     parser.add_argument("--from-results", metavar="JSON", default="",
                         help="only rewrite the table and the plot from an earlier run's results.json")
+    parser.add_argument("--add-openings", action="store_true",
+                        help="with --from-results: first regenerate each run's greedy answers from its exported "
+                        "student and record how they open (for results written before openings were recorded)")
     args = parser.parse_args(argv)
     if args.from_results:
-        return write_report(json.loads(Path(args.from_results).read_text()), Path(args.out))
+        results = json.loads(Path(args.from_results).read_text())
+        if args.add_openings:
+            add_openings(results)
+            Path(args.from_results).write_text(json.dumps(results, indent=1) + "\n")
+        return write_report(results, Path(args.out))
     plan = dict(QUICK if args.quick else FULL)
     for key in ("steps", "eval_every", "eval_generate", "final_rows", "samples", "sample_rows"):
         if getattr(args, key):

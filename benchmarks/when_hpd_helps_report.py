@@ -96,7 +96,15 @@ def ms(values: list, digits: int = 3) -> str:
 
 
 def _styles(d: dict) -> str:
+    if not d:
+        return "-"
     return " / ".join(f"{d.get(k, 0.0):.2f}" for k in ("forward", "backward", "pairs", "other"))
+
+
+def _mean_shares(runs: list, key: str) -> dict:
+    if not all(key in r for r in runs):
+        return {}
+    return {k: statistics.fmean(r[key].get(k, 0.0) for r in runs) for k in ("forward", "backward", "pairs", "other")}
 
 
 def markdown(results: dict, methods: list) -> str:
@@ -115,17 +123,17 @@ def markdown(results: dict, methods: list) -> str:
         "### Final performance",
         "",
         "| method | greedy exact match | sampled exact match (T=1) | KL to teacher, teacher's text | "
-        "KL to teacher, data's text | greedy styles fwd / bwd / pairs / other |",
-        "|---|---|---|---|---|---|",
+        "KL to teacher, data's text | greedy answers in full style fwd / bwd / pairs / other | "
+        "greedy first line fwd / bwd / pairs / other |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, b in base.items():
         lines.append(f"| {name} | {b['greedy']:.3f} | {b['sampled']:.3f} | {b['kl_teacher_text']:.3f} | "
-                     f"{b['kl_data_text']:.3f} | {_styles(b['styles'])} |")
+                     f"{b['kl_data_text']:.3f} | {_styles(b['styles'])} | {_styles(b.get('openings', {}))} |")
     for m, rs in by.items():
-        styles = {k: statistics.fmean(r["styles"].get(k, 0.0) for r in rs) for k in ("forward", "backward", "pairs", "other")}
         lines.append(f"| {m} | {ms([r['greedy'] for r in rs])} | {ms([r['sampled'] for r in rs])} | "
                      f"{ms([r['kl_teacher_text'] for r in rs])} | {ms([r['kl_data_text'] for r in rs])} | "
-                     f"{_styles(styles)} |")
+                     f"{_styles(_mean_shares(rs, 'styles'))} | {_styles(_mean_shares(rs, 'openings'))} |")
     lines += ["", "### Efficiency", "",
               "| method | wall time (s) | training time (s) | rollout steps | FLOPs (1e12) | FLOPs / sft's |",
               "|---|---|---|---|---|---|"]

@@ -103,6 +103,15 @@ def test_style_of_rejects_wrong_working():
     assert sums.style_of(p.prompt(), "Answer: 10") is None
     with pytest.raises(ValueError):
         sums.parse_prompt("Sum b=1 a=2\n")
+    # an answer that opens forward and goes on in pairs: no style, forward opening
+    mixed = "a: 1\nc+d = 3+4 = 7\nAnswer: 10"
+    assert sums.style_of(p.prompt(), mixed) is None and sums.opening_of(p.prompt(), mixed) == "forward"
+    assert sums.opening_of(p.prompt(), p.completion("pairs")) == "pairs"
+    assert sums.opening_of(p.prompt(), "d: 4\n") == "backward" and sums.opening_of(p.prompt(), "b: 2") is None
+    assert sums.opening_of(p.prompt(), "a+b = 1+3 = 5\n") == "pairs"  # wrong numbers, pairs all the same
+    r = sums_models.score([p.prompt()] * 2, [p.completion("pairs")] * 2, [mixed, p.completion("backward")])
+    assert r["accuracy"] == 1.0 and r["styles"]["backward"] == 0.5 and r["styles"]["other"] == 0.5
+    assert r["openings"] == {"forward": 0.5, "backward": 0.5, "pairs": 0.0, "other": 0.0}
 
 
 def test_split_does_not_overlap_and_knobs_are_checked():

@@ -34,6 +34,7 @@ __all__ = [
     "generate",
     "make_split",
     "style_of",
+    "opening_of",
     "extract_answer",
     "is_correct",
     "read_jsonl",
@@ -202,4 +203,19 @@ def style_of(prompt: str, text: str) -> str | None:
     for style in STYLES:
         if text == problem.completion(style):
             return style
+    return None
+
+
+def opening_of(prompt: str, text: str) -> str | None:
+    """The style an answer starts in, from the shape of its first line, right numbers or not:
+    ``a: N`` forward, ``<last letter>: N`` backward, ``a+b = ...`` pairs; None for anything
+    else. With `style_of` it tells an answer that starts in one style and goes on in another."""
+    letters = parse_prompt(prompt).letters
+    first = text.strip().split("\n", 1)[0]
+    if re.fullmatch(rf"{letters[0]}: \d+", first):
+        return "forward"
+    if re.fullmatch(rf"{letters[-1]}: \d+", first):
+        return "backward"
+    if first.startswith(f"{letters[0]}+{letters[1]} = "):
+        return "pairs"
     return None

@@ -82,12 +82,16 @@ def generate_texts(model, tok, prompts, *, greedy: bool = True, samples: int = 1
 
 
 def score(prompts, answers, texts, samples: int = 1) -> dict:
-    """Exact match of the final answer and the share of each style of working among `texts`
-    (prompt-major, `samples` texts per prompt); `answers` are reference completions."""
-    hits, styles = 0, {s: 0 for s in (*sums.STYLES, "other")}
+    """Exact match of the final answer, the share of each style of working among `texts`
+    (prompt-major, `samples` texts per prompt; "other" for none of them in full) and the share
+    of each style's first line (`openings`); `answers` are reference completions."""
+    hits = 0
+    styles, openings = ({s: 0 for s in (*sums.STYLES, "other")} for _ in range(2))
     for i, text in enumerate(texts):
         j = i // samples
         hits += int(sums.is_correct(text, answers[j]))
         styles[sums.style_of(prompts[j], text) or "other"] += 1
+        openings[sums.opening_of(prompts[j], text) or "other"] += 1
     n = max(len(texts), 1)
-    return {"accuracy": hits / n, "styles": {k: v / n for k, v in styles.items()}}
+    return {"accuracy": hits / n, "styles": {k: v / n for k, v in styles.items()},
+            "openings": {k: v / n for k, v in openings.items()}}
