@@ -7,8 +7,10 @@ Definitions (also printed under the table):
 - FLOPs: (6 N_student + 2 N_teacher) per token a step trains on (targets plus prompt), plus
   2 N_student per prompt and generated token of a rollout (KV cache); N counts all parameters
   (the tied head is a real matmul). Attention's quadratic term is left out (sequences < 100).
-- gradient-norm spike: a step t >= 20 whose gradient norm (before clipping) exceeds 3x the
-  median of the 20 steps before it.
+- gradient-norm spike: a step whose gradient norm (before clipping) exceeds 3x the median of
+  the 20 steps of the same kind (offline or rollout) before it. "Between kinds": how many more
+  the same rule counts when the kinds are not told apart (an offline step right after a run of
+  rollout steps, whose gradients are smaller, then looks like a spike).
 - step noise: the coefficient of variation (std / mean) of the gradient norm and of the loss
   over the second half of a run, averaged over seeds. Loss spread across seeds: std over
   seeds of the mean loss over the last 20% of steps.
@@ -62,11 +64,17 @@ def flops(records: list, params: dict, prompt_tokens: float, batch_rows: int | N
     return total
 
 
-def spikes(values: list) -> int:
+def spikes(values: list, kinds: list | None = None) -> int:
+    """Steps whose value exceeds SPIKE_RATIO x the median of the SPIKE_WINDOW steps before it;
+    with `kinds` (offline 0 / rollout 1 per step), only steps of the same kind are compared, so
+    that a run mixing two kinds of step with different gradient scales is not counted as spiky."""
     count = 0
-    for t in range(SPIKE_WINDOW, len(values)):
-        if values[t] > SPIKE_RATIO * statistics.median(values[t - SPIKE_WINDOW:t]):
-            count += 1
+    kinds = kinds or [0] * len(values)
+    for kind in set(kinds):
+        same = [v for v, k in zip(values, kinds) if k == kind]
+        for t in range(SPIKE_WINDOW, len(same)):
+            if same[t] > SPIKE_RATIO * statistics.median(same[t - SPIKE_WINDOW:t]):
+                count += 1
     return count
 
 
@@ -85,6 +93,7 @@ def stability(runs: list) -> dict:
     return {"grad_cv": grad_cv, "loss_cv": loss_cv,
             "loss_seed_sd": statistics.stdev(tails) if len(tails) > 1 else 0.0,
             "spikes": statistics.fmean(spikes(s["grad_norm"]) for s in half),
+            "spikes_same_kind": statistics.fmean(spikes(s["grad_norm"], s["on_policy"]) for s in half),
             "max_grad": max(max(s["grad_norm"]) for s in half)}
 
 
@@ -144,12 +153,12 @@ def markdown(results: dict, methods: list) -> str:
                      f"{statistics.fmean(sum(r['series']['on_policy']) for r in rs):.0f} | {ms(f, 2)} | {rel} |")
     lines += ["", "### Stability", "",
               "| method | grad-norm CV (2nd half) | loss CV (2nd half) | final loss, sd across seeds | "
-              "grad-norm spikes per run | largest grad norm |",
-              "|---|---|---|---|---|---|"]
+              "grad-norm spikes per run | more if offline and rollout steps are not told apart | largest grad norm |",
+              "|---|---|---|---|---|---|---|"]
     for m, rs in by.items():
         s = stability(rs)
         lines.append(f"| {m} | {s['grad_cv']:.3f} | {s['loss_cv']:.3f} | {s['loss_seed_sd']:.4f} | "
-                     f"{s['spikes']:.1f} | {s['max_grad']:.2f} |")
+                     f"{s['spikes_same_kind']:.1f} | {s['spikes'] - s['spikes_same_kind']:+.1f} | {s['max_grad']:.2f} |")
     diag_rows = []
     for m, rs in by.items():
         vals = {}

@@ -22,6 +22,9 @@ def test_spike_and_series_definitions():
     report = load_benchmark().report
     assert report.spikes([1.0] * 25) == 0
     assert report.spikes([1.0] * 20 + [3.5, 1.0, 2.9]) == 1  # only > 3x the median of the 20 before
+    # small rollout-step gradients followed by an offline step: a spike only if kinds are mixed up
+    mixed, kinds = [1.0] * 20 + [0.2] * 20 + [1.0], [0] * 20 + [1] * 20 + [0]
+    assert report.spikes(mixed) == 1 and report.spikes(mixed, kinds) == 0
     records = [{"step": 0, "eval/accuracy": 0.1},
                {"step": 1, "loss": 2.0, "grad_norm": 1.0, "tokens": 100, "tokens_per_s": 50.0},
                {"step": 2, "loss": 1.0, "grad_norm": 0.5, "tokens": 100, "tokens_per_s": 100.0,
