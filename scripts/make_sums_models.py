@@ -10,7 +10,7 @@ here, offline and seeded, on CPU with 2 threads:
 3. the teacher, trained from scratch on answers written forward (45%), backward (45%) and
    in pairs (10%): it writes two styles and can read the third;
 4. the student, a model about 8x smaller, trained briefly on all three styles in equal
-   parts on other problems, so that it starts weak and prefers no style;
+   parts on other problems, so that it starts weak;
 5. the distillation data train.jsonl (pairs style, the teacher's minor style), held.jsonl
    (the held-out prompts, pairs style) and held_teacher.jsonl (the teacher's own sampled
    answers to them, for token-level KL on the teacher's text);
@@ -177,7 +177,7 @@ def main() -> None:
          f"({TEACHER_MIX['forward']:.0%} / {TEACHER_MIX['backward']:.0%} / {TEACHER_MIX['pairs']:.0%}); "
          f"the first {N_TRAIN_SHIPPED} are the prompts of `train.jsonl`"),
         ("student", STUDENT, student_rows, f"{N_STUDENT} other problems, a third in each style, briefly, "
-         "so that it starts weak and without a preferred style"),
+         "so that it starts weak (its greedy answers all open with the forward shape `a: N`)"),
     ]
     for name, spec, rows, data_note in specs:
         if name not in wanted:
