@@ -140,13 +140,14 @@ def add_openings(results: dict) -> None:
 
     held = sm.load_rows("held")[: results["meta"]["plan"]["final_rows"]]
     prompts, refs = [r["prompt"] for r in held], [r["completion"] for r in held]
+    max_new_tokens = DistillConfig.from_recipe("sums").rollout_max_new_tokens
     folders = [(b, path) for b, path in ((results["baselines"]["teacher"], sm.TEACHER_DIR),
                                          (results["baselines"]["student before"], sm.STUDENT_DIR))]
     folders += [(r, r["out"]) for r in results["runs"]]
     for entry, folder in folders:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(folder)
-        got = sm.score(prompts, refs, sm.generate_texts(model, tok, prompts, max_new_tokens=80))
+        got = sm.score(prompts, refs, sm.generate_texts(model, tok, prompts, max_new_tokens=max_new_tokens))
         if abs(got["accuracy"] - entry["greedy"]) > 1e-9:
             print(f"note: {folder}: greedy {got['accuracy']:.3f} now, {entry['greedy']:.3f} recorded")
         entry["openings"] = got["openings"]
@@ -184,6 +185,10 @@ def main(argv=None) -> dict:
                         help="with --from-results: first regenerate each run's greedy answers from its exported "
                         "student and record how they open (for results written before openings were recorded)")
     args = parser.parse_args(argv)
+    if args.add_openings and not args.from_results:
+        parser.error("--add-openings needs --from-results")
+    if args.from_results and not Path(args.from_results).is_file():
+        parser.error(f"--from-results: no file {args.from_results}")
     if args.from_results:
         results = json.loads(Path(args.from_results).read_text())
         if args.add_openings:
