@@ -235,7 +235,7 @@ def write_report(results: dict, out_root: Path) -> dict:
     (out_root / "results.md").write_text(text)
     print("\n" + text)
     try:
-        report.plot(results, methods, out_root / "curves.png")
+        report.plot(results, list(METHODS), out_root / "curves.png")  # a method keeps its colour in every figure
         print(f"wrote {out_root / 'results.md'} and {out_root / 'curves.png'}")
     except ImportError as e:
         print(f"no plot ({e}); wrote {out_root / 'results.md'}")
