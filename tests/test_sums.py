@@ -195,3 +195,17 @@ def test_teacher_accuracy_matches_card():
     got = sums_models.score([r["prompt"] for r in rows], [r["completion"] for r in rows], texts)["accuracy"]
     assert abs(got - card) <= 1 / n + 1e-9, (got, card)
     assert got >= manifest["models"]["student"]["greedy_accuracy"] + 0.3
+
+
+def test_sums_recipe_points_at_the_shipped_assets():
+    from hpd.config import DistillConfig
+
+    cfg = DistillConfig.from_recipe("sums").validate()
+    assert cfg.teacher == str(sums_models.TEACHER_DIR) and cfg.student == str(sums_models.STUDENT_DIR)
+    assert cfg.data == str(sums_models.TRAIN_PATH) and cfg.eval_data == str(sums_models.HELD_PATH)
+    # answers must fit: the longest answer in any style, plus eos, within the generation limit
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(sums_models.TEACHER_DIR)
+    longest = max(len(tok.encode(c, add_special_tokens=False)) for r in sums_models.load_rows("held")
+                  for c in sums.parse_prompt(r["prompt"]).completions().values())
+    assert longest + 1 <= cfg.rollout_max_new_tokens, longest
