@@ -7,6 +7,7 @@ the completion and eos. Torch is imported only inside the functions that need it
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from hpd.tasks import sums
@@ -49,8 +50,6 @@ def completion_logprobs(model, tok, prompt: str, completions: list) -> list:
 def style_probabilities(model, tok, problems) -> dict:
     """Mean over problems of p(style's completion | prompt), per style, and the mean of their sum."""
     totals = {s: 0.0 for s in sums.STYLES}
-    import math
-
     for p in problems:
         lps = completion_logprobs(model, tok, p.prompt(), [p.completion(s) for s in sums.STYLES])
         for s, lp in zip(sums.STYLES, lps):
