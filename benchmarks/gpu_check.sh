@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A short distillation on CUDA in bfloat16 with random "tiny-ish" models (built here, no
-# download): tokens/s and peak GPU memory on one GPU, then data-parallel on all GPUs of
-# this machine with torchrun (FSDP2, DDP, FSDP2 with a sharded teacher). Not part of CI.
+# download): tokens/s and peak GPU memory on one GPU (chunked and plain loss, packed rows,
+# a LoRA student, a teacher store), then data-parallel on all GPUs of this machine with
+# torchrun (FSDP2, DDP, FSDP2 with a sharded teacher). Not part of CI.
 #
 #   bash benchmarks/gpu_check.sh                 # defaults below
 #   STEPS=50 BATCH=16 bash benchmarks/gpu_check.sh
@@ -105,13 +106,37 @@ print(f"  {tokens / seconds:,.0f} target tokens/s over steps {rows[0]['step']}-{
 EOF
 }
 
-COMMON=(distill --backend torch --teacher "$WORK/teacher" --student "$WORK/student" --data "$WORK/train.jsonl"
-        --method hpd --steps "$STEPS" --batch-size "$BATCH" --max-length "$LENGTH" --lr 1e-4
-        --device "$DEVICE" --dtype auto --no-progress --overwrite)
+REST=(--student "$WORK/student" --data "$WORK/train.jsonl" --method hpd --steps "$STEPS" --batch-size "$BATCH"
+      --max-length "$LENGTH" --lr 1e-4 --device "$DEVICE" --dtype auto --no-progress --overwrite)
+COMMON=(distill --backend torch --teacher "$WORK/teacher" "${REST[@]}")
 
 echo "== one process"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" "${COMMON[@]}" --out "$WORK/run-1"
 throughput "$WORK/run-1"
+
+# the same run through the other paths: the plain loss (the chunked path's reference),
+# packed rows, a LoRA student (peft) and a teacher store (cache-teacher, then no teacher)
+one() {  # name, extra flags...
+    local name=$1; shift
+    echo "== one process: $name"
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" "${COMMON[@]}" \
+        --out "$WORK/run-1-$name" "$@"
+    throughput "$WORK/run-1-$name"
+}
+one plain --chunked off
+one packing --packing
+if "$PYTHON" -c "import peft" 2>/dev/null; then
+    one lora --lora-rank 16 --lora-alpha 32
+else
+    echo "== one process: lora skipped (pip install peft)"
+fi
+echo "== teacher store: cache-teacher (top-32), then distill from it with no teacher loaded"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" cache-teacher --backend torch \
+    --teacher "$WORK/teacher" --data "$WORK/train.jsonl" --out "$WORK/store" --top-k 32 \
+    --max-length "$LENGTH" --batch-size "$BATCH" --device "$DEVICE" --no-progress --overwrite
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --backend torch \
+    --teacher-cache "$WORK/store" "${REST[@]}" --out "$WORK/run-1-store"
+throughput "$WORK/run-1-store"
 
 if [[ "$NPROC" -lt 2 ]]; then
     echo "one GPU only: skipping the torchrun runs"
