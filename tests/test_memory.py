@@ -60,8 +60,12 @@ def test_plan_parts_add_up_and_respond_to_the_settings(assets):
     assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
     lora = dict(plan(t, s, Setting(length=256, batch=2, lora_rank=4)))
     assert lora["optimizer state (AdamW, float32)"] < 0.2 * parts["optimizer state (AdamW, float32)"]
-    ckpt = dict(plan(t, s, Setting(length=256, batch=2, gradient_checkpointing=True)))
-    assert ckpt["student activations (checkpointed)"] < parts["student activations"]
+    torch_parts = dict(plan(t, s, Setting(backend="torch", length=256, batch=2)))
+    ckpt = dict(plan(t, s, Setting(backend="torch", length=256, batch=2, gradient_checkpointing=True)))
+    assert ckpt["student activations (checkpointed)"] < torch_parts["student activations"]
+    # mlx: hpd's step keeps every traced intermediate (test_lora's xfail shows it): no saving
+    mlx_ckpt = dict(plan(t, s, Setting(length=256, batch=2, gradient_checkpointing=True)))
+    assert mlx_ckpt["student activations (checkpointing: no effect on mlx yet)"] == parts["student activations"]
     plain = dict(plan(t, s, Setting(length=256, batch=2, chunked=False)))
     assert "loss: logits buffers" in plain and "loss: chunk buffers" not in plain
 
