@@ -288,31 +288,25 @@ def _check_uniforms(o, uniforms, targets, like):
 
 def _check_shapes(student_hidden, head: Head, targets, teacher_vocab: int) -> int:
     """The shared vocabulary size, after checking that the student's shapes fit together."""
-    sh, y = tuple(student_hidden.shape), tuple(targets.shape)
-    if len(sh) < 2 or sh[:-1] != y:
-        raise ValueError(
-            f"shape mismatch: student hidden {sh}, targets {y}; expected (..., H) hidden states "
-            "with the same leading shape as the targets"
-        )
-    if len(head.weight.shape) != 2 or head.width != sh[-1]:
-        raise ValueError(
-            f"student head has shape {tuple(head.weight.shape)}; expected (V, {sh[-1]}) to match the "
-            "student hidden width (logits = hidden @ head.T)"
-        )
+    _check_side("student", student_hidden, head, targets)
     return min(head.vocab, teacher_vocab)
 
 
 def _check_teacher_shapes(teacher_hidden, head: Head, targets) -> None:
-    th, y = tuple(teacher_hidden.shape), tuple(targets.shape)
-    if len(th) < 2 or th[:-1] != y:
+    _check_side("teacher", teacher_hidden, head, targets)
+
+
+def _check_side(side: str, hidden, head: Head, targets) -> None:
+    h, y = tuple(hidden.shape), tuple(targets.shape)
+    if len(h) < 2 or h[:-1] != y:
         raise ValueError(
-            f"shape mismatch: teacher hidden {th}, targets {y}; expected (..., H) hidden states "
-            "with the same leading shape as the targets (widths may differ)"
+            f"shape mismatch: {side} hidden {h}, targets {y}; expected (..., H) hidden states "
+            "with the same leading shape as the targets (the two models' widths may differ)"
         )
-    if len(head.weight.shape) != 2 or head.width != th[-1]:
+    if len(head.weight.shape) != 2 or head.width != h[-1]:
         raise ValueError(
-            f"teacher head has shape {tuple(head.weight.shape)}; expected (V, {th[-1]}) to match the "
-            "teacher hidden width (logits = hidden @ head.T)"
+            f"{side} head has shape {tuple(head.weight.shape)}; expected (V, {h[-1]}) to match the "
+            f"{side} hidden width (logits = hidden @ head.T)"
         )
 
 

@@ -152,6 +152,28 @@ def unknown_scaling(config, rule: HeadRule | None = None) -> list[str]:
             if (rule is None or k != rule.key) and get(k) not in (None, 1, 1.0, 0, 0.0)]
 
 
+def chunked_blocker(config, find_structure) -> str | None:
+    """Why the chunked loss cannot compute a model's logits exactly, or None.
+    `find_structure()` raises FamilyError when hpd cannot find the decoder and head."""
+    try:
+        find_structure()
+    except FamilyError as e:
+        return str(e)
+    unknown = unknown_scaling(config)
+    if unknown:
+        model_type = config.get("model_type") if isinstance(config, dict) else config.model_type
+        return f"{model_type} sets {', '.join(unknown)}, a logit scaling hpd has no rule for in this family"
+    return None
+
+
+def logit_transform(config, find_structure) -> dict[str, float]:
+    """Head(scale=..., softcap=...) of a model of the family (HEAD_RULES)."""
+    scaling = head_scaling(config)
+    if scaling is None:
+        raise FamilyError(chunked_blocker(config, find_structure))
+    return {"scale": scaling[0], "softcap": scaling[1]}
+
+
 def rope_parameters(config: dict) -> dict | None:
     """The rope parameters transformers 5 reads from `config` (nested, defaults filled in),
     or None when transformers does not know the family or it has no rope."""

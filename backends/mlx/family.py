@@ -79,26 +79,18 @@ def check_length(model, input_ids) -> None:
 
 def logit_transform(model) -> dict[str, float]:
     """Head(scale=..., softcap=...) of the model's family (hpd.families.HEAD_RULES)."""
-    scaling = families.head_scaling(config_of(model))
-    if scaling is None:
-        raise families.FamilyError(chunked_blocker(model))
-    return {"scale": scaling[0], "softcap": scaling[1]}
+    return families.logit_transform(config_of(model), lambda: _structure(model))
 
 
 def chunked_blocker(model) -> str | None:
     """Why hpd cannot find this family's hidden states and head, or how its logits are
     scaled (None when it can compute them exactly)."""
-    try:
-        decoder_of(model)
-        head_module(model)
-    except families.FamilyError as e:
-        return str(e)
-    config = config_of(model)
-    unknown = families.unknown_scaling(config)
-    if unknown:
-        model_type = config.get("model_type") if isinstance(config, dict) else config.model_type
-        return f"{model_type} sets {', '.join(unknown)}, a logit scaling hpd has no rule for in this family"
-    return None
+    return families.chunked_blocker(config_of(model), lambda: _structure(model))
+
+
+def _structure(model) -> None:
+    decoder_of(model)
+    head_module(model)
 
 
 def hidden_states(model, input_ids, cache=None):
