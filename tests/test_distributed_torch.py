@@ -12,10 +12,10 @@ halves), so losses, gradient norms and weights must agree up to float reordering
 The gradient norm is the sharp check: AdamW and clipping are blind to a uniform scale of
 the gradients, so summing versus averaging over ranks shows only there.
 
-hpd parity uses a recipe with `schedule: {sample: never}` (s = y): the per-position
-samples are drawn per rank, so with sampling on, 2 ranks draw different noise than one
-process (seeds are seed + rank). Sampling is covered by the resume test instead, which
-must be exact because each rank's RNG state is checkpointed.
+The hpd parity test here uses `schedule: {sample: never}` (s = y), which isolates the
+data-parallel arithmetic. With sampling on, the per-position samples are drawn from
+uniforms keyed by (seed, step, global row, position), the same whatever the split:
+tests/test_split_invariance.py holds 2 ranks to one process with sampling on.
 """
 
 from __future__ import annotations
