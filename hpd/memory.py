@@ -175,11 +175,10 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
     act_dtype = s.student_dtype
     block = block_activations(student, tokens, act_dtype, s.lora_rank, s.lora_targets)
     # the backward of a block forms a cotangent beside each of its intermediates: one
-    # block's worth more while it runs (with checkpointing, beside the recomputed block)
-    # mlx: hpd's step evaluates inside the differentiated function (the chunked loss, the
-    # metrics), which keeps every traced intermediate alive, mx.checkpoint's included; measured:
-    # no lower peak with --gradient-checkpointing. Counted as it is until the step changes.
-    checkpointed = s.gradient_checkpointing and s.backend != "mlx"
+    # block's worth more while it runs (with checkpointing, beside the recomputed block).
+    # mlx checkpoints through a two-pass step (an untraced forward, then one vjp), so the
+    # traced forward keeps only the blocks' inputs, as torch's does
+    checkpointed = s.gradient_checkpointing
     if checkpointed:
         activations = student.layers * tokens * student.hidden * act_dtype + 2 * block
     else:
@@ -193,9 +192,7 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
     if s.lora_rank:
         parts.append(("LoRA adapters (float32)", 4 * trainable))
     parts += [("gradients (float32)", 4 * trainable), ("optimizer state (AdamW, float32)", 8 * trainable),
-              ("student activations" + (" (checkpointed)" if checkpointed else "")
-               + (" (checkpointing: no effect on mlx yet)" if s.gradient_checkpointing and not checkpointed
-                  else ""), activations)]
+              ("student activations" + (" (checkpointed)" if checkpointed else ""), activations)]
     if s.chunked:
         parts.append(("teacher hidden states", tokens * teacher.hidden * s.teacher_dtype))
         parts.append(("loss: chunk buffers", chunk_buffers(s, tokens, vocab, teacher, student)))

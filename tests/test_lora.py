@@ -413,11 +413,9 @@ def test_frozen_dense_head_same_loss_no_head_gradient_on_mlx():
 
 
 
-@pytest.mark.xfail(strict=True, reason="hpd's mlx step evaluates inside the differentiated function "
-                   "(chunked loss, metrics), which keeps every traced intermediate alive, mx.checkpoint's too")
 def test_mlx_gradient_checkpointing_lowers_the_peak_of_hpds_step(assets, tmp_path):
-    """The isolated value-and-grad above saves memory with checkpointing; hpd's own step
-    (backend.forward_backward with the loop's loss) should too, and does not yet."""
+    """The isolated value-and-grad above saves memory with checkpointing; so does hpd's own
+    step (backend.forward_backward with the loop's loss, the chunked path)."""
     from types import SimpleNamespace
 
     from conftest import build_model

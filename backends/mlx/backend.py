@@ -236,19 +236,56 @@ class MlxBackend:
         if self._compiles(model, loss_fn):
             return self._compiled_forward_backward(model, batch, loss_fn)
         metrics: dict[str, float] = {}
+        if hidden and getattr(self.config, "gradient_checkpointing", False):
+            value, grads = self._checkpointed_value_and_grad(model, batch, loss_fn, metrics)
+        else:
+            def objective():
+                value, found = loss_fn(self._run(model, batch, hidden))
+                metrics.update(found)  # Python floats: returned aside, not through the transform
+                return value
 
-        def objective():
-            value, found = loss_fn(self._run(model, batch, hidden))
-            metrics.update(found)  # Python floats: returned aside, not through the transform
-            return value
-
-        value, grads = nn.value_and_grad(model, objective)()
+            value, grads = nn.value_and_grad(model, objective)()
         previous = self._grads.get(id(model))
         if previous is not None:
             grads = tree_map(mx.add, previous, grads)
         mx.eval(value, grads)
         self._grads[id(model)] = grads
         return float(value.item()), metrics
+
+    def _checkpointed_value_and_grad(self, model, batch, loss_fn, metrics: dict):
+        """The chunked step in two passes, so that gradient checkpointing saves memory.
+
+        Under one value_and_grad the chunked loss and its metrics evaluate arrays inside the
+        differentiated function, and mlx then keeps every traced intermediate alive,
+        mx.checkpoint's included. Here the student's forward runs once untraced, the loss
+        forms its gradient w.r.t. the hidden states (and a trainable head) in closed form,
+        and one vjp of the forward with that cotangent gives the parameters' gradients:
+        nothing is evaluated inside that trace, so the checkpointed blocks keep only their
+        inputs. The price is a second forward of the student."""
+        out = self._run(model, batch, True)
+        hidden, head = mx.stop_gradient(out.hidden), out.head
+        mx.eval(hidden)
+        trains_head = not (head.quantized or head.frozen)
+
+        def loss_of(h, *weight):
+            found_value, found = loss_fn(Outputs(hidden=h, head=head.with_weight(weight[0]) if weight else head))
+            metrics.update(found)
+            return found_value
+
+        args = (hidden, mx.stop_gradient(head.weight)) if trains_head else (hidden,)
+        value, cotangents = mx.value_and_grad(loss_of, argnums=tuple(range(len(args))))(*args)
+        if not isinstance(cotangents, (tuple, list)):  # mlx returns a one-argument gradient bare
+            cotangents = (cotangents,)
+        names, arrays = zip(*tree_flatten(model.trainable_parameters()))
+
+        def forward(*params):
+            model.update(tree_unflatten(list(zip(names, params))))
+            again = self._run(model, batch, True)
+            return (again.hidden, again.head.weight) if trains_head else (again.hidden,)
+
+        _, grads = mx.vjp(forward, list(arrays), list(cotangents))
+        model.update(tree_unflatten(list(zip(names, arrays))))
+        return value, tree_unflatten(list(zip(names, grads)))
 
     def _compiles(self, model, loss_fn) -> bool:
         """Whether this step runs compiled (backends/mlx/compiled.py): --compile on (or auto
