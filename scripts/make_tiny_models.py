@@ -1,6 +1,6 @@
 """Build the embedded tiny teacher, student, tokenizer and data in hpd/assets/tiny.
 
-    /work/venv/bin/python scripts/make_tiny_models.py [--out DIR]
+    python scripts/make_tiny_models.py [--out DIR]
 
 Everything is made here, offline and seeded, on CPU with 2 threads (a few minutes):
 
