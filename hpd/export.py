@@ -16,7 +16,7 @@ from pathlib import Path
 from hpd.checkpoint import STATE_FILE, read_state
 from hpd.filemodes import respect_umask
 from hpd.models import INDEX_FILE, weight_files
-from hpd.outdir import ensure_writable  # noqa: F401  (hpd.run imports it from here)
+from hpd.outdir import ensure_writable
 
 # the name on the package index (`hpd` there is an unrelated project); `import hpd` is unchanged
 DISTRIBUTION = "hpd-distill"

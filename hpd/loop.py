@@ -172,7 +172,7 @@ class Loop:
     # asked before each step: True ends run() there (a signal asked the run to stop)
     should_stop: Callable[[], bool] = lambda: False
 
-    def run(self, progress=None) -> dict[str, float]:
+    def run(self) -> dict[str, float]:
         cfg = self.config
         last: dict[str, float] = {}
         while self.state.step < self.total_steps:
@@ -190,10 +190,6 @@ class Loop:
                 self.schedule.observe_eval(step, record["eval/loss"])
             if self.backend.rank == 0:
                 self.log(record)
-            if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
-                                     tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             if cfg.save_every and self.state.step % cfg.save_every == 0 and self.state.step < self.total_steps:
                 self.save(self)
         return last
