@@ -112,7 +112,8 @@ class DistillConfig:
     lora_targets: str = _f("all-linear", "layers that get adapters: all-linear (every linear layer of "
                            "the decoder blocks) or leaf names, e.g. q_proj,v_proj")
     student_quantize: int = _f(0, "QLoRA: quantize the frozen student base to 4 or 8 bits (mlx: mlx-lm "
-                               "quantization; torch: bitsandbytes, CUDA only); needs --lora-rank",
+                               "quantization; torch: bitsandbytes NF4 / int8, on CUDA or, with bitsandbytes' CPU "
+                               "kernels, the CPU); needs --lora-rank",
                                choices=(0, 4, 8))
     adapter_only: bool = _f(False, "at the end of a LoRA run, write the adapters (peft/ and mlx-lm/ "
                             "formats) instead of the merged student")

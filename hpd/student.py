@@ -19,7 +19,7 @@ def check_student(backend, cfg) -> "lora.LoraSpec | None":
     spec = lora.LoraSpec.from_config(cfg)
     if spec is None:
         return None
-    backend.lora.check_supported(spec, backend)
+    backend.lora.check_supported(spec, backend, cfg.student)
     lora.resolve_targets(backend.lora.linear_names_at(cfg.student), spec.targets)
     return spec
 
@@ -45,7 +45,7 @@ def load_base(backend, path: str, spec: "lora.LoraSpec", dtype: str):
     """The frozen base: at the teacher's dtype rule (bfloat16 on an accelerator under auto,
     since no optimizer touches it), quantized for QLoRA."""
     if spec.quantize and backend.name == "torch":
-        return backend.lora.load_quantized_base(path, spec, backend)
+        return backend.lora.load_quantized_base(path, spec, backend, dtype)
     return backend.load_model(path, trainable=False, dtype=dtype, quantize=spec.quantize)
 
 

@@ -99,6 +99,8 @@ def assets(tmp_path_factory):
                                       layers=2, seed=3, tie=True, vocab=None)
     out["qwen_student"] = build_model(root / "qwen_student", tok_dir, family="qwen2", hidden=32,
                                       layers=1, seed=4, tie=True, vocab=None)
+    # 64 wide: bitsandbytes' CPU 4-bit kernels pack inputs in blocks of 64 (torch QLoRA)
+    out["wide_student"] = build_model(root / "wide_student", tok_dir, hidden=64, layers=1, seed=6)
     out["data"] = write_rows(root / "train.jsonl", 64)
     out["held"] = write_rows(root / "held.jsonl", 16, seed=5)
     return out

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip install 'hpd[mlx]')")
-pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd[mlx]')")
+mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip install 'hpd-distill[mlx]')")
+pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd-distill[mlx]')")
 
 import hpd  # noqa: E402
 from hpd.backends.mlx.compiled import bucket, fits  # noqa: E402

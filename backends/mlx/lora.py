@@ -17,7 +17,7 @@ from hpd.lora import Attached, LoraSpec, initial_a, resolve_targets
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
 
 
-def check_supported(spec: LoraSpec, backend) -> None:
+def check_supported(spec: LoraSpec, backend, path: str | None = None) -> None:
     """Everything a LoRA spec asks for runs on mlx (quantized bases included)."""
 
 
