@@ -117,6 +117,9 @@ class DistillConfig:
                                choices=(0, 4, 8))
     adapter_only: bool = _f(False, "at the end of a LoRA run, write the adapters (peft/ and mlx-lm/ "
                             "formats) instead of the merged student")
+    export_quantized: bool = _f(False, "QLoRA on mlx: export the merged student quantized as mlx-lm's fuse "
+                                "writes it (the base's bits and group sizes) for mlx_lm.load, instead of "
+                                "dequantized; transformers cannot read mlx quantization")
     progress: bool = _f(True, "show a progress bar on a terminal (--no-progress: only evaluations are printed)")
     log_every: int = _f(0, "print a plain line every N steps (step, loss, kl, lr, tokens/s, ETA) instead of the "
                         "bar; 0: the bar on a terminal, about 20 lines per run otherwise", low=0)

@@ -73,8 +73,11 @@ def model_card(info: dict) -> str:
     metrics = info.get("final_metrics") or {}
     rows = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
                      for k, v in metrics.items()) or "| (none recorded) | |"
+    mlx_only = (info.get("lora") or {}).get("export") == "quantized"
+    loads = ("Loads with `mlx_lm.load` (mlx-lm's quantization; transformers cannot read it)." if mlx_only else
+             "Loads with `transformers.AutoModelForCausalLM.from_pretrained` and `mlx_lm.load`.")
     return f"""---
-library_name: transformers
+library_name: {'mlx' if mlx_only else 'transformers'}
 tags: [hpd, distillation]
 ---
 # {info.get('name', 'hpd student')}
@@ -101,7 +104,7 @@ Distilled with [hpd](https://pypi.org/project/{DISTRIBUTION}/) (`pip install {DI
 {info.get('command', '')}
 ```
 
-Loads with `transformers.AutoModelForCausalLM.from_pretrained` and `mlx_lm.load`.
+{loads}
 """
 
 
@@ -111,6 +114,8 @@ def lora_card_row(info: dict) -> str:
         return ""
     quant = f", over a {lora['quantize']}-bit base (QLoRA)" if lora.get("quantize") else ""
     how = {"merged": "merged into the base weights" + (", dequantized" if lora.get("quantize") else ""),
+           "quantized": f"merged into the base weights and quantized again ({lora.get('quantize')}-bit, mlx-lm "
+                        "affine, the base's group sizes), as mlx-lm's fuse writes it: for mlx_lm.load only",
            "adapter": "adapters only: peft/ for PeftModel.from_pretrained, mlx-lm/ for "
                       "mlx_lm.load(base, adapter_path=...)"}[lora["export"]]
     return (f"| LoRA | rank {lora['rank']}, alpha {lora['alpha']:g}, targets {lora['targets']}{quant}; "
@@ -154,8 +159,8 @@ def metrics_at(path: Path, step) -> dict:
     return latest
 
 
-def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, adapter_only: bool = False
-                      ) -> Path:
+def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, adapter_only: bool = False,
+                      quantized: bool = False) -> Path:
     """`hpd export`: the checkpoint's student, without training state, as an exported folder
     (a LoRA checkpoint's adapters merged into their base, or as adapters with adapter_only)."""
     checkpoint, out = Path(checkpoint), Path(out)
@@ -164,9 +169,11 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, a
     from hpd.lora import read_meta
 
     if read_meta(checkpoint) is not None:
-        return _export_lora(checkpoint, out, overwrite=overwrite, adapter_only=adapter_only)
+        return _export_lora(checkpoint, out, overwrite=overwrite, adapter_only=adapter_only, quantized=quantized)
     if adapter_only:
         raise ValueError(f"{checkpoint} holds a full fine-tune: it has no adapters to export")
+    if quantized:
+        raise ValueError(f"{checkpoint} holds a full fine-tune: --quantized is for an mlx QLoRA student")
     check_model_folder(checkpoint)
     state = read_state(checkpoint)  # refuses links and malformed state before anything is copied
     weights = weight_files(checkpoint)
@@ -186,18 +193,22 @@ def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, a
     return out
 
 
-def _export_lora(checkpoint: Path, out: Path, *, overwrite: bool, adapter_only: bool) -> Path:
+def _export_lora(checkpoint: Path, out: Path, *, overwrite: bool, adapter_only: bool, quantized: bool) -> Path:
     from transformers import AutoTokenizer
 
-    from hpd.student import export_lora_checkpoint
+    from hpd.lora import read_meta, spec_of
+    from hpd.student import export_kind, export_lora_checkpoint
+
+    if quantized and (adapter_only or not spec_of(read_meta(checkpoint)).quantize):
+        raise ValueError(f"{checkpoint}: --quantized needs an mlx QLoRA checkpoint and no --adapter-only")
 
     state = read_state(checkpoint)  # refuses links and malformed state before anything is written
     manifest = ensure_writable(out, overwrite)
     with manifest.recording():
-        meta = export_lora_checkpoint(checkpoint, out, adapter_only=adapter_only)
+        meta = export_lora_checkpoint(checkpoint, out, adapter_only=adapter_only, quantized=quantized)
         info = dict(state.get("run_info", {}))
         info["steps"] = state.get("step")
         info.setdefault("final_metrics", metrics_at(checkpoint.parent.parent / "metrics.jsonl", info["steps"]))
-        info["lora"] = {**meta["lora"], "export": "adapter" if adapter_only else "merged"}
+        info["lora"] = {**meta["lora"], "export": export_kind(adapter_only, quantized)}
         finalize(out, AutoTokenizer.from_pretrained(str(checkpoint)), info)
     return out

@@ -80,6 +80,15 @@ def config_errors(cfg) -> list[str]:
                       "base cannot be trained directly, only LoRA adapters on top of it")
     if getattr(cfg, "adapter_only", False) and not getattr(cfg, "lora_rank", 0):
         errors.append("adapter_only needs lora_rank (--lora-rank): a full fine-tune has no adapter")
+    if getattr(cfg, "export_quantized", False):
+        if not getattr(cfg, "student_quantize", 0):
+            errors.append("export_quantized needs student_quantize (--student-quantize with --lora-rank): "
+                          "only a quantized base has a quantization to keep")
+        elif getattr(cfg, "backend", "mlx") != "mlx":
+            errors.append("export_quantized is for --backend mlx (mlx-lm quantization); a torch QLoRA "
+                          "student is exported dequantized")
+        if getattr(cfg, "adapter_only", False):
+            errors.append("export_quantized and adapter_only exclude each other: adapters have no quantization")
     targets = normalise_targets(getattr(cfg, "lora_targets", ALL_LINEAR))
     if targets != ALL_LINEAR and not all(t.replace("_", "").isalnum() for t in targets.split(",")):
         errors.append(f"lora_targets={cfg.lora_targets!r}: expected all-linear or module names such as "

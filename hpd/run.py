@@ -267,10 +267,11 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
     started = time.perf_counter()
     with manifest.recording() if rank == 0 else nullcontext():
         if rank == 0 or collective:
-            student_kind.export(backend, student, tokenizer, out, adapter_only=cfg.adapter_only)
+            student_kind.export(backend, student, tokenizer, out, adapter_only=cfg.adapter_only,
+                                quantized=cfg.export_quantized)
         if rank == 0:
             finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final,
-                                      **student_kind.card_info(student, cfg.adapter_only)})
+                                      **student_kind.card_info(student, cfg.adapter_only, cfg.export_quantized)})
             metrics_log.close()
             _own_report_folders(manifest, out)
     say(f"exported the student to {out} ({time.perf_counter() - started:.1f} s)", rank)

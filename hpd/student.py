@@ -60,9 +60,9 @@ def save_weights(backend, model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def export(backend, model, tokenizer, out: Path, *, adapter_only: bool = False) -> None:
-    """The end of a run: the merged student (the default), or the adapters in peft's and
-    mlx-lm's formats."""
+def export(backend, model, tokenizer, out: Path, *, adapter_only: bool = False, quantized: bool = False) -> None:
+    """The end of a run: the merged student (the default; `quantized` keeps a QLoRA base's
+    quantization, on mlx), or the adapters in peft's and mlx-lm's formats."""
     state = lora.attached(model)
     if state is None:
         backend.save_model(model, tokenizer, out)
@@ -71,14 +71,17 @@ def export(backend, model, tokenizer, out: Path, *, adapter_only: bool = False) 
                                    state.layers)
         tokenizer.save_pretrained(out)
     else:
-        backend.lora.save_merged(model, tokenizer, out, backend)
+        backend.lora.save_merged(model, tokenizer, out, backend, quantized=quantized)
 
 
-def export_lora_checkpoint(checkpoint: Path, out: Path, *, adapter_only: bool) -> dict:
+def export_lora_checkpoint(checkpoint: Path, out: Path, *, adapter_only: bool, quantized: bool = False) -> dict:
     """`hpd export` of a LoRA checkpoint: its adapters as they are, or merged into the base
-    it names (loaded with the backend that trained it)."""
+    it names (loaded with the backend that trained it; `quantized` keeps an mlx QLoRA base's
+    quantization)."""
     meta = lora.read_meta(checkpoint)
     spec, base = lora.spec_of(meta), meta["base"]
+    if quantized and adapter_only:
+        raise ValueError("--quantized and --adapter-only exclude each other: adapters have no quantization")
     adapters = lora.load_adapters(checkpoint)
     if adapter_only:
         lora.write_adapter_formats(out, adapters, spec, base["path"], meta["num_layers"])
@@ -90,6 +93,10 @@ def export_lora_checkpoint(checkpoint: Path, out: Path, *, adapter_only: bool) -
     from hpd.backend import get_backend
 
     backend = get_backend(state.get("run_info", {}).get("backend", "torch"))
+    if quantized and not (spec.quantize and backend.name == "mlx"):
+        raise ValueError(f"{checkpoint}: --quantized keeps the quantization of an mlx QLoRA base; this "
+                         f"checkpoint's student is a {backend.name} LoRA over a "
+                         f"{f'{spec.quantize}-bit' if spec.quantize else 'full-precision'} base")
     if lora.base_identity(base["path"]).get("config_sha256") != base.get("config_sha256"):
         raise ValueError(f"{checkpoint}: its base {base['path']!r} changed since training; cannot merge")
     model = load_base(backend, base["path"], spec, "float32")
@@ -97,14 +104,17 @@ def export_lora_checkpoint(checkpoint: Path, out: Path, *, adapter_only: bool) -
     backend.lora.set_adapters(model, adapters)
     from transformers import AutoTokenizer
 
-    backend.lora.save_merged(model, AutoTokenizer.from_pretrained(str(checkpoint)), out, backend)
+    backend.lora.save_merged(model, AutoTokenizer.from_pretrained(str(checkpoint)), out, backend, quantized=quantized)
     return meta
 
 
-def card_info(model, adapter_only: bool = False) -> dict:
+def export_kind(adapter_only: bool = False, quantized: bool = False) -> str:
+    return "adapter" if adapter_only else "quantized" if quantized else "merged"
+
+
+def card_info(model, adapter_only: bool = False, quantized: bool = False) -> dict:
     """What the model card and hpd_export.json say about a LoRA student."""
     state = lora.attached(model)
     if state is None:
         return {}
-    return {"lora": {**state.spec.to_dict(), "export": "adapter" if adapter_only else "merged",
-                     "base": state.base}}
+    return {"lora": {**state.spec.to_dict(), "export": export_kind(adapter_only, quantized), "base": state.base}}

@@ -117,23 +117,56 @@ def counts(model) -> tuple[int, int]:
     return trainable, get_total_parameters(model) + trainable
 
 
-def save_merged(model, tokenizer, folder, backend) -> None:
+def save_merged(model, tokenizer, folder, backend, quantized: bool = False) -> None:
     """Export the student with the adapters folded into dense weights (quantized layers
-    dequantized), then put the training modules back: the model in memory is unchanged."""
+    dequantized), then put the training modules back: the model in memory is unchanged.
+
+    With `quantized`, a QLoRA student is written as mlx-lm's fuse writes it: each adapted
+    layer dequantized, the update added and quantized again at its own bits and group size,
+    the other quantized layers as they are, and config.json's `quantization` saying how."""
     lora = dict(_lora_layers(model))
     originals, fused = [], []
     for name, m in model.named_modules():
         if name in lora:
             originals.append((name, m))
-            fused.append((name, m.fuse(dequantize=True)))
-        elif isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and name.rsplit(".", 1)[0] not in lora:
+            fused.append((name, m.fuse(dequantize=not quantized)))
+        elif (not quantized and isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))
+              and name.rsplit(".", 1)[0] not in lora):
             originals.append((name, m))
             fused.append((name, _dequantized(m)))
     model.update_modules(tree_unflatten(fused))
     try:
         backend.save_model(model, tokenizer, folder)
+        if quantized:
+            _write_quantization(folder, model)
     finally:
         model.update_modules(tree_unflatten(originals))
+
+
+def _write_quantization(folder, model) -> None:
+    """config.json's `quantization` as mlx-lm reads it: the most common (bits, group size) at
+    the top, and an entry for each layer that differs or stays full precision. mlx-lm also
+    writes it as `quantization_config`."""
+    import json
+    from collections import Counter
+    from pathlib import Path
+
+    quantized, plain = {}, []
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            quantized[name] = {"group_size": m.group_size, "bits": m.bits, "mode": m.mode}
+        elif isinstance(m, (nn.Linear, nn.Embedding)):
+            plain.append(name)
+    if not quantized:
+        raise ValueError("--export-quantized: the student has no quantized layer")
+    common = Counter(json.dumps(q, sort_keys=True) for q in quantized.values()).most_common(1)[0][0]
+    entry = dict(json.loads(common))
+    entry.update({name: q for name, q in quantized.items() if json.dumps(q, sort_keys=True) != common})
+    entry.update({name: False for name in plain})
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    config["quantization"] = config["quantization_config"] = entry
+    path.write_text(json.dumps(config, indent=4) + "\n")
 
 
 def _dequantized(m):

@@ -210,10 +210,13 @@ def counts(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in model.parameters())
 
 
-def save_merged(model, tokenizer, folder, backend) -> None:
+def save_merged(model, tokenizer, folder, backend, quantized: bool = False) -> None:
     """Export the student with the adapters folded into dense weights; a copy is merged, so the
     model in memory keeps training as it was. A bitsandbytes base is dequantized first, so the
     adapters' update is added in float32 and never re-quantized."""
+    if quantized:
+        raise ValueError("a quantized export is written by the mlx backend only; on torch the "
+                         "QLoRA student is exported dequantized")
     if _bnb_modules(model.get_base_model()):
         backend.save_model(_dequantized_merge(model), tokenizer, folder)
         return
