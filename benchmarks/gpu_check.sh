@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A short distillation on CUDA in bfloat16 with random "tiny-ish" models (built here, no
 # download): tokens/s and peak GPU memory on one GPU (chunked and plain loss, packed rows,
-# a LoRA student, a teacher store), then data-parallel on all GPUs of this machine with
+# a LoRA and a QLoRA student, a teacher store), then data-parallel on all GPUs of this machine with
 # torchrun (FSDP2, DDP, FSDP2 with a sharded teacher). Not part of CI.
 #
 #   bash benchmarks/gpu_check.sh                 # defaults below
@@ -127,8 +127,14 @@ one plain --chunked off
 one packing --packing
 if "$PYTHON" -c "import peft" 2>/dev/null; then
     one lora --lora-rank 16 --lora-alpha 32
+    if "$PYTHON" -c "import bitsandbytes" 2>/dev/null; then
+        # QLoRA: a bitsandbytes NF4 base (widths of the small models are multiples of 64)
+        one qlora --lora-rank 16 --lora-alpha 32 --student-quantize 4
+    else
+        echo "== one process: qlora skipped (pip install bitsandbytes)"
+    fi
 else
-    echo "== one process: lora skipped (pip install peft)"
+    echo "== one process: lora and qlora skipped (pip install peft)"
 fi
 echo "== teacher store: cache-teacher (top-32), then distill from it with no teacher loaded"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" cache-teacher --backend torch \

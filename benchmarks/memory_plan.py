@@ -51,10 +51,13 @@ CONFIGS = {
     "lora-1.5b": ("7b", 4, "1.5b", 16, 0, False),
     "qlora-1.5b": ("7b", 4, "1.5b", 16, 4, False),
     "lora-1.5b-gc": ("7b", 4, "1.5b", 16, 0, True),
+    "qlora-1.5b-gc": ("7b", 4, "1.5b", 16, 4, True),
     "full-0.5b": ("1.5b", 4, "0.5b", 0, 0, False),
     # a dense teacher: the torch backend quantizes no teacher
     "lora-0.5b-dense": ("1.5b", 0, "0.5b", 16, 0, False),
     "full-0.5b-dense": ("1.5b", 0, "0.5b", 0, 0, False),
+    # QLoRA on torch: a bitsandbytes NF4 base (runs on the CPU with bitsandbytes >= 0.48)
+    "qlora-0.5b-dense": ("1.5b", 0, "0.5b", 16, 4, False),
 }
 
 
