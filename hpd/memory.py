@@ -24,6 +24,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpd.chunked import DEFAULT_CHUNK_BUDGET_MB
+
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # float32 (chunk, V) arrays alive at once in one chunk of the chunked loss (counted in
 # hpd.chunked, which sizes auto chunks by the same number).
@@ -164,7 +166,7 @@ class Setting:
     gradient_checkpointing: bool = False
     chunked: bool = True
     chunk_size: int | str = "auto"
-    chunk_budget_mb: float = 256.0
+    chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB  # hpd distill's default
 
 
 def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:

@@ -89,3 +89,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(assets, tmp_path):
     assert "memory plan (mlx" in result.output and "memory plan (torch" in result.output
     assert not out.exists()
     assert not list(tmp_path.iterdir())
+
+
+def test_plan_sizes_chunks_as_a_default_run_does():
+    """The plan's chunk buffers follow the run's own default budget (a plan that assumed a
+    larger budget counted 4x the chunk positions at a 152k vocabulary)."""
+    from dataclasses import fields
+
+    from hpd.chunked import resolve_chunk_size
+    from hpd.config import DistillConfig
+    from hpd.memory import chunk_positions
+
+    default = next(f.default for f in fields(DistillConfig) if f.name == "chunk_budget_mb")
+    assert Setting().chunk_budget_mb == default
+    for vocab in (320, 32000, 151936):
+        assert chunk_positions(Setting(), vocab) == resolve_chunk_size("auto", vocab, budget_mb=default)
