@@ -56,6 +56,7 @@ CONFIGS = {
     # a dense teacher: the torch backend quantizes no teacher
     "lora-0.5b-dense": ("1.5b", 0, "0.5b", 16, 0, False),
     "full-0.5b-dense": ("1.5b", 0, "0.5b", 0, 0, False),
+    "lora-0.5b-dense-gc": ("1.5b", 0, "0.5b", 16, 0, True),
     # QLoRA on torch: a bitsandbytes NF4 base (runs on the CPU with bitsandbytes >= 0.48)
     "qlora-0.5b-dense": ("1.5b", 0, "0.5b", 16, 4, False),
 }

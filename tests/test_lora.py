@@ -405,10 +405,13 @@ def test_torch_qlora_without_bitsandbytes_names_the_install_and_the_alternative(
 
 # ---------------------------------------------------------------------- gradient checkpointing
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", ["mlx", "torch"])
-def test_lora_with_gradient_checkpointing_trains_the_same(assets, tmp_path, backend):
-    plain = run(assets, tmp_path / "plain", backend, steps=2)
-    checkpointed = run(assets, tmp_path / "ckpt", backend, steps=2, gradient_checkpointing=True)
+@pytest.mark.parametrize("backend,quantize", [("mlx", 0), ("torch", 0), ("mlx", 4), ("torch", 4)])
+def test_lora_with_gradient_checkpointing_trains_the_same(assets, tmp_path, backend, quantize):
+    if backend == "torch" and quantize:
+        pytest.importorskip("bitsandbytes", reason="QLoRA on torch needs bitsandbytes")
+    common = dict(steps=2, student_quantize=quantize, student=student_for(assets, backend, quantize))
+    plain = run(assets, tmp_path / "plain", backend, **common)
+    checkpointed = run(assets, tmp_path / "ckpt", backend, gradient_checkpointing=True, **common)
     a, b = adapters(plain), adapters(checkpointed)
     for name in a:
         np.testing.assert_allclose(b[name][1], a[name][1], rtol=0, atol=1e-6, err_msg=name)
