@@ -146,7 +146,7 @@ def child(args) -> None:
     teacher_dir = root / f"{teacher_size}-{args.layers}"
     student_dir = root / f"{student_size}-{args.layers}"
     if args.backend == "torch":
-        _warm_torch()
+        _warm_torch(lora=bool(rank), quantized=bool(s_bits))
     baseline = _rss()
     cfg = DistillConfig(teacher=str(teacher_dir), student=str(student_dir), data="x", out="x",
                         backend=args.backend, lora_rank=rank, student_quantize=s_bits, teacher_quantize=t_bits,
@@ -179,10 +179,23 @@ def child(args) -> None:
     print(json.dumps({"peak": peaks[1], "resident": resident, "chunked": chunked}))
 
 
-def _warm_torch() -> None:
+def _warm_torch(lora: bool = False, quantized: bool = False) -> None:
     """Run every kind of kernel a step uses once on toy tensors, so that the library code it
-    pages in (hundreds of MB of MKL and ATen) is part of the baseline, not of the model."""
+    pages in (hundreds of MB of MKL and ATen; peft, bitsandbytes and the model's code when
+    used) is part of the baseline, not of the model."""
     import torch
+    from transformers.models.qwen2 import modeling_qwen2  # noqa: F401
+
+    if lora:
+        import peft  # noqa: F401
+    if quantized:
+        import bitsandbytes as bnb
+
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(torch.randn(64, 64), requires_grad=False, quant_type="nf4")
+        layer = layer.to("cpu")
+        x = torch.randn(2, 64, requires_grad=True)
+        layer(x).sum().backward()
 
     x = torch.randn(4, 8, 64, requires_grad=True)
     lin = torch.nn.Linear(64, 64)
