@@ -129,6 +129,11 @@ def linear_names_at(path: str) -> list[str]:
     return linear_names(_skeleton(path))
 
 
+def _quiet_int8_cast(record) -> bool:
+    """8-bit layers cast float32 inputs to float16 and log it at every call."""
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
 def load_quantized_base(path: str, spec: LoraSpec, backend, dtype: str = "auto"):
     """A bitsandbytes base (QLoRA): every linear layer of the blocks in 4-bit NF4 or 8-bit,
     the embeddings, norms and head at the frozen-model dtype (bfloat16 on CUDA under auto,
@@ -143,9 +148,7 @@ def load_quantized_base(path: str, spec: LoraSpec, backend, dtype: str = "auto")
     else:
         quant = BitsAndBytesConfig(load_in_8bit=True)
     device = backend.device if backend.device.type != "cuda" else backend.device.index or 0
-    # 8-bit layers cast float32 inputs to float16 and log it at every call
-    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-        lambda record: not record.getMessage().startswith("MatMul8bitLt: inputs will be cast"))
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(_quiet_int8_cast)
     model = from_pretrained(AutoModelForCausalLM, path, quantization_config=quant, dtype=compute,
                             device_map={"": device})
     model.requires_grad_(False)
