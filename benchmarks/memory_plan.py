@@ -3,10 +3,11 @@
 Random-weight models with the published Qwen2.5 widths (0.5B, 1.5B, 3B, 7B; written out
 below, no download) are written as sharded safetensors folders, one tensor at a time, and
 loaded through hpd's own code paths (backend.load_model, hpd.student.load_student), as a
-real checkpoint would be. On a 24 GB, 2-core CPU machine a whole 7B teacher and 1.5B
-student cannot run, so the blocks are cut to --layers (every width, the vocabulary and the
-embeddings as published) and the plan is evaluated for the same cut shape: what is checked
-is the plan's per-block and per-token accounting, at that depth.
+real checkpoint would be. `--layers 28` runs the published depth (a 7B teacher in 4 bits
+and a 1.5B student fit in 24 GB; on 2 CPU cores a 128-token point takes 15-25 minutes);
+the default cuts every model to 2 blocks (every width, the vocabulary and the embeddings
+as published) to cover more lengths and configurations, and the plan is evaluated for the
+same shape.
 
 Each configuration runs in a fresh subprocess. One step (teacher forward, student forward
 and backward, AdamW step) on 8 tokens runs first to create the optimizer state; the peak of
@@ -18,6 +19,8 @@ the second step, at the full length, is the measurement:
     python benchmarks/memory_plan.py                    # the default table
     python benchmarks/memory_plan.py --layers 2 --lengths 32 64 --configs lora-1.5b
     python benchmarks/memory_plan.py --plan-only        # the plan at full depth, 2048 tokens
+    python benchmarks/memory_plan.py --layers 28 --lengths 128 --configs qlora-1.5b qlora-1.5b-gc
+    python benchmarks/memory_plan.py --from-measured    # the table of every kept measurement
 """
 
 from __future__ import annotations
@@ -339,7 +342,7 @@ def main() -> None:
                 found = json.loads(done.stdout.strip().splitlines()[-1])
                 with open(root / "measured.jsonl", "a") as fh:  # kept, to re-plan without re-measuring
                     fh.write(json.dumps({"config": name, "backend": backend, "length": length,
-                                         "layers": args.layers, **found}) + "\n")
+                                         "layers": args.layers, "commit": _commit(), **found}) + "\n")
                 planned, resident = estimate(name, backend, args.layers, length, args.chunk_size, found["chunked"])
                 error = planned / found["peak"] - 1
                 worst = max(worst, abs(error))
@@ -347,6 +350,13 @@ def main() -> None:
                       f"{found['peak'] / 2**30:>8.3f} GiB {planned / 2**30:>8.3f} GiB {100 * error:>+6.1f}%"
                       f"   {found['resident'] / 2**30:>14.3f} GiB {resident / 2**30:>6.3f} GiB", flush=True)
     print(f"largest error: {100 * worst:.1f}%")
+
+
+def _commit() -> str:
+    """The code a measurement was made with: a kept row can outlive a change to the step."""
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+    return done.stdout.strip() or "unknown"
 
 
 def table(rows: list[dict], chunk_size) -> None:
