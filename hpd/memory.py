@@ -179,10 +179,13 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
     # the backward of a block forms a cotangent beside each of its intermediates: one
     # block's worth more while it runs (with checkpointing, beside the recomputed block).
     # mlx checkpoints through a two-pass step (an untraced forward, then one vjp), so the
-    # traced forward keeps only the blocks' inputs, as torch's does
+    # traced forward keeps only the blocks' inputs, as torch's does. mlx's vjp frees each
+    # cotangent once used: at its peak the recomputed block and half a block's cotangents
+    # (fitted to the 512- and 2048-token checkpointed points of docs/memory-plan.md)
     checkpointed = s.gradient_checkpointing
     if checkpointed:
-        activations = student.layers * tokens * student.hidden * act_dtype + 2 * block
+        working = 3 * block // 2 if s.backend == "mlx" else 2 * block
+        activations = student.layers * tokens * student.hidden * act_dtype + working
     else:
         activations = (student.layers + 1) * block
     activations += 2 * tokens * student.hidden * act_dtype  # embedding output, final norm
