@@ -103,7 +103,8 @@ def param_count(folder: Path) -> int:
 def _batches(cfg):
     from transformers import AutoTokenizer
 
-    from hpd.data import Batches, load_dataset, pad_id_of
+    from hpd.data.batches import Batches, load_dataset
+    from hpd.data.examples import pad_id_of
 
     root = Path(cfg["root"])
     tok = AutoTokenizer.from_pretrained(root / "student")
@@ -116,8 +117,8 @@ def hpd_stepper(cfg):
     """hpd.distill's own Loop, captured before it runs, so its steps can be interleaved
     with the other paths' (the run then exports an untrained student, which is not timed)."""
     import hpd
-    from hpd.config import DistillConfig
-    from hpd.loop import Loop
+    from hpd.train.config import DistillConfig
+    from hpd.train.loop import Loop
 
     captured = []
     original = Loop.run

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import hpd
-from hpd.config import DistillConfig
+from hpd.train.config import DistillConfig
 
 # name on the command line -> (label in the table and the plot, config overrides)
 METHODS = {
@@ -30,7 +30,7 @@ EVALS_PER_RUN = 5  # held-out points per curve (each generates for the held-out 
 
 
 def run_one(name: str, overrides: dict, seed: int, args, out_root: Path) -> dict:
-    from hpd.evaluate import accuracy, likelihood
+    from hpd.report.evaluate import accuracy, likelihood
 
     base = DistillConfig.from_recipe(args.recipe)
     out = out_root / f"{name}-seed{seed}"
@@ -81,8 +81,8 @@ def main() -> None:
     parser.add_argument("--out", default="runs/compare", help="folder for the runs, the table and the plot")
     args = parser.parse_args()
 
-    from hpd.backend import get_backend
-    from hpd.evaluate import accuracy, likelihood
+    from hpd.backends import get_backend
+    from hpd.report.evaluate import accuracy, likelihood
 
     out_root = Path(args.out)
     out_root.mkdir(parents=True, exist_ok=True)
@@ -111,7 +111,7 @@ def main() -> None:
               f"{spread_note}.\n\n")
     (out_root / "results.md").write_text(header + text + "\n")
     print("\n" + header + text)
-    from hpd.plot import plot_runs
+    from hpd.report.plot import plot_runs
 
     # KL to the teacher, not the loss: each method's loss value is its own quantity
     first = [r for r in rows if r["seed"] == args.seeds[0]]

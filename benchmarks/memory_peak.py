@@ -8,7 +8,7 @@ come from getrusage of the finished child, so each figure is that run's own.
 
 Configurations: the chunked loss (--chunk-size auto) at two chunk budgets and the plain
 loss, each with glibc's malloc defaults and with the thresholds `hpd` sets at start
-(hpd.allocator). --extra adds more (flags for `hpd distill`; KEY=VALUE sets the
+(hpd.train.allocator). --extra adds more (flags for `hpd distill`; KEY=VALUE sets the
 environment), e.g. 'mmap 4GiB:--chunked,on,MALLOC_MMAP_THRESHOLD_=4294967296'.
 
     python benchmarks/memory_peak.py                    # the default set, once each
@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import chat_vs_trl as chat  # noqa: E402
 
-# The `hpd` command tunes glibc malloc at start (hpd.allocator) unless a MALLOC_* variable
+# The `hpd` command tunes glibc malloc at start (hpd.train.allocator) unless a MALLOC_* variable
 # is set: MALLOC_PERTURB_=0 (glibc's default, no effect of its own) keeps glibc's defaults.
 DEFAULTS = "MALLOC_PERTURB_=0"
 DEFAULT = {

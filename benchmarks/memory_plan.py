@@ -1,8 +1,8 @@
-"""Measured peak memory of one training step against hpd.memory's plan, on Qwen2.5 shapes.
+"""Measured peak memory of one training step against hpd.models.memory's plan, on Qwen2.5 shapes.
 
 Random-weight models with the published Qwen2.5 widths (0.5B, 1.5B, 3B, 7B; written out
 below, no download) are written as sharded safetensors folders, one tensor at a time, and
-loaded through hpd's own code paths (backend.load_model, hpd.student.load_student), as a
+loaded through hpd's own code paths (backend.load_model, hpd.models.student.load_student), as a
 real checkpoint would be. `--layers 28` runs the published depth (a 7B teacher in 4 bits
 and a 1.5B student fit in 24 GB; on 2 CPU cores a 128-token point takes 15-25 minutes);
 the default cuts every model to 2 blocks (every width, the vocabulary and the embeddings
@@ -77,7 +77,7 @@ def write_model(folder: Path, config: dict, dtype: str) -> Path:
     in memory at a time."""
     import mlx.core as mx
 
-    from hpd.memory import Shape
+    from hpd.models.memory import Shape
 
     if (folder / "config.json").exists():
         _index(folder)
@@ -138,11 +138,11 @@ def _tokenizer(folder: Path) -> None:
 def child(args) -> None:
     import numpy as np
 
-    from hpd.backend import get_backend
-    from hpd.config import DistillConfig
-    from hpd.loop import objective_loss_fn
-    from hpd.schedule import Objective
-    from hpd.student import load_student
+    from hpd.backends import get_backend
+    from hpd.models.student import load_student
+    from hpd.train.config import DistillConfig
+    from hpd.train.loop import objective_loss_fn
+    from hpd.train.schedule import Objective
 
     teacher_size, t_bits, student_size, rank, s_bits, gc = CONFIGS[args.config]
     root = Path(args.root)
@@ -257,7 +257,7 @@ def _peak(backend, baseline: int) -> int:
 
 # ---------------------------------------------------------------------------- parent
 def estimate(config: str, backend: str, layers: int | None, length: int, chunk_size, chunked: bool) -> int:
-    from hpd.memory import Setting, Shape, plan
+    from hpd.models.memory import Setting, Shape, plan
 
     teacher_size, t_bits, student_size, rank, s_bits, gc = CONFIGS[config]
     s = Setting(backend=backend, batch=1, length=length, student_dtype=4, teacher_dtype=4, teacher_bits=t_bits,
@@ -271,7 +271,7 @@ def estimate(config: str, backend: str, layers: int | None, length: int, chunk_s
 
 
 def headline() -> None:
-    from hpd.memory import Setting, Shape, format_plan
+    from hpd.models.memory import Setting, Shape, format_plan
 
     teacher, student = Shape.from_config(qwen_config("7b")), Shape.from_config(qwen_config("1.5b"))
     cases = [("LoRA r16, bfloat16 base", dict(lora_rank=16, student_dtype=2)),

@@ -22,8 +22,8 @@ import tempfile
 import time
 
 import hpd
-from hpd.config import DistillConfig
-from hpd.loop import Loop
+from hpd.train.config import DistillConfig
+from hpd.train.loop import Loop
 
 
 def loop_for(overrides: dict) -> Loop:

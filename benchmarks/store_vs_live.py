@@ -30,13 +30,13 @@ from pathlib import Path
 import numpy as np
 
 import hpd
-from hpd.config import DistillConfig
+from hpd.train.config import DistillConfig
 
 ALL_METHODS = ["sft", "fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl", "todi", "hpd"]
 
 
 def make_store(backend, teacher, tok, data: str, out: Path, k: int, max_length: int, bits: int) -> Path:
-    from hpd.cache_teacher import cache_teacher
+    from hpd.teachers.cache import cache_teacher
 
     if not (out / "index.json").exists() or not json.loads((out / "index.json").read_text()).get("complete"):
         cache_teacher(backend, teacher, tok, data, out, teacher_name=DistillConfig.from_recipe("tiny").teacher,
@@ -47,10 +47,11 @@ def make_store(backend, teacher, tok, data: str, out: Path, k: int, max_length: 
 
 def loss_agreement(backend, teacher, student, tok, held: str, stores: dict, max_length: int) -> list[dict]:
     """Relative loss and gradient differences, store vs live, per method and k, summed over held-out batches."""
-    from hpd.data import Batches, load_dataset, pad_id_of
-    from hpd.store import Store
-    from hpd.store_teacher import StoreTeacher, batch_rows
-    from hpd.teacher import LiveTeacher
+    from hpd.data.batches import Batches, load_dataset
+    from hpd.data.examples import pad_id_of
+    from hpd.objectives.teacher import LiveTeacher
+    from hpd.teachers.store import Store
+    from hpd.teachers.stored import StoreTeacher, batch_rows
 
     data = load_dataset(held, tok, max_length)
     batches = Batches(data, 32, pad_id_of(tok), seed=0)
@@ -104,7 +105,7 @@ def _loss_and_grads(backend_name, method, hidden, head, targets, teacher, sample
 
 
 def train(args, method: str, seed: int, out: Path, store: Path | None) -> dict:
-    from hpd.evaluate import accuracy, likelihood
+    from hpd.report.evaluate import accuracy, likelihood
 
     base = DistillConfig.from_recipe("tiny")
     over = {**base.to_dict(), "method": method, "seed": seed, "out": str(out), "overwrite": True,
@@ -140,7 +141,7 @@ def main():
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from hpd.backend import get_backend
+    from hpd.backends import get_backend
 
     base = DistillConfig.from_recipe("tiny")
     backend = get_backend(args.backend)
@@ -151,7 +152,7 @@ def main():
 
     held = {k: make_store(backend, teacher, tok, base.eval_data, out / f"held-k{k}", k, base.max_length,
                           args.logprob_bits) for k in args.ks}
-    from hpd.store import Store
+    from hpd.teachers.store import Store
 
     lines += ["## Store size", "", "| k | bytes/position (held-out store on disk, incl. headers and offsets) |",
               "|---|---|"]

@@ -31,10 +31,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import hpd  # noqa: E402
-from hpd.config import DistillConfig, resolve_recipe  # noqa: E402
-
 import when_hpd_helps_report as report  # noqa: E402
+
+import hpd  # noqa: E402
+from hpd.train.config import DistillConfig, resolve_recipe  # noqa: E402
 
 
 def _hybrid_schedule() -> dict:
@@ -66,7 +66,7 @@ def run_one(name: str, seed: int, plan: dict, args, out_root: Path) -> dict:
     """One distillation through hpd.distill, then the held-out measurements."""
     import torch
 
-    from hpd.evaluate import likelihood
+    from hpd.report.evaluate import likelihood
     from hpd.tasks import sums_models as sm
 
     base = DistillConfig.from_recipe(args.recipe)
@@ -98,8 +98,8 @@ def run_one(name: str, seed: int, plan: dict, args, out_root: Path) -> dict:
 
 def baselines(args, plan) -> dict:
     """The teacher's and the untrained student's held-out scores, measured like the runs'."""
-    from hpd.backend import get_backend
-    from hpd.evaluate import likelihood
+    from hpd.backends import get_backend
+    from hpd.report.evaluate import likelihood
     from hpd.tasks import sums_models as sm
 
     base = DistillConfig.from_recipe(args.recipe)

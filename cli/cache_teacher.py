@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 import click
-
 from hpd.cli.errors import fail
 
 
@@ -53,10 +51,10 @@ def cache_teacher(backend, teacher, data, out, top_k, max_length, batch_size, te
     hpd cache-teacher --teacher hpd:tiny/teacher --data hpd:tiny/train.jsonl --out cache/
     hpd distill --teacher-cache cache/ --student hpd:tiny/student --data hpd:tiny/train.jsonl ...
     """
-    from hpd.backend import get_backend
-    from hpd.cache_teacher import cache_teacher as run
-    from hpd.data import DataError
-    from hpd.models import asset_path
+    from hpd.data.examples import DataError
+    from hpd.backends import get_backend
+    from hpd.models.loading import asset_path
+    from hpd.teachers.cache import cache_teacher as run
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")

@@ -1,4 +1,4 @@
-"""`hpd distill`: options are generated from `hpd.config.DistillConfig`, the one place
+"""`hpd distill`: options are generated from `hpd.train.config.DistillConfig`, the one place
 that holds defaults and help; only the flags a user sets override the recipe."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import dataclasses
 
 import click
 
-from hpd.config import DistillConfig
+from hpd.train.config import DistillConfig
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -84,11 +84,13 @@ def distill(recipe, params, **flags):
     except (ValueError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from None
 
-    from hpd.checkpoint import CheckpointError
     from hpd.cli.errors import fail, interrupted_before_start
-    from hpd.interrupt import Interrupted
-    from hpd.loop import NonFiniteLoss
-    from hpd.run import command_line, distill as run
+
+    from hpd.train.checkpoint import CheckpointError
+    from hpd.train.interrupt import Interrupted
+    from hpd.train.loop import NonFiniteLoss
+    from hpd.train.run import command_line
+    from hpd.train.run import distill as run
 
     try:
         result = run(cfg, command=command_line())

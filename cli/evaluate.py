@@ -53,7 +53,7 @@ def evaluate(backend, model, teacher, data, data_split, data_columns, samples, e
              as_json, progress):
     """Exact-match accuracy of MODEL's generations on DATA, its perplexity, and its token-level
     KL to --teacher; with --lm-eval, lm-evaluation-harness tasks on the same folder."""
-    from hpd.models import asset_path
+    from hpd.models.loading import asset_path
 
     if not data and not lm_eval_tasks:
         raise click.UsageError("give --data, --lm-eval TASKS, or both")
@@ -66,7 +66,7 @@ def evaluate(backend, model, teacher, data, data_split, data_columns, samples, e
                                 samples, extractor, max_new_tokens, temperature, limit, batch_size, seed,
                                 dtype, device, progress))
     if lm_eval_tasks:
-        from hpd.harness import parse_tasks, run_harness
+        from hpd.report.harness import parse_tasks, run_harness
 
         try:
             result.update(run_harness(model, parse_tasks(lm_eval_tasks), include=list(lm_eval_include),
@@ -84,9 +84,9 @@ def evaluate(backend, model, teacher, data, data_split, data_columns, samples, e
 
 def _held_out(backend, model, teacher, data, split, columns, samples, extractor, max_new_tokens, temperature,
               limit, batch_size, seed, dtype, device, progress) -> dict:
-    from hpd.backend import get_backend
-    from hpd.evaluate import accuracy, get_extractor, likelihood
-    from hpd.formats import parse_columns
+    from hpd.data.formats import parse_columns
+    from hpd.backends import get_backend
+    from hpd.report.evaluate import accuracy, get_extractor, likelihood
 
     try:
         get_extractor(extractor)

@@ -18,7 +18,7 @@ import click
 def export(checkpoint, out, overwrite, adapter_only, quantized):
     """Export the student of CHECKPOINT (e.g. RUN/checkpoints/step-100) to OUT, loadable by
     transformers and mlx-lm, with a model card."""
-    from hpd.export import export_checkpoint
+    from hpd.train.export import export_checkpoint
 
     try:
         path = export_checkpoint(checkpoint, out, overwrite=overwrite, adapter_only=adapter_only,

@@ -9,9 +9,9 @@ import os
 # Set before torch loads; a value the user set wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from hpd import allocator  # noqa: E402
+from hpd.train import allocator  # noqa: E402
 
-# Large per-step buffers reused from the heap instead of page-faulted afresh (hpd.allocator).
+# Large per-step buffers reused from the heap instead of page-faulted afresh (hpd.train.allocator).
 allocator.tune()
 
 import click  # noqa: E402

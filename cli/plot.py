@@ -12,7 +12,7 @@ import click
 def plot(runs, out):
     """Plot loss, KL to the teacher and eval accuracy against step for one or several RUNS
     (hpd distill output folders), one line per run, labelled by method."""
-    from hpd.plot import plot_runs
+    from hpd.report.plot import plot_runs
 
     try:
         path = plot_runs(runs, out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpd.data import IGNORE_INDEX
+from hpd.data.examples import IGNORE_INDEX
 
 
 def assert_rollout_targets(batch: dict, out: dict, eos: int, max_new_tokens: int) -> None:

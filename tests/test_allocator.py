@@ -1,4 +1,4 @@
-"""hpd.allocator: glibc malloc thresholds set at CLI start, unless the user set MALLOC_*."""
+"""hpd.train.allocator: glibc malloc thresholds set at CLI start, unless the user set MALLOC_*."""
 
 from __future__ import annotations
 

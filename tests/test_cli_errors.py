@@ -11,7 +11,6 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
-
 from hpd.cli.main import cli
 
 pytestmark = pytest.mark.slow
@@ -160,12 +159,12 @@ def test_empty_assistant_message_is_rejected_like_empty_completion(assets, tmp_p
 
 
 def test_ctrl_c_before_training_is_not_just_aborted(assets, tmp_path, monkeypatch):
-    import hpd.run
+    import hpd.train.run
 
     def interrupted(*args, **kwargs):  # Ctrl-C while models load, before the run's own handler
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(hpd.run, "distill", interrupted)
+    monkeypatch.setattr(hpd.train.run, "distill", interrupted)
     result = CliRunner().invoke(cli, distill_args(assets, tmp_path))
     assert "Aborted!" not in result.output
     assert_one_line_error(result, "SIGINT", "nothing to resume", status=130)

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from hpd.config import DistillConfig, resolve_recipe
-from hpd.schedule import Schedule
+from hpd.train.config import DistillConfig, resolve_recipe
+from hpd.train.schedule import Schedule
 
 RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
 
@@ -68,7 +68,7 @@ def test_only_flags_the_user_set_override_the_recipe(tmp_path, monkeypatch):
         seen["cfg"] = cfg
         return {"steps": 0, "metrics": {}, "out": cfg.out, "backend": SimpleNamespace(rank=0)}
 
-    monkeypatch.setattr("hpd.run.distill", fake_run)
+    monkeypatch.setattr("hpd.train.run.distill", fake_run)
     from hpd.cli.main import cli
 
     result = CliRunner().invoke(cli, ["distill", "--recipe", str(recipe), "--batch-size", "4"])
@@ -80,7 +80,7 @@ def test_only_flags_the_user_set_override_the_recipe(tmp_path, monkeypatch):
 
 def test_cli_param_sets_method_parameters(monkeypatch):
     seen = {}
-    monkeypatch.setattr("hpd.run.distill", lambda cfg, command=None: seen.setdefault("cfg", cfg) and
+    monkeypatch.setattr("hpd.train.run.distill", lambda cfg, command=None: seen.setdefault("cfg", cfg) and
                         {"steps": 0, "metrics": {}, "out": cfg.out, "backend": SimpleNamespace(rank=0)})
     from hpd.cli.main import cli
 
@@ -107,7 +107,7 @@ def test_import_hpd_is_light():
     import subprocess
     import sys
 
-    code = "import hpd, hpd.config, hpd.schedule, hpd.data, hpd.loop, sys; " \
+    code = "import hpd, hpd.train.config, hpd.train.schedule, hpd.data.examples, hpd.train.loop, sys; " \
            "print(any(m.split('.')[0] in ('torch', 'mlx') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

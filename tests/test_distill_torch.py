@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hpd.cli.main import cli
 
 import hpd
-from hpd import checkpoint as ckpt
-from hpd.cli.main import cli
-from hpd.data import DataError, load_dataset
+from hpd.data.batches import load_dataset
+from hpd.data.examples import DataError
+from hpd.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def token_kl(teacher_dir, student, assets) -> float:
     """Mean token-level KL(teacher || student) on the training data."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hpd.data import collate
+    from hpd.data.batches import collate
 
     tok = AutoTokenizer.from_pretrained(assets["tokenizer"])
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
@@ -185,7 +186,7 @@ def test_nan_loss_stops_with_checkpoint(assets, tmp_path):
     shutil.copy(assets["teacher"] / "tokenizer.json", bad)
     shutil.copy(assets["teacher"] / "tokenizer_config.json", bad)
     out = tmp_path / "run"
-    from hpd.loop import NonFiniteLoss
+    from hpd.train.loop import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss, match="consecutive"):
         hpd.distill(base_config(assets, out, teacher=str(bad), steps=10, max_bad_steps=3))

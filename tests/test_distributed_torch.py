@@ -1,7 +1,7 @@
 """`torchrun --nproc-per-node 2 hpd distill --backend torch` on CPU (gloo), against one process.
 
 Two ranks with micro-batches of 2 see the same rows per step as one process with batches
-of 4 (`hpd.data.Batches` deals batch i of the one-process order to the ranks as its
+of 4 (`hpd.data.batches.Batches` deals batch i of the one-process order to the ranks as its
 halves), so losses, gradient norms and weights must agree up to float reordering:
 
 - loss and gradient norm per step: relative 1e-5 (seen: ~1e-7);
@@ -32,7 +32,7 @@ import pytest
 from safetensors.numpy import load_file
 
 import hpd
-from hpd import checkpoint as ckpt
+from hpd.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
@@ -151,7 +151,6 @@ def test_resume_of_two_ranks_equals_uninterrupted(assets, tmp_path):
 
 def test_distributed_checkpoint_is_a_model_folder(fsdp_fkl, tmp_path):
     from click.testing import CliRunner
-
     from hpd.cli.main import cli
 
     step2 = fsdp_fkl / "two" / "checkpoints" / "step-2"

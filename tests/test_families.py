@@ -22,10 +22,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from hpd import families
-from hpd.config import DistillConfig
-from hpd.data import collate, load_dataset, pad_id_of
-from hpd.loop import objective_loss_fn, target_count
+from hpd.data.batches import collate, load_dataset
+from hpd.data.examples import pad_id_of
+from hpd.models import families
+from hpd.train.config import DistillConfig
+from hpd.train.loop import objective_loss_fn, target_count
 
 THETA = 31250.0
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -162,7 +163,7 @@ def test_family(assets, tmp_path, name, backend_name):
     teacher = backend.load_model(str(paths["teacher"]), trainable=False, dtype="float32")
     student = backend.load_model(str(paths["student"]), trainable=True, dtype="float32")
     optimizer = backend.make_optimizer(student, DistillConfig(lr=LR))
-    from hpd.run import choose_loss_path
+    from hpd.train.run import choose_loss_path
 
     chunked, line = choose_loss_path("auto", backend, student=student, teacher=teacher)
     assert chunked, f"{name}: {line}"
@@ -209,7 +210,7 @@ def test_quantized_scaled_teacher_chunked_equals_plain(assets, name):
 
 def test_chunked_on_refuses_an_unknown_scaling(assets, tmp_path):
     """A scaling key in a family without a rule: --chunked on stops, auto takes the plain path."""
-    from hpd.run import choose_loss_path
+    from hpd.train.run import choose_loss_path
 
     backend = get_backend("torch")
     folder = tmp_path / "odd"
@@ -348,7 +349,6 @@ def test_mlx_refuses_sequences_past_an_ignored_sliding_window(assets):
 def test_mlx_names_a_family_it_has_no_code_for(tmp_path):
     pytest.importorskip("mlx_lm")
     import mlx.core as mx
-
     from hpd.backends.mlx import family
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "nosuchfamily"}))

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_chunked import FRAMEWORKS, B, T, assert_same, mx, needs_mlx, problem, tol
 
 import hpd
-from hpd.chunked import CHUNK_BUFFERS, resolve_chunk_size
-from hpd.heads import Head, logit_transform
-from hpd.losses import sample_with_uniforms
-from hpd.ops import ops_for
-from hpd.teacher import LiveTeacher
-
-from test_chunked import FRAMEWORKS, B, T, assert_same, mx, needs_mlx, problem, tol
+from hpd.objectives.chunked import CHUNK_BUFFERS, resolve_chunk_size
+from hpd.objectives.heads import Head, logit_transform
+from hpd.objectives.losses import sample_with_uniforms
+from hpd.objectives.ops import ops_for
+from hpd.objectives.teacher import LiveTeacher
 
 torch = pytest.importorskip("torch")
 

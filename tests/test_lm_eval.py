@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from hpd.cli.main import cli
 
 pytestmark = pytest.mark.slow

@@ -23,7 +23,7 @@ torch = pytest.importorskip("torch", reason="the torch half needs torch")
 pytest.importorskip("peft", reason="LoRA on torch needs peft (pip install 'hpd-distill[lora]')")
 
 import hpd  # noqa: E402
-from hpd.lora import ADAPTER_FILE, initial_a  # noqa: E402
+from hpd.models.lora import ADAPTER_FILE, initial_a  # noqa: E402
 
 IDS = [[1, 5, 9, 30, 70, 2, 100, 44, 17, 3]]
 LR = 1e-2
@@ -58,7 +58,8 @@ def records(out: Path) -> list[dict]:
 def test_initial_adapters_are_identical_on_both_backends(assets):
     from hpd.backends.mlx import MlxBackend
     from hpd.backends.torch import TorchBackend
-    from hpd.lora import LoraSpec
+
+    from hpd.models.lora import LoraSpec
 
     spec = LoraSpec(rank=4, alpha=8.0)
     found = {}
@@ -99,7 +100,8 @@ def test_parity_torch_mlx(assets, tmp_path, targets, chunked):
 
 # ---------------------------------------------------------------------- learning, size
 def heldout_kl(backend, student, teacher, assets) -> float:
-    from hpd.data import collate, load_dataset, pad_id_of
+    from hpd.data.batches import collate, load_dataset
+    from hpd.data.examples import pad_id_of
 
     tok = backend.load_tokenizer(str(assets["student"]))
     held = load_dataset(assets["held"], tok, 48)
@@ -125,8 +127,8 @@ def test_lora_and_qlora_lower_the_kl(assets, tmp_path, backend, quantize):
     result = run(assets, tmp_path / "run", backend, steps=12, student_quantize=quantize, lr=2e-2, student=student)
     be = result["backend"]
     teacher = be.load_model(str(assets["teacher"]), trainable=False, dtype="float32")
-    from hpd.lora import LoraSpec
-    from hpd.student import load_base
+    from hpd.models.lora import LoraSpec
+    from hpd.models.student import load_base
 
     base = load_base(be, student, LoraSpec(rank=4, alpha=8.0, quantize=quantize), "float32")
     before = heldout_kl(be, base, teacher, assets)
@@ -223,10 +225,9 @@ def test_qlora_export_kept_quantized_as_mlx_lm_writes_it(assets, tmp_path):
     --quantized` of the last checkpoint writes the same weights."""
     import mlx_lm
     from click.testing import CliRunner
+    from hpd.cli.main import cli
     from mlx.utils import tree_flatten, tree_unflatten
     from mlx_lm.tuner.lora import LoRALinear
-
-    from hpd.cli.main import cli
 
     result = run(assets, tmp_path / "run", "mlx", student_quantize=4, export_quantized=True, steps=2)
     want = logits(result)
@@ -285,11 +286,11 @@ def test_torch_qlora_base_is_the_same_in_training_and_evaluation(assets):
     keeps the float32 path, so an evaluation leaves the base as it was and eval logits equal
     training-mode logits."""
     pytest.importorskip("bitsandbytes", reason="QLoRA on torch needs bitsandbytes")
+    from hpd.backends.torch import TorchBackend
     from peft.utils.integrations import dequantize_bnb_weight
 
-    from hpd.backends.torch import TorchBackend
-    from hpd.lora import LoraSpec
-    from hpd.student import load_base
+    from hpd.models.lora import LoraSpec
+    from hpd.models.student import load_base
 
     model = load_base(TorchBackend(), str(assets["wide_student"]), LoraSpec(rank=4, alpha=8.0, quantize=4), "auto")
     layer = model.model.layers[0].mlp.down_proj
@@ -331,9 +332,8 @@ def test_adapter_formats_load_in_their_own_library(assets, tmp_path, backend):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["mlx", "torch"])
 def test_hpd_export_of_a_lora_checkpoint(assets, tmp_path, backend):
-    from click.testing import CliRunner
     import mlx_lm
-
+    from click.testing import CliRunner
     from hpd.cli.main import cli
 
     result = run(assets, tmp_path / "run", backend, steps=2)
@@ -357,7 +357,6 @@ def test_hpd_export_of_a_lora_checkpoint(assets, tmp_path, backend):
 # ---------------------------------------------------------------------- bad input
 def _cli(args):
     from click.testing import CliRunner
-
     from hpd.cli.main import cli
 
     return CliRunner().invoke(cli, ["distill", *args])
@@ -426,9 +425,8 @@ def test_mlx_gradient_checkpointing_same_gradients_less_memory(assets, tmp_path)
 
     import mlx.nn as nn
     from conftest import build_model
-    from mlx.utils import tree_flatten
-
     from hpd.backends.mlx import MlxBackend
+    from mlx.utils import tree_flatten
 
     folder = build_model(tmp_path / "m", assets["tokenizer"], hidden=64, layers=4)
     ids = mx.array(np.random.default_rng(0).integers(0, 300, size=(4, 256)).astype(np.int32))
@@ -459,15 +457,16 @@ def test_quantized_heads_chunked_equals_plain_on_the_models(assets, tmp_path, fa
     """A 4-bit teacher and a QLoRA student (4-bit base, its head quantized too): the chunked
     loss (each chunk's logits from the quantized matmul, no head gradient) gives the plain
     path's loss and adapter gradients on the same models, within 1e-4 relative."""
+    from hpd.backends.mlx import MlxBackend
     from mlx.utils import tree_flatten
 
-    from hpd.backends.mlx import MlxBackend
-    from hpd.data import collate, load_dataset, pad_id_of
-    from hpd.heads import Head
-    from hpd.lora import LoraSpec
-    from hpd.loop import objective_loss_fn, target_count
-    from hpd.schedule import Objective
-    from hpd.student import load_base
+    from hpd.data.batches import collate, load_dataset
+    from hpd.data.examples import pad_id_of
+    from hpd.models.lora import LoraSpec
+    from hpd.models.student import load_base
+    from hpd.objectives.heads import Head
+    from hpd.train.loop import objective_loss_fn, target_count
+    from hpd.train.schedule import Objective
 
     backend = MlxBackend()
     spec = LoraSpec(rank=4, alpha=8.0, quantize=4)
@@ -526,7 +525,7 @@ def test_frozen_dense_head_same_loss_no_head_gradient_on_mlx():
     """A LoRA student's dense head is frozen: mlx's chunked loss gives the same value and
     hidden-state gradient without forming the head's (V, H) gradient and copy (peak lower by
     at least one head-sized float32 array)."""
-    from hpd.heads import Head
+    from hpd.objectives.heads import Head
 
     rng = np.random.default_rng(0)
     V, H, C = 4096, 256, 8
@@ -560,10 +559,10 @@ def test_mlx_gradient_checkpointing_lowers_the_peak_of_hpds_step(assets, tmp_pat
     from types import SimpleNamespace
 
     from conftest import build_model
-
     from hpd.backends.mlx import MlxBackend
-    from hpd.loop import objective_loss_fn
-    from hpd.schedule import Objective
+
+    from hpd.train.loop import objective_loss_fn
+    from hpd.train.schedule import Objective
 
     folder = build_model(tmp_path / "m", assets["tokenizer"], hidden=64, layers=4)
     ids = np.random.default_rng(0).integers(3, 300, size=(4, 257))

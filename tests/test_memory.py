@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from hpd.memory import Setting, Shape, plan, trainable_count, weight_bytes
+from hpd.models.memory import Setting, Shape, plan, trainable_count, weight_bytes
 
 
 def shape_of(folder) -> Shape:
@@ -43,7 +43,8 @@ def test_lora_count_matches_the_backends(assets, targets):
     pytest.importorskip("peft")
     from hpd.backends.mlx import MlxBackend
     from hpd.backends.torch import TorchBackend
-    from hpd.lora import LoraSpec
+
+    from hpd.models.lora import LoraSpec
 
     shape = shape_of(assets["qwen_student"])
     want = trainable_count(shape, Setting(lora_rank=4, lora_targets=targets))
@@ -72,7 +73,6 @@ def test_plan_parts_add_up_and_respond_to_the_settings(assets):
 
 def test_dry_run_prints_the_plan_and_writes_nothing(assets, tmp_path):
     from click.testing import CliRunner
-
     from hpd.cli.main import cli
 
     out = tmp_path / "out"
@@ -96,9 +96,9 @@ def test_plan_sizes_chunks_as_a_default_run_does():
     larger budget counted 4x the chunk positions at a 152k vocabulary)."""
     from dataclasses import fields
 
-    from hpd.chunked import resolve_chunk_size
-    from hpd.config import DistillConfig
-    from hpd.memory import chunk_positions
+    from hpd.models.memory import chunk_positions
+    from hpd.objectives.chunked import resolve_chunk_size
+    from hpd.train.config import DistillConfig
 
     default = next(f.default for f in fields(DistillConfig) if f.name == "chunk_budget_mb")
     assert Setting().chunk_budget_mb == default

@@ -24,9 +24,10 @@ pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 
 
 from mlx.utils import tree_flatten  # noqa: E402
 
-from hpd.config import DistillConfig  # noqa: E402
-from hpd.data import collate, load_dataset, pad_id_of  # noqa: E402
-from hpd.loop import objective_loss_fn, target_count  # noqa: E402
+from hpd.data.batches import collate, load_dataset  # noqa: E402
+from hpd.data.examples import pad_id_of  # noqa: E402
+from hpd.train.config import DistillConfig  # noqa: E402
+from hpd.train.loop import objective_loss_fn, target_count  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -99,7 +100,6 @@ def test_optimizer_matches_torch_adamw_on_one_tensor():
     """Bias correction, eps and decoupled weight decay (only on >= 2-D) as torch.optim.AdamW."""
     torch = pytest.importorskip("torch")
     import mlx.nn as nn
-
     from hpd.backends.torch import TorchBackend
 
     cfg = DistillConfig(lr=0.1, weight_decay=0.5, adam_beta1=0.8, adam_beta2=0.95, adam_eps=1e-3)
@@ -195,9 +195,9 @@ def test_cross_export(assets, tmp_path):
 @pytest.mark.parametrize("method", ["hpd", "fkl"])
 def test_cli_end_to_end(assets, tmp_path, method):
     from click.testing import CliRunner
-
     from hpd.cli.main import cli
-    from hpd.export import check_model_folder
+
+    from hpd.models.export import check_model_folder
 
     out = tmp_path / method
     args = ["distill", "--backend", "mlx", "--method", method, "--teacher", str(assets["qwen_teacher"]),
@@ -232,7 +232,6 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
 
 def test_quantized_teacher(assets, tmp_path):
     from conftest import build_model
-
     from hpd.backends.mlx.backend import param_bytes
 
     folder = build_model(tmp_path / "teacher64", assets["tokenizer"], hidden=64, layers=2, seed=1)

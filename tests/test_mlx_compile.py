@@ -17,9 +17,10 @@ import pytest
 mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip install 'hpd-distill[mlx]')")
 pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd-distill[mlx]')")
 
-import hpd  # noqa: E402
 from hpd.backends.mlx.compiled import bucket, fits  # noqa: E402
-from hpd.teacher import LiveTeacher, LogitsTeacher  # noqa: E402
+
+import hpd  # noqa: E402
+from hpd.objectives.teacher import LogitsTeacher  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 

@@ -1,7 +1,7 @@
 """Several MLX processes on one machine: `mlx.launch --backend ring` with two local ranks.
 
 A 2-rank run must equal a 1-rank run with the same global batch: the ranks take
-disjoint halves of each global batch (hpd.data.Batches), divide their loss by the global
+disjoint halves of each global batch (hpd.data.batches.Batches), divide their loss by the global
 token count, and MlxBackend.optimizer_step sums the gradients, so the update is the
 1-rank update up to float summation order. Both comparisons use deterministic objectives,
 so no per-rank sampling noise enters:
@@ -162,12 +162,11 @@ def assert_same_training(single: Path, double: Path, start: Path, steps=range(1,
 
 def test_two_ranks_equal_one_rank_cli(assets, tmp_path, ring):
     """`mlx.launch -n 2 ... -- python -m hpd.cli.main distill --backend mlx ...`, fkl."""
-    from transformers import AutoModelForCausalLM
-
     import mlx_lm
     import torch
+    from transformers import AutoModelForCausalLM
 
-    from hpd.export import check_model_folder
+    from hpd.models.export import check_model_folder
 
     single = one_rank(assets, tmp_path / "one", method="fkl", batch_size=4)
     assert single["metrics"]["loss"] > 0
@@ -210,9 +209,9 @@ import json, sys
 from pathlib import Path
 
 import hpd
-import hpd.checkpoint
-import hpd.data
-import hpd.run
+import hpd.train.checkpoint
+import hpd.data.examples
+import hpd.train.run
 from hpd.backends.mlx import MlxBackend
 
 config, report = json.loads(sys.argv[1]), Path(sys.argv[2])
@@ -230,11 +229,11 @@ def spy(owner, name, key):
     setattr(owner, name, wrapped)
 
 
-spy(hpd.run.MetricsLog, "__call__", "metrics")
-spy(hpd.checkpoint, "save_checkpoint", "checkpoint")
+spy(hpd.train.run.MetricsLog, "__call__", "metrics")
+spy(hpd.train.checkpoint, "save_checkpoint", "checkpoint")
 spy(MlxBackend, "save_model", "save_model")
-spy(hpd.run, "finalize", "finalize")
-next_batch = hpd.data.Batches.__next__
+spy(hpd.train.run, "finalize", "finalize")
+next_batch = hpd.data.batches.Batches.__next__
 
 
 def recording_next(self):
@@ -243,7 +242,7 @@ def recording_next(self):
     return batch
 
 
-hpd.data.Batches.__next__ = recording_next
+hpd.data.batches.Batches.__next__ = recording_next
 results = [hpd.distill({**config, "steps": 2}), hpd.distill({**config, "resume": True})]
 backend = results[-1]["backend"]
 report.with_name(f"{report.name}-{backend.rank}.json").write_text(json.dumps(
@@ -256,7 +255,8 @@ def test_two_ranks_resume_equals_one_rank(assets, tmp_path, ring):
     """hpd + 0.1 sft (sample: never), 2 ranks x batch 1 x grad_accum 2, 2 steps then --resume to 4,
     against 1 rank x batch 4 in one go; rank/world_size, data shards and who writes what
     are reported by each rank."""
-    from hpd.data import Batches, load_dataset, pad_id_of
+    from hpd.data.batches import Batches, load_dataset
+    from hpd.data.examples import pad_id_of
 
     # hpd alone with s = y has a loss near 0; 0.1 x sft gives the per-step loss a scale to compare
     common = dict(method="hpd", chunked="off",

@@ -21,12 +21,12 @@ mx = pytest.importorskip("mlx.core", reason="the mlx backend needs mlx (pip inst
 pytest.importorskip("mlx_lm", reason="the mlx backend needs mlx-lm (pip install 'hpd-distill[mlx]')")
 
 from click.testing import CliRunner  # noqa: E402
+from hpd.cli.main import cli  # noqa: E402
+from rollout_checks import assert_rollout_targets, write_prompts  # noqa: E402
 
 import hpd  # noqa: E402
-from hpd.cli.main import cli  # noqa: E402
-from hpd.data import collate, load_dataset  # noqa: E402
-from hpd.rollout import Sampling, rollout_batch  # noqa: E402
-from rollout_checks import assert_rollout_targets, write_prompts  # noqa: E402
+from hpd.data.batches import collate, load_dataset  # noqa: E402
+from hpd.train.rollout import Sampling, rollout_batch  # noqa: E402
 
 pytestmark = pytest.mark.mlx
 
@@ -125,8 +125,12 @@ def test_generate_rows_of_different_lengths(assets, mlx_student):
 
 def _transformers_distribution(logits: np.ndarray, temperature: float, top_k: int, top_p: float) -> np.ndarray:
     torch = pytest.importorskip("torch")
-    from transformers import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                              TopPLogitsWarper)
+    from transformers import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
 
     warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
     if top_k:

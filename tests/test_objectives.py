@@ -21,8 +21,8 @@ import pytest
 torch = pytest.importorskip("torch", reason="the objective tests need torch for the autograd references")
 
 import hpd  # noqa: E402
-from hpd.losses import sample_tokens  # noqa: E402
-from hpd.ops import ops_for  # noqa: E402
+from hpd.objectives.losses import sample_tokens  # noqa: E402
+from hpd.objectives.ops import ops_for  # noqa: E402
 
 IGNORE = -100
 

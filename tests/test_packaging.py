@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import re
-import tomllib
 from pathlib import Path
 
-from hpd.export import DISTRIBUTION, model_card
+import tomllib
+
+from hpd.models.export import DISTRIBUTION, model_card
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,10 +42,10 @@ def test_optional_extras_are_imported_only_when_used(tmp_path):
     data.write_text('{"text": "a"}\n')
     code = (
         "import sys, pathlib\n"
-        "import hpd, hpd.sources, hpd.report, hpd.harness, hpd.console\n"
-        f"hpd.sources.read_rows({str(data)!r})\n"
-        f"assert hpd.report.open_reporters(['none'], pathlib.Path({str(tmp_path)!r}), {{}}) == []\n"
-        "hpd.console.Console(10, progress=True)\n"
+        "import hpd, hpd.data.sources, hpd.report.reporters, hpd.report.harness, hpd.report.console\n"
+        f"hpd.data.sources.read_rows({str(data)!r})\n"
+        f"assert hpd.report.reporters.open_reporters(['none'], pathlib.Path({str(tmp_path)!r}), {{}}) == []\n"
+        "hpd.report.console.Console(10, progress=True)\n"
         "loaded = [m for m in ('datasets', 'pyarrow', 'wandb', 'tensorboard', 'tensorboardX', 'lm_eval', 'torch',"
         " 'mlx') if m in sys.modules]\n"
         "assert not loaded, loaded\n"

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 import hpd
-from hpd.data import collate, load_dataset, pad_id_of
-from hpd.loop import target_count
-from hpd.packing import block_causal_mask, collate_packed, pack_bins
-from hpd.uniforms import token_keys
+from hpd.data.batches import collate, load_dataset
+from hpd.data.examples import pad_id_of
+from hpd.data.packing import block_causal_mask, collate_packed, pack_bins
+from hpd.objectives.uniforms import token_keys
+from hpd.train.loop import target_count
 
 
 def test_pack_bins_first_fit_decreasing():

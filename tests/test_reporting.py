@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hpd.cli.main import cli
 
 import hpd
-from hpd.cli.main import cli
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def test_reporters_do_not_import_torch(target, tmp_path):
     pytest.importorskip(target)
     code = (
         "import sys, pathlib\n"
-        "from hpd.report import open_reporters\n"
+        "from hpd.report.reporters import open_reporters\n"
         f"[r] = open_reporters([{target!r}], pathlib.Path({str(tmp_path)!r}), {{}})\n"
         "r({'step': 1, 'loss': 1.5, 'eval/kl': 0.25}); r.close()\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hpd.cli.main import cli
+from rollout_checks import assert_rollout_targets, write_prompts
 
 import hpd
-from hpd.backend import get_backend
-from hpd.cli.main import cli
-from hpd.data import collate, load_dataset
-from hpd.rollout import Sampling, rollout_batch
-from rollout_checks import assert_rollout_targets, write_prompts
+from hpd.data.batches import collate, load_dataset
+from hpd.backends import get_backend
+from hpd.train.rollout import Sampling, rollout_batch
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hpd.cli.main import cli
 
 import hpd
-from hpd.cli.main import cli
-from hpd.config import DistillConfig
-from hpd.data import DataError
+from hpd.data.examples import DataError
+from hpd.train.config import DistillConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,7 +48,7 @@ def test_written_files_follow_the_umask(assets, tmp_path):
         out = tmp_path / "run"
         hpd.distill(config(assets, out))
         exported = tmp_path / "exported"
-        from hpd.export import export_checkpoint
+        from hpd.train.export import export_checkpoint
 
         export_checkpoint(out / "checkpoints" / "step-2", exported)
     finally:
@@ -60,7 +60,7 @@ def test_written_files_follow_the_umask(assets, tmp_path):
 
 
 def test_umask_077_is_respected_too(tmp_path):
-    from hpd.filemodes import respect_umask
+    from hpd.files.filemodes import respect_umask
 
     (tmp_path / "a.safetensors").write_bytes(b"x")
     os.chmod(tmp_path / "a.safetensors", 0o600)
@@ -89,8 +89,8 @@ def test_model_card_of_a_checkpoint_export_has_its_metrics(assets, tmp_path):
 
 # ------------------------------------------------------------------ 4. an unreachable hub fails fast
 def test_unreachable_hub_fails_fast(monkeypatch, tmp_path):
-    import hpd.hub
-    from hpd.models import local_or_hub
+    import hpd.files.hub
+    from hpd.models.loading import local_or_hub
 
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
@@ -99,21 +99,21 @@ def test_unreachable_hub_fails_fast(monkeypatch, tmp_path):
         local_or_hub("nobody-here/no-such-model")
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
-    hpd.hub._probe.cache_clear()
+    hpd.files.hub._probe.cache_clear()
     started = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="the hub is unreachable \\(cannot connect to 127.0.0.1"):
         local_or_hub("nobody-here/no-such-model")
     assert time.perf_counter() - started < 5
-    hpd.hub._probe.cache_clear()
+    hpd.files.hub._probe.cache_clear()
 
 
 def test_a_cached_model_serves_an_unreachable_hub(monkeypatch, tmp_path):
-    import hpd.hub
-    from hpd.models import local_or_hub
+    import hpd.files.hub
+    from hpd.models.loading import local_or_hub
 
     snapshot = tmp_path / "snap"
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(hpd.hub, "cached_snapshot", lambda repo: snapshot if repo == "org/cached" else None)
+    monkeypatch.setattr(hpd.files.hub, "cached_snapshot", lambda repo: snapshot if repo == "org/cached" else None)
     assert local_or_hub("org/cached") == snapshot
 
 
@@ -249,7 +249,7 @@ def test_generate_help_names_both_row_kinds():
 def test_eval_limit_limits_every_metric_and_tokens_are_whole(assets, tmp_path):
     from transformers import AutoTokenizer
 
-    from hpd.data import load_dataset
+    from hpd.data.batches import load_dataset
 
     held = answers(tmp_path / "held.jsonl")
     args = ["eval", "--model", str(assets["student"]), "--teacher", str(assets["teacher"]), "--data",
@@ -295,7 +295,7 @@ def test_compare_methods_names_and_spread(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["compare_methods.py", "--methods", "jsd", "hpd", "--seeds", "0"])
     monkeypatch.setattr(cm, "run_one", lambda *a, **k: seen.setdefault("called", a) and (_ for _ in ()).throw(
         SystemExit(0)))
-    monkeypatch.setattr("hpd.backend.get_backend", lambda *a, **k: (_ for _ in ()).throw(SystemExit(0)))
+    monkeypatch.setattr("hpd.backends.get_backend", lambda *a, **k: (_ for _ in ()).throw(SystemExit(0)))
     with pytest.raises(SystemExit) as e:
         cm.main()  # the arguments parse; stops before loading a model
     assert e.value.code == 0
@@ -303,7 +303,7 @@ def test_compare_methods_names_and_spread(monkeypatch):
 
 def test_plot_keeps_lines_apart_and_the_axis_whole(tmp_path):
     pytest.importorskip("matplotlib")
-    from hpd.plot import plot_runs
+    from hpd.report.plot import plot_runs
 
     runs = []
     for name, method in (("jsd-seed0", "jsd"), ("hpd-seed0", "hpd")):
@@ -344,12 +344,12 @@ def test_compressed_recipe_warns():
 
 
 def test_hub_probe_goes_through_a_configured_proxy(monkeypatch):
-    import hpd.hub
+    import hpd.files.hub
 
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
-    assert hpd.hub._via("https://huggingface.co") == "http://127.0.0.1:9"
-    hpd.hub._probe.cache_clear()
-    assert "cannot connect to 127.0.0.1" in hpd.hub._probe("https://huggingface.co", 2.0)
-    hpd.hub._probe.cache_clear()
+    assert hpd.files.hub._via("https://huggingface.co") == "http://127.0.0.1:9"
+    hpd.files.hub._probe.cache_clear()
+    assert "cannot connect to 127.0.0.1" in hpd.files.hub._probe("https://huggingface.co", 2.0)
+    hpd.files.hub._probe.cache_clear()

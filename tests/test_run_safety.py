@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from hpd.cli.main import cli
 
 import hpd
-from hpd import checkpoint as ckpt
-from hpd.cli.main import cli
+from hpd.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -87,7 +87,7 @@ def test_overwrite_refuses_a_folder_without_manifest(assets, tmp_path):
 
 HOLD_LOCK = """
 import sys, time
-from hpd.outdir import OutputLock
+from hpd.files.outdir import OutputLock
 lock = OutputLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(120)
@@ -154,7 +154,8 @@ def test_records_once_after_a_kill_mid_line(assets, tmp_path):
 
 def test_nan_gradient_norm_skips_the_step_and_never_saves_nan(assets, tmp_path, monkeypatch):
     from hpd.backends.torch import TorchBackend
-    from hpd.loop import NonFiniteLoss
+
+    from hpd.train.loop import NonFiniteLoss
 
     original = TorchBackend.forward_backward
 
@@ -183,9 +184,8 @@ def test_nan_gradient_norm_skips_the_step_and_never_saves_nan(assets, tmp_path, 
 
 
 def test_checkpoint_is_never_written_from_non_finite_weights(assets, tmp_path):
-    from transformers import AutoTokenizer
-
     from hpd.backends.torch import TorchBackend
+    from transformers import AutoTokenizer
 
     backend = TorchBackend()
     model = backend.load_model(str(assets["student"]), trainable=True)

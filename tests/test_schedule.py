@@ -7,7 +7,14 @@ import sys
 
 import pytest
 
-from hpd.schedule import Objective, Schedule, ScheduleConfig, StepPlan, lambda_at, to_step
+from hpd.train.schedule import (
+    Objective,
+    Schedule,
+    ScheduleConfig,
+    StepPlan,
+    lambda_at,
+    to_step,
+)
 
 
 def make(total_steps=100, seed=0, method="hpd", method_params=None, **fields) -> Schedule:
@@ -297,6 +304,6 @@ def test_empty_section_and_nulls_mean_defaults():
 
 
 def test_import_has_no_side_effects():
-    code = "import sys, hpd.schedule; print(sorted(m for m in ('torch', 'mlx', 'numpy') if m in sys.modules))"
+    code = "import sys, hpd.train.schedule; print(sorted(m for m in ('torch', 'mlx', 'numpy') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import hpd
-from hpd import checkpoint as ckpt
+from hpd.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
@@ -86,7 +86,7 @@ def test_signal_checkpoints_and_resume_is_exact(assets, tmp_path, uninterrupted,
 
 SECOND_SIGNAL = """
 import os, signal, sys, time
-from hpd.interrupt import StopOnSignal
+from hpd.train.interrupt import StopOnSignal
 with StopOnSignal() as stop:
     os.kill(os.getpid(), signal.SIGTERM)
     time.sleep(0.2)

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hpd.data import DataError, load_dataset
-from hpd.formats import normalize, parse_columns
-from hpd.sources import read_rows
+from hpd.data.batches import load_dataset
+from hpd.data.examples import DataError
+from hpd.data.formats import normalize, parse_columns
+from hpd.data.sources import read_rows
 
 CHAT = {"messages": [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "sat on a mat"}]}
 SHAREGPT = {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "the cat"},
@@ -142,9 +143,9 @@ def test_save_to_disk_folder_and_splits(tok, tmp_path):
 
 def test_hub_dataset_id_goes_through_datasets(tok, monkeypatch):
     datasets = pytest.importorskip("datasets")
-    import hpd.hub
+    import hpd.files.hub
 
-    monkeypatch.setattr(hpd.hub, "hub_unreachable", lambda timeout=0: "")
+    monkeypatch.setattr(hpd.files.hub, "hub_unreachable", lambda timeout=0: "")
     calls = []
 
     def fake_load(name, split=None):
@@ -191,7 +192,6 @@ def test_cli_reads_mapped_parquet_and_saved_splits(assets, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     datasets = pytest.importorskip("datasets")
     from click.testing import CliRunner
-
     from hpd.cli.main import cli
 
     train = tmp_path / "train.parquet"

@@ -1,7 +1,7 @@
 """hpd's per-position student samples do not depend on how a step's rows are split.
 
 The samples are drawn by inverse CDF from uniforms keyed by (seed, step, global row,
-position) (hpd.uniforms), so with sampling on:
+position) (hpd.objectives.uniforms), so with sampling on:
 - batch 8 x accumulation 1 equals batch 1 x accumulation 8 (torch and mlx, in process);
 - 2 processes x batch 4 equal 1 process x batch 8 under torchrun (DDP and FSDP2) and
   under mlx.launch, after 6 steps;
@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 import hpd
-from hpd.losses import sample_with_uniforms
-from hpd.ops import ops_for
-from hpd.uniforms import keyed_uniforms
+from hpd.objectives.losses import sample_with_uniforms
+from hpd.objectives.ops import ops_for
+from hpd.objectives.uniforms import keyed_uniforms
 
 STEPS = 6
 

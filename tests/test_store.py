@@ -13,8 +13,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hpd.store import (Quantizer, Store, StoreError, bytes_per_position, default_bits, id_bytes, pack12, pack_ids,
-                       unpack12, unpack_ids)
+from hpd.teachers.store import (
+    Quantizer,
+    Store,
+    StoreError,
+    bytes_per_position,
+    default_bits,
+    id_bytes,
+    pack12,
+    pack_ids,
+    unpack12,
+    unpack_ids,
+)
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -69,14 +79,14 @@ def test_bytes_per_position_meets_the_goal():
 
 
 def _load(backend_name, folder):
-    from hpd.backend import get_backend
+    from hpd.backends import get_backend
 
     be = get_backend(backend_name)
     return be, be.load_model(str(folder), trainable=False, dtype="float32"), be.load_tokenizer(str(folder))
 
 
 def _write(assets, out, backend_name="torch", **kw):
-    from hpd.cache_teacher import cache_teacher
+    from hpd.teachers.cache import cache_teacher
 
     be, model, tok = _load(backend_name, assets["teacher"])
     settings = dict(top_k=16, max_length=64, batch_size=8, examples_per_shard=16, progress=False)
@@ -88,7 +98,8 @@ def _live_logprobs(assets, examples):
     """The teacher's float64 log-softmax at every target position of `examples`, row-major."""
     import torch
 
-    from hpd.data import IGNORE_INDEX, collate
+    from hpd.data.batches import collate
+    from hpd.data.examples import IGNORE_INDEX
 
     be, model, tok = _load("torch", assets["teacher"])
     batch = collate(examples, tok.pad_token_id)
@@ -103,8 +114,8 @@ def _live_logprobs(assets, examples):
 def test_round_trip_against_the_live_teacher(assets, tmp_path):
     """ids exact, top-k log-probs within the stated bound, the data token's log-prob exact
     (to float32), rest mass = 1 - top-k mass."""
-    from hpd.backend import get_backend
-    from hpd.data import load_dataset
+    from hpd.data.batches import load_dataset
+    from hpd.backends import get_backend
 
     _write(assets, tmp_path / "store")
     store = Store(tmp_path / "store")
@@ -142,9 +153,9 @@ def test_large_vocabulary_store(assets, tmp_path):
     bytes/position at k = 32 plus per-shard overhead; ids exact, log-probs within the bound."""
     from conftest import build_model
 
-    from hpd.backend import get_backend
-    from hpd.cache_teacher import cache_teacher
-    from hpd.data import load_dataset
+    from hpd.data.batches import load_dataset
+    from hpd.backends import get_backend
+    from hpd.teachers.cache import cache_teacher
 
     folder = build_model(tmp_path / "big", assets["tokenizer"], hidden=16, layers=1, vocab=70000, seed=5)
     be, model, tok = _load("torch", folder)
@@ -156,7 +167,7 @@ def test_large_vocabulary_store(assets, tmp_path):
     assert store.bytes_on_disk() / store.index["positions"] < 160
     import torch
 
-    from hpd.data import collate
+    from hpd.data.batches import collate
 
     data = load_dataset(assets["data"], get_backend("torch").load_tokenizer(str(folder)), 64)
     batch = collate([data.examples[3]], tok.pad_token_id)
@@ -236,7 +247,6 @@ def test_resume_after_sigkill(assets, tmp_path):
 
 def _cli(*args):
     from click.testing import CliRunner
-
     from hpd.cli.main import cli
 
     return CliRunner().invoke(cli, ["cache-teacher", *map(str, args)])
@@ -280,13 +290,14 @@ def test_refusals_of_a_damaged_store(assets, tmp_path):
 
 
 def test_store_rows_follow_packed_batches():
-    """A packed batch (hpd.packing) holds several examples per line, longest first: each
+    """A packed batch (hpd.data.packing) holds several examples per line, longest first: each
     example's stored rows land on its own target positions, as in the unpacked batch."""
     from types import SimpleNamespace
 
-    from hpd.data import Example, collate
-    from hpd.packing import collate_packed
-    from hpd.store_teacher import batch_rows
+    from hpd.data.batches import collate
+    from hpd.data.examples import Example
+    from hpd.data.packing import collate_packed
+    from hpd.teachers.stored import batch_rows
 
     rng = np.random.default_rng(0)
     examples, stored = [], {}

@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-
-import hpd
+from conftest import build_model, build_tokenizer, write_rows
 from hpd.cli.main import cli
 
-from conftest import build_model, build_tokenizer, write_rows
+import hpd
 
 pytestmark = pytest.mark.slow
 

@@ -13,15 +13,15 @@ import numpy as np
 import pytest
 
 import hpd
-from hpd.store import Store
-from hpd.store_teacher import StoreTeacher, batch_rows, reconstruct
+from hpd.teachers.store import Store
+from hpd.teachers.stored import StoreTeacher, batch_rows, reconstruct
 
 METHODS = ["sft", "fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl", "todi", "hpd"]
 
 
 def _store(assets, folder, backend="torch", **kw):
-    from hpd.backend import get_backend
-    from hpd.cache_teacher import cache_teacher
+    from hpd.backends import get_backend
+    from hpd.teachers.cache import cache_teacher
 
     if not (folder / "index.json").exists():
         be = get_backend(backend)
@@ -42,7 +42,8 @@ def stores(assets, tmp_path_factory):
 
 
 def _batch(assets, backend):
-    from hpd.data import Batches, load_dataset, pad_id_of
+    from hpd.data.batches import Batches, load_dataset
+    from hpd.data.examples import pad_id_of
 
     tok = backend.load_tokenizer(str(assets["teacher"]))
     data = load_dataset(assets["data"], tok, 64)
@@ -51,7 +52,7 @@ def _batch(assets, backend):
 
 def _case(assets, backend_name):
     """(backend, batch, arrays, teacher Outputs, student hidden, student head weight, samples)."""
-    from hpd.backend import get_backend
+    from hpd.backends import get_backend
 
     be = get_backend(backend_name)
     teacher = be.load_model(str(assets["teacher"]), trainable=False, dtype="float32")
@@ -84,7 +85,7 @@ def _loss_and_grads(backend_name, method, hidden, head, targets, teacher, sample
 
 
 def _compare(backend_name, assets, store, methods, tol_loss, tol_grad):
-    from hpd.teacher import LiveTeacher
+    from hpd.objectives.teacher import LiveTeacher
 
     be, batch, arrays, t_out, hidden, head, sampled = _case(assets, backend_name)
     live = LiveTeacher(t_out.hidden, t_out.head)
@@ -114,7 +115,7 @@ def test_top_k_store_runs_every_method(assets, stores, backend_name):
     """At k = 8 the rows are an approximation; every method still runs and stays close."""
     if backend_name == "mlx":
         pytest.importorskip("mlx.core")
-    from hpd.teacher import LiveTeacher
+    from hpd.objectives.teacher import LiveTeacher
 
     be, batch, arrays, t_out, hidden, head, sampled = _case(assets, backend_name)
     store = stores["top8"]
@@ -133,8 +134,8 @@ def test_rows_follow_the_chunked_paths_order(assets, stores):
     at every target position is the live teacher's log-softmax there."""
     import torch
 
-    from hpd.backend import get_backend
-    from hpd.ops import ops_for
+    from hpd.backends import get_backend
+    from hpd.objectives.ops import ops_for
 
     be = get_backend("torch")
     teacher = be.load_model(str(assets["teacher"]), trainable=False, dtype="float32")
@@ -155,7 +156,7 @@ def test_reconstruct_sums_to_one_and_keeps_the_data_token(assets):
     shared vocabulary."""
     import torch
 
-    from hpd.ops import ops_for
+    from hpd.objectives.ops import ops_for
 
     rng = np.random.default_rng(4)
     z = rng.normal(size=(9, 40)) * 3

@@ -198,7 +198,7 @@ def test_teacher_accuracy_matches_card():
 
 
 def test_sums_recipe_points_at_the_shipped_assets():
-    from hpd.config import DistillConfig
+    from hpd.train.config import DistillConfig
 
     cfg = DistillConfig.from_recipe("sums").validate()
     assert cfg.teacher == str(sums_models.TEACHER_DIR) and cfg.student == str(sums_models.STUDENT_DIR)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 from click.testing import CliRunner
-
 from hpd.cli.main import cli
+
 from hpd.tasks import tiny
 
 pytestmark = pytest.mark.slow

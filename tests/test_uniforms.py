@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpd.data import Batches, Dataset, Example
-from hpd.uniforms import batch_uniforms, keyed_uniforms
+from hpd.data.batches import Batches
+from hpd.data.examples import Dataset, Example
+from hpd.objectives.uniforms import batch_uniforms, keyed_uniforms
 
 
 def test_range_and_exact_float32():

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from hpd.cli.main import cli
 
 import hpd
-from hpd.cli.main import cli
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_pickle_only_model_folder_is_refused_by_both_backends(assets, tmp_path, 
     folder = tmp_path / "model"
     shutil.copytree(assets["student"], folder)
     pickle_only(folder)
-    from hpd.backend import get_backend
+    from hpd.backends import get_backend
 
     with pytest.raises(FileNotFoundError, match="pytorch_model.bin"):
         get_backend(backend).load_model(str(folder), trainable=False)

@@ -9,7 +9,7 @@ layout and export contract are the same. Differences that a user can notice:
   applies to both models.
 - --teacher-quantize 4|8 quantizes the teacher's linear and embedding layers at load
   (mlx affine quantization, group size 64, or 32 where a layer's input width needs it).
-- mlx-lm models take no attention mask: batches must be right-padded (hpd.data's are),
+- mlx-lm models take no attention mask: batches must be right-padded (hpd.data.examples's are),
   which a causal mask already handles for every real position; packed batches pass their
   block-diagonal mask through a stand-in layer cache (PackedRows).
 - --compile on runs the student's step under mx.compile (backends/mlx/compiled.py) where a
@@ -32,13 +32,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
+from hpd.backends.mlx import family
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
-from hpd.backend import Outputs
-from hpd.backends.mlx import family
-from hpd.heads import Head
-from hpd.models import hub_failure, local_or_hub, weight_files
-from hpd.rng import host_rng_state, set_host_rng_state
+from hpd.files.rng import host_rng_state, set_host_rng_state
+from hpd.models.backend import Outputs
+from hpd.models.loading import hub_failure, local_or_hub, weight_files
+from hpd.objectives.heads import Head
 
 _DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
@@ -109,9 +109,10 @@ class MlxBackend:
 
     def load_tokenizer(self, path: str):
         """The Hugging Face tokenizer that mlx-lm loads (not its TokenizerWrapper), so that
-        hpd.data sees exactly the object and ids the torch backend sees."""
-        from hpd.export import TOKENIZER_FILES
+        hpd.data.examples sees exactly the object and ids the torch backend sees."""
         from mlx_lm.utils import load_tokenizer
+
+        from hpd.models.export import TOKENIZER_FILES
 
         folder = resolve_model_path(path)
         if not any((folder / name).exists() for name in TOKENIZER_FILES):
@@ -210,7 +211,7 @@ class MlxBackend:
                 v = v.astype(np.float32)
             out[k] = mx.array(v)
         if "position_ids" in batch:  # packed rows: built once for the teacher and the student
-            from hpd.packing import block_causal_mask
+            from hpd.data.packing import block_causal_mask
 
             out["block_mask"] = mx.array(block_causal_mask(np.asarray(batch["position_ids"])))
         return out
@@ -394,7 +395,7 @@ class MlxBackend:
     def save_model(self, model, tokenizer, folder: Path) -> None:
         from mlx_lm.utils import save_config
 
-        from hpd.export import fix_config, write_generation_config
+        from hpd.models.export import fix_config, write_generation_config
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
@@ -498,7 +499,7 @@ def _head_module(model):
 
 
 class PackedRows:
-    """Stands in for an mlx-lm layer cache to run a packed batch (hpd.packing) through an
+    """Stands in for an mlx-lm layer cache to run a packed batch (hpd.data.packing) through an
     unchanged mlx-lm model: the models build their attention mask from the cache
     (`make_mask`) and take the rotary offset from it, and this one caches nothing.
 

@@ -1,4 +1,4 @@
-"""mlx wrapper of the chunked loss: hpd.chunked computes the loss and its gradients in
+"""mlx wrapper of the chunked loss: hpd.objectives.chunked computes the loss and its gradients in
 one pass; this mx.custom_function hands them to autodiff (mirrors backends/torch/chunked.py)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 
-from hpd.chunked import ChunkPlan, forward_and_grads
-from hpd.ops import ops_for
+from hpd.objectives.chunked import ChunkPlan, forward_and_grads
+from hpd.objectives.ops import ops_for
 
 
 def chunked_loss(plan: ChunkPlan, student_hidden: mx.array, student_head: mx.array | None):

@@ -31,12 +31,17 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from hpd.chunked import CHUNK_BUFFERS
-from hpd.heads import project
-from hpd.losses import MetricTally, objective_terms, sample_tokens, sample_with_uniforms
-from hpd.objectives import get_method, resolve_params
-from hpd.ops import ops_for
-from hpd.teacher import LiveTeacher, LogitsTeacher
+from hpd.objectives.chunked import CHUNK_BUFFERS
+from hpd.objectives.heads import project
+from hpd.objectives.losses import (
+    MetricTally,
+    objective_terms,
+    sample_tokens,
+    sample_with_uniforms,
+)
+from hpd.objectives.ops import ops_for
+from hpd.objectives.rules import get_method, resolve_params
+from hpd.objectives.teacher import LiveTeacher, LogitsTeacher
 
 IGNORE = -100
 
@@ -168,7 +173,7 @@ class CompiledStep:
 
 def metrics_of(loss, raw, count: float) -> dict[str, float]:
     """The Python-float metrics of an evaluated step, as hpd.loss reports them."""
-    from hpd.loop import metric_names
+    from hpd.objectives.losses import metric_names
 
     layout, values = raw
     values = np.array(values).tolist()

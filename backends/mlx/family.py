@@ -1,4 +1,4 @@
-"""mlx-lm models of every family: loading through hpd.families' config translation, and
+"""mlx-lm models of every family: loading through hpd.models.families' config translation, and
 where a family keeps its decoder and output head (mirrors backends/torch/family.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import mlx.nn as nn
 
-from hpd import families
+from hpd.models import families
 
 # Output projections by name; GPT-NeoX keeps its `embed_out` inside the decoder module.
 _HEAD_NAMES = ("lm_head", "embed_out")
@@ -19,7 +19,7 @@ _DECODER_NAMES = ("model", "transformer", "gpt_neox")
 
 def load(folder: Path):
     """(model, config) from a model folder in any form transformers writes: the config
-    reaches mlx-lm's model classes with the keys they read (hpd.families.mlx_keys)."""
+    reaches mlx-lm's model classes with the keys they read (hpd.models.families.mlx_keys)."""
     import mlx_lm
     from mlx_lm.utils import load_config, load_model
 
@@ -78,7 +78,7 @@ def check_length(model, input_ids) -> None:
 
 
 def logit_transform(model) -> dict[str, float]:
-    """Head(scale=..., softcap=...) of the model's family (hpd.families.HEAD_RULES)."""
+    """Head(scale=..., softcap=...) of the model's family (hpd.models.families.HEAD_RULES)."""
     return families.logit_transform(config_of(model), lambda: _structure(model))
 
 
@@ -117,7 +117,7 @@ def hidden_states(model, input_ids, cache=None):
 
 def save_weights(folder: Path, model) -> None:
     """mlx-lm's save_model, with the parameter names transformers reads for the families
-    whose names differ (hpd.families.MLX_WEIGHT_PREFIXES)."""
+    whose names differ (hpd.models.families.MLX_WEIGHT_PREFIXES)."""
     import json
 
     import mlx.core as mx

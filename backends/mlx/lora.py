@@ -12,7 +12,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from hpd.lora import Attached, LoraSpec, initial_a, resolve_targets
+from hpd.models.lora import Attached, LoraSpec, initial_a, resolve_targets
 
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
 
@@ -40,9 +40,8 @@ def linear_names(model) -> list[str]:
 
 def linear_names_at(path: str) -> list[str]:
     """The same names from a model folder, without reading its weights."""
-    from mlx_lm.utils import load_model
-
     from hpd.backends.mlx.backend import resolve_model_path
+    from mlx_lm.utils import load_model
 
     model, _ = load_model(resolve_model_path(path), lazy=True)
     return linear_names(model)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from hpd.backends.torch import family
 from safetensors.torch import load_file, save_file
 
-from hpd.backend import Outputs
-from hpd.backends.torch import family
-from hpd.heads import Head
-from hpd.models import hub_failure, local_or_hub, weight_files
-from hpd.rng import host_rng_state, set_host_rng_state
+from hpd.files.rng import host_rng_state, set_host_rng_state
+from hpd.models.backend import Outputs
+from hpd.models.loading import hub_failure, local_or_hub, weight_files
+from hpd.objectives.heads import Head
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -44,7 +44,7 @@ def from_pretrained(loader, path: str, **kwargs):
 
 
 def model_inputs(batch) -> dict:
-    """The model's keyword inputs. A packed batch (hpd.packing) passes position ids that
+    """The model's keyword inputs. A packed batch (hpd.data.packing) passes position ids that
     restart at each row and no attention mask: transformers then builds a block-diagonal
     causal mask from the resets (its packed-sequence path, sdpa and eager alike), but only
     without a KV cache, which a bare decoder call would otherwise create."""
@@ -257,7 +257,7 @@ class TorchBackend:
         folder.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(folder, safe_serialization=True, max_shard_size="4GB")
         tokenizer.save_pretrained(folder)
-        from hpd.export import fix_config, write_generation_config
+        from hpd.models.export import fix_config, write_generation_config
 
         fix_config(folder)
         write_generation_config(folder, tokenizer)

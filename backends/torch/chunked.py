@@ -1,4 +1,4 @@
-"""torch wrapper of the chunked loss: hpd.chunked computes the loss and its gradients in
+"""torch wrapper of the chunked loss: hpd.objectives.chunked computes the loss and its gradients in
 one pass; this autograd.Function hands them to autograd (mirrors backends/mlx/chunked.py)."""
 
 from __future__ import annotations
@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from hpd.chunked import ChunkPlan, forward_and_grads
-from hpd.ops import ops_for
+from hpd.objectives.chunked import ChunkPlan, forward_and_grads
+from hpd.objectives.ops import ops_for
 
 
 def chunked_loss(plan: ChunkPlan, student_hidden: torch.Tensor, student_head: torch.Tensor | None):

@@ -4,7 +4,7 @@
 
 `TorchBackend(config)` builds a `DistributedTorchBackend` when WORLD_SIZE > 1; a single
 process never imports this module. The loop is the same one: each rank takes its share
-of every global batch (`hpd.data.Batches`), losses are divided by the global number of
+of every global batch (`hpd.data.batches.Batches`), losses are divided by the global number of
 target tokens (`Backend.all_reduce_sum`), and this backend makes the gradients SUMS over
 ranks, so an N-rank step equals a one-process step on the same global batch.
 
@@ -20,12 +20,12 @@ Choices made here:
   summing comm hook, and `no_sync` on all but the last micro-batch of a step);
 - clipping uses the global norm over all shards;
 - sampling: hpd's per-position samples come from uniforms keyed by global row and
-  position (hpd.uniforms), the same whatever the process count; torch's global RNG, for
+  position (hpd.objectives.uniforms), the same whatever the process count; torch's global RNG, for
   what still draws from it (rollouts), is seeded with seed + rank so ranks differ, and
   each rank's RNG state is saved in checkpoints for an exact resume;
 - checkpoints: sharded model and optimizer state with torch.distributed.checkpoint in
   `step-N/distributed/` (plus `rng-<rank>.safetensors`), next to the full weights that
-  rank 0 writes, so a checkpoint stays a loadable model folder; see `hpd.checkpoint`;
+  rank 0 writes, so a checkpoint stays a loadable model folder; see `hpd.train.checkpoint`;
 - export: the full state dict gathered to rank 0's CPU, written in the same format as a
   single-process run.
 """
@@ -40,9 +40,14 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from hpd.backends.torch.backend import (
+    TorchBackend,
+    _null,
+    model_from_pretrained,
+    model_inputs,
+)
 
-from hpd.backend import Outputs
-from hpd.backends.torch.backend import TorchBackend, _null, model_from_pretrained, model_inputs
+from hpd.models.backend import Outputs
 
 
 def init_process_group(device: torch.device) -> None:
@@ -121,7 +126,7 @@ def _attach_hidden_forward(model, *, clone_head: bool) -> None:
 class DistributedTorchBackend(TorchBackend):
     """TorchBackend for one of several torchrun processes (WORLD_SIZE > 1)."""
 
-    # every rank takes part in checkpoint writes and the export (hpd.checkpoint, hpd.run)
+    # every rank takes part in checkpoint writes and the export (hpd.train.checkpoint, hpd.train.run)
     collective_checkpoint = True
 
     def __init__(self, config=None):
@@ -255,7 +260,10 @@ class DistributedTorchBackend(TorchBackend):
             if self.rank == 0:
                 super().save_model(model, tokenizer, folder)
             return
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank != 0:
@@ -266,7 +274,7 @@ class DistributedTorchBackend(TorchBackend):
                               is_main_process=True)
         _fix_sharded_config(folder / "config.json")
         tokenizer.save_pretrained(folder)
-        from hpd.export import fix_config, write_generation_config
+        from hpd.models.export import fix_config, write_generation_config
 
         fix_config(folder)
         write_generation_config(folder, tokenizer)
@@ -281,7 +289,10 @@ class DistributedTorchBackend(TorchBackend):
 
     def load_training_state(self, model, optimizer, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+        from torch.distributed.checkpoint.state_dict import (
+            get_state_dict,
+            set_state_dict,
+        )
 
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optimizer": optim_sd}

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from hpd import families
+from hpd.models import families
 
 
 def head_module(model):
@@ -30,7 +30,7 @@ def config_of(model):
 
 
 def logit_transform(model) -> dict[str, float]:
-    """Head(scale=..., softcap=...) of the model's family (hpd.families.HEAD_RULES)."""
+    """Head(scale=..., softcap=...) of the model's family (hpd.models.families.HEAD_RULES)."""
     return families.logit_transform(config_of(model), lambda: _structure(model))
 
 

@@ -1,6 +1,6 @@
-"""Data: tokenising with a loss mask, truncation, batching (files are read by hpd.sources).
+"""Data: tokenising with a loss mask, truncation, batching (files are read by hpd.data.sources).
 
-Rows are (after hpd.formats has brought ShareGPT and Alpaca rows to these) one of
+Rows are (after hpd.data.formats has brought ShareGPT and Alpaca rows to these) one of
     {"messages": [{"role": ..., "content": ...}, ...]}  loss on assistant turns
     {"prompt": ..., "completion": ...}                  loss on the completion
     {"text": ...}                                       loss on every token
@@ -11,11 +11,8 @@ Batches are numpy arrays; a backend turns them into its own arrays.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 IGNORE_INDEX = -100
 
@@ -155,115 +152,6 @@ def _encode_messages(messages, tokenizer) -> Example:
     return Example(ids, mask, first_target or 1)
 
 
-def load_dataset(path: str | Path, tokenizer, max_length: int, *, split: str = "", columns=None,
-                 default_splits: tuple[str, ...] = ("train",)) -> Dataset:
-    """Every row encoded and truncated to max_length; raises DataError on any bad row.
-    The file kinds and row shapes read are those of hpd.sources and hpd.formats."""
-    from hpd.sources import read_rows
-
-    examples, truncated = [], 0
-    rows = read_rows(path, split=split, columns=columns, default_splits=default_splits)
-    for where, row in rows:
-        try:
-            ex = encode_row(row, tokenizer)
-        except ValueError as e:  # DataError included
-            raise DataError(f"{where}: {e}") from None
-        if len(ex.input_ids) > max_length:
-            truncated += 1
-            ex = Example(ex.input_ids[:max_length], ex.loss_mask[:max_length], min(ex.prompt_len, max_length))
-        if any(ex.loss_mask[1:]):
-            examples.append(ex)
-    if not examples:
-        raise DataError(f"{path}: no row has a trainable token (after truncation to {max_length} tokens)")
-    return Dataset(str(path), examples, truncated=truncated, rows=len(rows))
-
-
-def collate(examples: list[Example], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-padded (B, L) arrays; targets[b, t] is the token that logits[b, t] must predict."""
-    length = max(len(e.input_ids) for e in examples)
-    b = len(examples)
-    input_ids = np.full((b, length), pad_id, dtype=np.int64)
-    attention = np.zeros((b, length), dtype=np.int64)
-    targets = np.full((b, length), IGNORE_INDEX, dtype=np.int64)
-    prompt_lens = np.zeros((b,), dtype=np.int64)
-    for i, e in enumerate(examples):
-        n = len(e.input_ids)
-        input_ids[i, :n] = e.input_ids
-        attention[i, :n] = 1
-        ids, mask = np.asarray(e.input_ids), np.asarray(e.loss_mask, dtype=bool)
-        targets[i, : n - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
-        prompt_lens[i] = e.prompt_len
-    return {"input_ids": input_ids, "attention_mask": attention, "targets": targets, "prompt_lens": prompt_lens}
-
-
-class Batches:
-    """Micro-batches in a seeded order per epoch, resumable from (epoch, index).
-
-    With several processes, each rank takes every world_size-th micro-batch, so no row
-    is seen twice in an epoch.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, pad_id: int, *, seed: int = 0,
-                 group_by_length: bool = False, rank: int = 0, world_size: int = 1, packing: bool = False):
-        if len(dataset) < batch_size * world_size:
-            raise DataError(
-                f"{dataset.path}: {len(dataset)} usable rows, fewer than one batch "
-                f"({batch_size} x {world_size} processes); lower --batch-size"
-            )
-        self.dataset, self.batch_size, self.pad_id = dataset, batch_size, pad_id
-        self.seed, self.group_by_length = seed, group_by_length
-        self.rank, self.world_size = rank, world_size
-        self.packing = packing  # rows concatenated into few sequences (hpd.packing)
-        self.epoch, self.index = 0, 0
-        self._order = self._epoch_order(0)
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return len(self.dataset) // (self.batch_size * self.world_size)
-
-    def _epoch_order(self, epoch: int) -> list[list[int]]:
-        rng = random.Random(self.seed * 1_000_003 + epoch)
-        idx = list(range(len(self.dataset)))
-        rng.shuffle(idx)
-        size = self.batch_size
-        if self.group_by_length:
-            # sort within windows of 50 batches, then shuffle the batches
-            window = size * 50
-            lens = [len(e.input_ids) for e in self.dataset.examples]
-            idx = [i for w in range(0, len(idx), window) for i in sorted(idx[w:w + window], key=lens.__getitem__)]
-        batches = [idx[i:i + size] for i in range(0, len(idx) - size + 1, size)]
-        if self.group_by_length:
-            rng.shuffle(batches)
-        usable = len(batches) - len(batches) % self.world_size
-        return batches[:usable]
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        if self.index >= self.batches_per_epoch:
-            self.epoch, self.index = self.epoch + 1, 0
-            self._order = self._epoch_order(self.epoch)
-        ids = self._order[self.index * self.world_size + self.rank]
-        self.index += 1
-        examples = [self.dataset.examples[i] for i in ids]
-        if self.packing:
-            from hpd.packing import collate_packed
-
-            return collate_packed(examples, self.pad_id, rows=ids)
-        batch = collate(examples, self.pad_id)
-        # rows' places in the dataset: keys of split-invariant draws and of the teacher store
-        batch["rows"] = np.asarray(ids, dtype=np.int64)
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.epoch, self.index = int(state["epoch"]), int(state["index"])
-        self._order = self._epoch_order(self.epoch)
-
-
 def check_tokenizers(teacher_tok, student_tok) -> None:
     """Teacher and student must share a tokenizer: same vocabulary and special tokens."""
     tv, sv = teacher_tok.get_vocab(), student_tok.get_vocab()
@@ -284,3 +172,26 @@ def check_tokenizers(teacher_tok, student_tok) -> None:
 def pad_id_of(tokenizer) -> int:
     pad = tokenizer.pad_token_id
     return pad if pad is not None else tokenizer.eos_token_id
+
+
+def prompt_ids(row: dict, tokenizer) -> tuple[list[int], list[dict] | str]:
+    """Prompt token ids of a data row, and what to write back before the response."""
+    kind = row_kind_for_prompt(row)
+    if kind == "messages":
+        msgs = row["messages"]
+        if msgs[-1]["role"] == "assistant":
+            msgs = msgs[:-1]
+        return _chat_ids(tokenizer, msgs, add_generation_prompt=True), msgs
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + _encode(tokenizer, row["prompt"]), row["prompt"]
+
+
+def row_kind_for_prompt(row: dict) -> str:
+    if "messages" in row:
+        msgs = row["messages"]
+        if not isinstance(msgs, list) or not msgs or msgs[0].get("role") is None:
+            raise ValueError('"messages" must be a non-empty list of {role, content}')
+        return "messages"
+    if isinstance(row.get("prompt"), str):
+        return "prompt"
+    raise ValueError('expected a "prompt" string or a "messages" list')

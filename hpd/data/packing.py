@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpd.data import IGNORE_INDEX, Example
+from hpd.data.examples import IGNORE_INDEX, Example
 
 
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:

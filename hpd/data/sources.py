@@ -2,7 +2,7 @@
 dataset ids.
 
 `read_rows(spec)` gives `(where, row)` pairs, each row already in one of hpd's shapes
-(hpd.formats). `where` is what an error names: `file:line` for JSONL and JSON arrays,
+(hpd.data.formats). `where` is what an error names: `file:line` for JSONL and JSON arrays,
 `file:row N` for Parquet, `name:split:index` for `datasets` data. Parquet needs pyarrow
 and `datasets` folders and hub ids need `datasets` (the `data` extra); both are
 imported only when such data is read.
@@ -15,8 +15,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-from hpd.data import DataError, read_jsonl
-from hpd.formats import normalize, parse_columns
+from hpd.data.examples import DataError, read_jsonl
+from hpd.data.formats import normalize, parse_columns
 
 SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".pq", ".csv", ".txt")
 EXTRA = "pip install 'hpd-distill[data]'"
@@ -65,7 +65,7 @@ def fingerprint(spec: str | Path) -> str:
     """sha256 of a data file, or of a folder's files in name order; a hub id has none of its own."""
     import hashlib
 
-    from hpd.export import sha256_of
+    from hpd.files.digest import sha256_of
 
     path = Path(spec).expanduser()
     if path.is_file():
@@ -165,7 +165,7 @@ def _saved_dataset(path: Path, split: str, default_splits) -> list[tuple[str, ob
 
 
 def _hub_dataset(name: str, split: str, default_splits) -> list[tuple[str, object]]:
-    from hpd.hub import hub_unreachable
+    from hpd.files.hub import hub_unreachable
 
     datasets = _import_datasets(f"{name!r} (not a local file, so read as a hub dataset id)")
     reason = hub_unreachable()

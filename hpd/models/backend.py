@@ -17,7 +17,7 @@ import numpy as np
 @dataclass
 class Outputs:
     """A model's outputs for a batch: logits (B, T, V), or final hidden states (B, T, H)
-    with the output head (`hpd.heads.Head`) for the chunked loss."""
+    with the output head (`hpd.objectives.heads.Head`) for the chunked loss."""
 
     logits: Any = None
     hidden: Any = None
@@ -47,7 +47,7 @@ class Backend(Protocol):
         ...
 
     def head_of(self, model) -> Any:
-        """The output head as `hpd.heads.Head`: weight (dense or quantized), logit scale, soft-cap."""
+        """The output head as `hpd.objectives.heads.Head`: weight (dense or quantized), logit scale, soft-cap."""
         ...
 
     def to_arrays(self, batch: dict[str, np.ndarray]) -> dict[str, Any]: ...
@@ -98,14 +98,3 @@ class Backend(Protocol):
     def barrier(self) -> None: ...
 
 
-def get_backend(name: str, config=None) -> Backend:
-    """The backend named `name`, imported only now."""
-    if name == "torch":
-        from hpd.backends.torch import TorchBackend
-
-        return TorchBackend(config)
-    if name == "mlx":
-        from hpd.backends.mlx import MlxBackend
-
-        return MlxBackend(config)
-    raise ValueError(f"unknown backend {name!r}; allowed: torch, mlx")

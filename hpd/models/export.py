@@ -8,15 +8,10 @@ README.md model card. It loads unchanged with `mlx_lm.load` and with transformer
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 from pathlib import Path
 
-from hpd.checkpoint import STATE_FILE, read_state
-from hpd.filemodes import respect_umask
-from hpd.models import INDEX_FILE, weight_files
-from hpd.outdir import ensure_writable
+from hpd.files.filemodes import respect_umask
 
 # the name on the package index (`hpd` there is an unrelated project); `import hpd` is unchanged
 DISTRIBUTION = "hpd-distill"
@@ -24,9 +19,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer
 
 
 def fix_config(folder: Path) -> None:
-    """Write the config in both forms (hpd.families.both_forms): transformers 5's nested
+    """Write the config in both forms (hpd.models.families.both_forms): transformers 5's nested
     rope_parameters and the top-level keys that mlx-lm and older transformers read."""
-    from hpd.families import both_forms
+    from hpd.models.families import both_forms
 
     path = Path(folder) / "config.json"
     config = both_forms(json.loads(path.read_text()))
@@ -57,14 +52,6 @@ def check_model_folder(folder: Path) -> None:
             f"{folder}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); mlx-lm would silently "
             "build an empty tokenizer"
         )
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def model_card(info: dict) -> str:
@@ -135,80 +122,10 @@ def finalize(folder: Path, tokenizer, info: dict) -> None:
         check_model_folder(folder)
 
 
-# Everything an exported folder holds besides the weights (hpd.models.weight_files): the
+# Everything an exported folder holds besides the weights (hpd.models.loading.weight_files): the
 # contract. Nothing else in a checkpoint is copied (no pickles, no stray files, no links).
 CONTRACT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer.model",
                   "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
                   "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-def metrics_at(path: Path, step) -> dict:
-    """The latest value of each metric logged up to `step` in a run's metrics.jsonl (a
-    checkpoint's own metrics), without the schedule's decisions; {} when there is no log."""
-    if not path.exists() or step is None:
-        return {}
-    latest = {}
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and 0 < record.get("step", 0) <= step and not record.get("skipped"):
-            latest.update({k: v for k, v in record.items() if not k.startswith("schedule/")})
-    latest.pop("step", None)
-    return latest
-
-
-def export_checkpoint(checkpoint: Path, out: Path, *, overwrite: bool = False, adapter_only: bool = False,
-                      quantized: bool = False) -> Path:
-    """`hpd export`: the checkpoint's student, without training state, as an exported folder
-    (a LoRA checkpoint's adapters merged into their base, or as adapters with adapter_only)."""
-    checkpoint, out = Path(checkpoint), Path(out)
-    if not (checkpoint / STATE_FILE).exists():
-        raise FileNotFoundError(f"{checkpoint} is not an hpd checkpoint (no {STATE_FILE})")
-    from hpd.lora import read_meta
-
-    if read_meta(checkpoint) is not None:
-        return _export_lora(checkpoint, out, overwrite=overwrite, adapter_only=adapter_only, quantized=quantized)
-    if adapter_only:
-        raise ValueError(f"{checkpoint} holds a full fine-tune: it has no adapters to export")
-    if quantized:
-        raise ValueError(f"{checkpoint} holds a full fine-tune: --quantized is for an mlx QLoRA student")
-    check_model_folder(checkpoint)
-    state = read_state(checkpoint)  # refuses links and malformed state before anything is copied
-    weights = weight_files(checkpoint)
-    index = checkpoint / INDEX_FILE
-    wanted = [*weights, *([index] if index.exists() else []),
-              *(checkpoint / name for name in CONTRACT_FILES if (checkpoint / name).exists())]
-    manifest = ensure_writable(out, overwrite)
-    with manifest.recording():
-        for p in wanted:
-            shutil.copyfile(p, out / p.name)
-        info = dict(state.get("run_info", {}))
-        info["steps"] = state.get("step")
-        info.setdefault("final_metrics", metrics_at(checkpoint.parent.parent / "metrics.jsonl", info["steps"]))
-        from transformers import AutoTokenizer
-
-        finalize(out, AutoTokenizer.from_pretrained(str(out)), info)
-    return out
-
-
-def _export_lora(checkpoint: Path, out: Path, *, overwrite: bool, adapter_only: bool, quantized: bool) -> Path:
-    from transformers import AutoTokenizer
-
-    from hpd.lora import read_meta, spec_of
-    from hpd.student import export_kind, export_lora_checkpoint
-
-    if quantized and (adapter_only or not spec_of(read_meta(checkpoint)).quantize):
-        raise ValueError(f"{checkpoint}: --quantized needs an mlx QLoRA checkpoint and no --adapter-only")
-
-    state = read_state(checkpoint)  # refuses links and malformed state before anything is written
-    manifest = ensure_writable(out, overwrite)
-    with manifest.recording():
-        meta = export_lora_checkpoint(checkpoint, out, adapter_only=adapter_only, quantized=quantized)
-        info = dict(state.get("run_info", {}))
-        info["steps"] = state.get("step")
-        info.setdefault("final_metrics", metrics_at(checkpoint.parent.parent / "metrics.jsonl", info["steps"]))
-        info["lora"] = {**meta["lora"], "export": export_kind(adapter_only, quantized)}
-        finalize(out, AutoTokenizer.from_pretrained(str(checkpoint)), info)
-    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 ASSET_PREFIX = "hpd:"
 
 
@@ -30,7 +29,7 @@ def local_or_hub(path: str) -> Path | str:
         return p
     if not path or path.startswith((".", "/", "~")) or path.count("/") != 1:
         raise FileNotFoundError(f"model folder {path!r} does not exist")
-    from hpd.hub import resolve_hub_model
+    from hpd.files.hub import resolve_hub_model
 
     return resolve_hub_model(path)
 

@@ -123,7 +123,7 @@ def initial_a(seed: int, name: str, rank: int, in_features: int) -> np.ndarray:
 def base_identity(path: str) -> dict:
     """What names a base model: its path, the hash of its config.json, and its weight files'
     names and sizes (hashing gigabytes of weights at every start would cost minutes)."""
-    from hpd.models import local_or_hub
+    from hpd.models.loading import local_or_hub
 
     source = local_or_hub(path)
     if not isinstance(source, Path):

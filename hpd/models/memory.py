@@ -24,11 +24,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpd.chunked import DEFAULT_CHUNK_BUDGET_MB
+from hpd.objectives.chunked import DEFAULT_CHUNK_BUDGET_MB
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # float32 (chunk, V) arrays alive at once in one chunk of the chunked loss (counted in
-# hpd.chunked, which sizes auto chunks by the same number).
+# hpd.objectives.chunked, which sizes auto chunks by the same number).
 _CHUNK_BUFFERS = 6
 # float32 (B, T, V) arrays on the plain path: both models' logits and log-softmaxes,
 # the rule's weights and the logit gradient.
@@ -62,7 +62,7 @@ class Shape:
 
     @classmethod
     def from_folder(cls, path: str) -> "Shape":
-        from hpd.models import local_or_hub
+        from hpd.models.loading import local_or_hub
 
         source = local_or_hub(path)
         if not isinstance(source, Path):
@@ -152,7 +152,7 @@ def attention_scores(shape: Shape, batch: int, length: int) -> int:
 
 @dataclass
 class Setting:
-    """One run's memory-relevant choices (the fields of hpd.config.DistillConfig)."""
+    """One run's memory-relevant choices (the fields of hpd.train.config.DistillConfig)."""
 
     backend: str = "mlx"
     batch: int = 1
@@ -222,7 +222,7 @@ def two_pass(s: Setting) -> bool:
 
 
 def chunk_positions(s: Setting, vocab: int) -> int:
-    """Positions per chunk, as hpd.chunked.resolve_chunk_size picks them."""
+    """Positions per chunk, as hpd.objectives.chunked.resolve_chunk_size picks them."""
     if str(s.chunk_size) != "auto":
         return int(s.chunk_size)
     return max(16, int(s.chunk_budget_mb * 2**20 // (_CHUNK_BUFFERS * vocab * 4)))

@@ -1,16 +1,15 @@
 """The student a run trains: a full model, or LoRA adapters over a frozen (maybe quantized)
 base. Loading, the weights a checkpoint keeps, and the export at the end, for either kind.
 
-A LoRA checkpoint holds the adapters (hpd.lora's form), the tokenizer, and names its base;
+A LoRA checkpoint holds the adapters (hpd.models.lora's form), the tokenizer, and names its base;
 the base itself is read again from --student on resume and on export.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from hpd import lora
+from hpd.models import lora
 
 
 def check_student(backend, cfg) -> "lora.LoraSpec | None":
@@ -72,40 +71,6 @@ def export(backend, model, tokenizer, out: Path, *, adapter_only: bool = False, 
         tokenizer.save_pretrained(out)
     else:
         backend.lora.save_merged(model, tokenizer, out, backend, quantized=quantized)
-
-
-def export_lora_checkpoint(checkpoint: Path, out: Path, *, adapter_only: bool, quantized: bool = False) -> dict:
-    """`hpd export` of a LoRA checkpoint: its adapters as they are, or merged into the base
-    it names (loaded with the backend that trained it; `quantized` keeps an mlx QLoRA base's
-    quantization)."""
-    meta = lora.read_meta(checkpoint)
-    spec, base = lora.spec_of(meta), meta["base"]
-    if quantized and adapter_only:
-        raise ValueError("--quantized and --adapter-only exclude each other: adapters have no quantization")
-    adapters = lora.load_adapters(checkpoint)
-    if adapter_only:
-        lora.write_adapter_formats(out, adapters, spec, base["path"], meta["num_layers"])
-        from transformers import AutoTokenizer
-
-        AutoTokenizer.from_pretrained(str(checkpoint)).save_pretrained(out)
-        return meta
-    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
-    from hpd.backend import get_backend
-
-    backend = get_backend(state.get("run_info", {}).get("backend", "torch"))
-    if quantized and not (spec.quantize and backend.name == "mlx"):
-        raise ValueError(f"{checkpoint}: --quantized keeps the quantization of an mlx QLoRA base; this "
-                         f"checkpoint's student is a {backend.name} LoRA over a "
-                         f"{f'{spec.quantize}-bit' if spec.quantize else 'full-precision'} base")
-    if lora.base_identity(base["path"]).get("config_sha256") != base.get("config_sha256"):
-        raise ValueError(f"{checkpoint}: its base {base['path']!r} changed since training; cannot merge")
-    model = load_base(backend, base["path"], spec, "float32")
-    model = backend.lora.apply(model, spec, seed=0, base=base) or model
-    backend.lora.set_adapters(model, adapters)
-    from transformers import AutoTokenizer
-
-    backend.lora.save_merged(model, AutoTokenizer.from_pretrained(str(checkpoint)), out, backend, quantized=quantized)
-    return meta
 
 
 def export_kind(adapter_only: bool = False, quantized: bool = False) -> str:

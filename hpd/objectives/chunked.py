@@ -17,7 +17,7 @@ the logits z (at temperature T, the rule sees z / T) it is, per active position,
 
 with N the normaliser. The chunk then contributes g @ head to the hidden states'
 gradient and g.T @ hidden to the head's (through the soft-cap's tanh, where there is
-one; `hpd.heads.pullback`).
+one; `hpd.objectives.heads.pullback`).
 
 Fused forward, not recompute: the loss is a terminal scalar, so its backward only scales
 these gradients by the incoming cotangent. Forming them in the forward pass costs one
@@ -38,12 +38,24 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from hpd.heads import Head, as_head, project, pullback
-from hpd.losses import (MetricTally, _check_sampled, active_positions, sample_tokens, sample_with_uniforms,
-                        token_kl)
-from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, get_method, resolve_params
-from hpd.ops import ops_for
-from hpd.teacher import LiveTeacher, TeacherSource
+from hpd.objectives.heads import Head, as_head, project, pullback
+from hpd.objectives.losses import (
+    MetricTally,
+    _check_sampled,
+    active_positions,
+    sample_tokens,
+    sample_with_uniforms,
+    token_kl,
+)
+from hpd.objectives.ops import ops_for
+from hpd.objectives.rules import (
+    LOG_FLOOR,
+    TEMPERATURE,
+    Method,
+    get_method,
+    resolve_params,
+)
+from hpd.objectives.teacher import LiveTeacher, TeacherSource
 
 # What one chunk holds at its peak, in (chunk, V) arrays of the compute dtype, counted
 # from the loop below: the student's log-probs (and floored copy), the teacher's
@@ -98,7 +110,7 @@ def chunked_loss(
     """`hpd.loss` of `method`, computed a chunk of supervised positions at a time.
 
     student_hidden (B, T, H_s): final (post-norm) hidden states, where hidden[..., t, :]
-    scores targets[..., t]. student_head: the output projection, a `hpd.heads.Head` or a
+    scores targets[..., t]. student_head: the output projection, a `hpd.objectives.heads.Head` or a
     bare (V_s, H_s) weight (logits = hidden @ head.T). The teacher is either
     teacher_hidden (B, T, H_t) with teacher_head, or `teacher=`, any `TeacherSource`
     (an offline store, say). The vocabularies are cut to their shared prefix.

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, Weights, get_method, resolve_params
-from hpd.ops import ops_for
-from hpd.teacher import LogitsTeacher, as_source
+from hpd.objectives.ops import ops_for
+from hpd.objectives.rules import (
+    LOG_FLOOR,
+    TEMPERATURE,
+    Method,
+    Weights,
+    get_method,
+    resolve_params,
+)
+from hpd.objectives.teacher import LogitsTeacher, as_source
 
 
 def loss(
@@ -26,7 +33,7 @@ def loss(
 
     student_logits, teacher_logits: (B, T, V) torch tensors or mlx arrays, where
     logits[..., t, :] scores targets[..., t]; teacher_logits may also be any
-    `hpd.teacher.TeacherSource` (an offline store, say). targets: (B, T) integers;
+    `hpd.objectives.teacher.TeacherSource` (an offline store, say). targets: (B, T) integers;
     positions equal to `ignore_index` (or outside the shared vocabulary) do not count,
     and are dropped before any vocabulary-sized work. sampled: (B, T) student samples
     for methods that use them; when None they are drawn here, without gradient, by
@@ -251,3 +258,11 @@ def _check_sampled(o, sampled, targets, vocab: int):
     if lo < 0 or hi >= vocab:
         raise ValueError(f"sampled tokens must lie in [0, {vocab}); got values in [{lo:.0f}, {hi:.0f}]")
     return sampled
+
+
+def metric_names(metrics: dict, method: str, objectives: int) -> dict:
+    """With several objectives, each one's metrics under its method's name."""
+    if objectives == 1:
+        return metrics
+    # the KL to the teacher is the same whichever objective reports it
+    return {(k if "/" in k or k == "kl" else f"{method}/{k}"): v for k, v in metrics.items()}

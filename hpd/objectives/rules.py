@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hpd.ops import LOG_FLOOR
+from hpd.objectives.ops import LOG_FLOOR
 
 
 @dataclass

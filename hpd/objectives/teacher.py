@@ -6,7 +6,7 @@ log-probs. A `TeacherSource` hands them out; the loss never asks which source it
 - `LiveTeacher`: the teacher model's final hidden states and its `Head`, projected a
   chunk at a time (the chunked path; a quantized or soft-capped head included);
 - `LogitsTeacher`: logits the teacher model already produced (the plain path);
-- an offline store of top-k log-probs (`hpd.store`), completed into full rows.
+- an offline store of top-k log-probs (`hpd.teachers.store`), completed into full rows.
 
 A source is first narrowed to the positions whose target counts (`select`, with flat
 row-major indices over the targets' shape), then asked for rows of that selection.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from hpd.heads import Head, as_head, project
+from hpd.objectives.heads import Head, as_head, project
 
 
 class TeacherSource(Protocol):

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Callable
 
-from hpd.data import collate, load_dataset, pad_id_of
-from hpd.loop import MetricMeans
-from hpd.rollout import prompt_ids
-
+from hpd.data.batches import collate, load_dataset
+from hpd.data.examples import pad_id_of, prompt_ids
+from hpd.objectives.losses import loss
 
 # held-out data from a `datasets` folder or hub id: these splits, in this order, unless one is named
 EVAL_SPLITS = ("test", "validation", "train")
@@ -71,7 +71,7 @@ def accuracy(backend, model, tokenizer, data, *, extractor: str = "answer", samp
              max_new_tokens: int = 128, temperature: float = 1.0, batch_size: int = 16,
              limit: int | None = None, progress: bool = True, split: str = "", columns=None) -> dict[str, float]:
     """Exact match of the extracted answer: greedy when samples == 1, else the mean over K samples."""
-    from hpd.sources import read_rows
+    from hpd.data.sources import read_rows
 
     extract = get_extractor(extractor)
     rows = read_rows(data, split=split, columns=columns, default_splits=EVAL_SPLITS)
@@ -104,7 +104,6 @@ def likelihood(backend, model, tokenizer, data, *, teacher=None, batch_size: int
                columns=None) -> dict[str, float]:
     """Per-token NLL and perplexity on the data's targets; KL(teacher || model) when a teacher is
     given. `limit` keeps the first N usable rows, as `accuracy` does."""
-    import hpd
 
     dataset = load_dataset(data, tokenizer, max_length, split=split, columns=columns,
                            default_splits=EVAL_SPLITS)
@@ -114,10 +113,34 @@ def likelihood(backend, model, tokenizer, data, *, teacher=None, batch_size: int
         batch = backend.to_arrays(collate(examples[i:i + batch_size], pad_id_of(tokenizer)))
         logits = backend.forward(model, batch).logits
         reference = backend.forward(teacher, batch).logits if teacher is not None else logits
-        _, m = hpd.loss("fkl", logits, reference, batch["targets"])
+        _, m = loss("fkl", logits, reference, batch["targets"])
         means.add(m, m["tokens"])
     r = means.result()
     out = {"nll": r["nll"], "perplexity": math.exp(min(r["nll"], 700.0)), "tokens": int(r["tokens"])}
     if teacher is not None:
         out["kl_to_teacher"] = r["fkl"]
     return out
+
+
+@dataclass
+class MetricMeans:
+    """Token-weighted means of per-micro-batch metrics (min/max kept as such)."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    weight: float = 0.0
+
+    def add(self, metrics: dict[str, float], tokens: float) -> None:
+        for k, v in metrics.items():
+            if k.endswith("tokens"):
+                self.sums[k] = self.sums.get(k, 0.0) + v
+            elif k.endswith("_min"):
+                self.sums[k] = min(self.sums.get(k, v), v)
+            elif k.endswith("_max"):
+                self.sums[k] = max(self.sums.get(k, v), v)
+            else:
+                self.sums[k] = self.sums.get(k, 0.0) + v * tokens
+        self.weight += tokens
+
+    def result(self) -> dict[str, float]:
+        w = max(self.weight, 1.0)
+        return {k: (v if k.endswith(("tokens", "_min", "_max")) else v / w) for k, v in self.sums.items()}

@@ -33,7 +33,7 @@ def completion_logprobs(model, tok, prompt: str, completions: list) -> list:
     """log p(completion + eos | [bos] + prompt) under a torch causal LM, one value per completion."""
     import torch
 
-    from hpd.data import encode_row
+    from hpd.data.examples import encode_row
 
     out = []
     for completion in completions:
@@ -67,7 +67,7 @@ def generate_texts(model, tok, prompts, *, greedy: bool = True, samples: int = 1
     from types import SimpleNamespace
 
     from hpd.backends.torch import TorchBackend
-    from hpd.rollout import prompt_ids
+    from hpd.data.examples import prompt_ids
 
     backend = TorchBackend(SimpleNamespace(device="cpu"))
     jobs = [prompt_ids({"prompt": p}, tok)[0] for p in prompts for _ in range(samples)]

@@ -41,14 +41,14 @@ def load_rows(split: str = "held") -> list:
 
 def encode_example(tok, prompt: str, completion: str):
     """(input_ids, labels) in hpd's data format; labels are IGNORE_INDEX on bos and the prompt."""
-    from hpd.data import encode_row
+    from hpd.data.examples import encode_row
 
     ex = encode_row({"prompt": prompt, "completion": completion}, tok)
     return ex.input_ids, [t if m else IGNORE_INDEX for t, m in zip(ex.input_ids, ex.loss_mask)]
 
 
 def prompt_ids(tok, prompt: str) -> list:
-    from hpd.rollout import prompt_ids as row_prompt_ids
+    from hpd.data.examples import prompt_ids as row_prompt_ids
 
     return row_prompt_ids({"prompt": prompt}, tok)[0]
 

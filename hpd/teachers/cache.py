@@ -19,13 +19,27 @@ from typing import Callable
 
 import numpy as np
 
-from hpd.data import IGNORE_INDEX, Dataset, collate, load_dataset, pad_id_of
-from hpd.export import sha256_of
-from hpd.loop import teacher_source_of
-from hpd.models import local_or_hub
-from hpd.ops import ops_for
-from hpd.store import (FORMAT, VERSION, Quantizer, StoreError, bytes_per_position, covered, default_bits,
-                       discard_unlisted, id_bytes, is_store_file, read_index, write_index, write_shard)
+from hpd.data.batches import collate, load_dataset
+from hpd.data.examples import IGNORE_INDEX, Dataset, pad_id_of
+from hpd.files.digest import sha256_of
+from hpd.models.loading import local_or_hub
+from hpd.objectives.ops import ops_for
+from hpd.teachers.live import teacher_source_of
+from hpd.teachers.store import (
+    FORMAT,
+    VERSION,
+    Quantizer,
+    StoreError,
+    bytes_per_position,
+    covered,
+    default_bits,
+    discard_unlisted,
+    id_bytes,
+    is_store_file,
+    read_index,
+    write_index,
+    write_shard,
+)
 
 # Fields a resumed store must share with the run that continues it.
 RESUME_FIELDS = ("data_sha256", "tokenizer_vocab_sha256", "chat_template_sha256", "tokens_sha256",

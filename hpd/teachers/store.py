@@ -5,7 +5,7 @@ A store is a folder of safetensors shards and an `index.json` (no pickle anywher
     index.json               format, settings, provenance, and the finished shards in order
     shard-00000.safetensors  examples [a, b) of the data file, in the data's order
 
-Per target position (a position whose target counts, in the order `hpd.data.collate`
+Per target position (a position whose target counts, in the order `hpd.data.batches.collate`
 lays them out: example by example, position by position) a shard holds
 
     ids           (P, k) uint16 when the vocabulary has <= 65536 tokens, (P, 3k) uint8

@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from hpd.data import IGNORE_INDEX
-from hpd.objectives import LOG_FLOOR
-from hpd.store import Store, StoreError
+from hpd.data.examples import IGNORE_INDEX
+from hpd.objectives.rules import LOG_FLOOR
+from hpd.teachers.store import Store, StoreError
 
 # What a run must share with the store, in the order they are checked (the first
 # difference is reported); the teacher's identity only when --teacher is given too.
@@ -94,7 +94,7 @@ def batch_rows(store: Store, batch: dict[str, np.ndarray]) -> dict[str, np.ndarr
     """The stored rows of a micro-batch on its flat positions (numpy), checked against the
     batch: each example must have as many stored positions as the batch has targets for it.
 
-    A plain batch holds example `rows[r]` on line r; a packed one (hpd.packing) says
+    A plain batch holds example `rows[r]` on line r; a packed one (hpd.data.packing) says
     which example each token belongs to in `token_rows`. Either way an example's target
     positions, in row-major order, are the order in which the store holds them."""
     if "rows" not in batch:
@@ -146,7 +146,11 @@ def config_errors(cfg) -> list[str]:
 
 def open_for_run(cfg, tokenizer, dataset) -> Store:
     """The run's store, after checking that it was written for this data, tokenizer and settings."""
-    from hpd.cache_teacher import data_provenance, first_difference, teacher_fingerprint
+    from hpd.teachers.cache import (
+        data_provenance,
+        first_difference,
+        teacher_fingerprint,
+    )
 
     store = Store(cfg.teacher_cache)
     wanted = {**data_provenance(cfg.data, tokenizer, dataset, cfg.max_length), "temperature": float(cfg.temperature)}

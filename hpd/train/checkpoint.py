@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from hpd.filemodes import respect_umask
-from hpd.student import save_weights
+from hpd.files.filemodes import respect_umask
+from hpd.models.student import save_weights
 
 STATE_FILE = "trainer_state.json"
 RNG_FILE = "rng.safetensors"

@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from hpd.objectives import METHODS
+from hpd.objectives.rules import METHODS
 
 
 def _f(default, help: str, choices: tuple | None = None, low=None, high=None, low_open=False, cli=True):
@@ -103,7 +103,7 @@ class DistillConfig:
     compile: str = _f("off", "mlx: run the student's step under mx.compile where a micro-batch's supervised "
                       "positions fit one chunk (auto: on a GPU only)", choices=("auto", "on", "off"))
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
-    # LoRA students (hpd.lora): adapters over a frozen base, which may be quantized (QLoRA)
+    # LoRA students (hpd.models.lora): adapters over a frozen base, which may be quantized (QLoRA)
     lora_rank: int = _f(0, "train LoRA adapters of this rank instead of the whole student (0: full "
                         "fine-tuning); mlx-lm's LoRA layers on mlx, peft on torch", low=0)
     lora_alpha: float = _f(16.0, "LoRA alpha: the update is scaled by alpha / rank on both backends",
@@ -149,7 +149,7 @@ class DistillConfig:
         return cls(**{k: _coerce(cls, k, v) for k, v in d.items()})
 
     def __post_init__(self):
-        from hpd.models import asset_path
+        from hpd.models.loading import asset_path
 
         for name in ("teacher", "student", "data", "eval_data", "teacher_cache"):
             setattr(self, name, asset_path(getattr(self, name)))
@@ -157,7 +157,7 @@ class DistillConfig:
     @classmethod
     def from_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "DistillConfig":
         """A recipe YAML (or a shipped recipe's name) with `overrides` on top. The config's
-        `notes` list warnings about the combination (see hpd.advice)."""
+        `notes` list warnings about the combination (see hpd.train.advice)."""
         name = str(path)
         path = resolve_recipe(path)
         with open(path, encoding="utf-8") as fh:
@@ -178,7 +178,7 @@ class DistillConfig:
             cfg = cls.from_dict(merged)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
-        from hpd.advice import recipe_notes
+        from hpd.train.advice import recipe_notes
 
         cfg.notes = recipe_notes(name, data, overrides or {})
         return cfg
@@ -192,7 +192,7 @@ class DistillConfig:
     # ------------------------------------------------------------------ validation
     def validate(self, *, require_paths: bool = True) -> "DistillConfig":
         """Raise one ValueError listing every problem."""
-        from hpd.objectives import TEMPERATURE, get_method, resolve_params
+        from hpd.objectives.rules import TEMPERATURE, get_method, resolve_params
 
         errors = []
         for f in dataclasses.fields(self):
@@ -230,11 +230,11 @@ class DistillConfig:
         if (self.schedule or {}).get("lambda_schedule") == "adaptive" and not (self.eval_data and self.eval_every):
             errors.append("schedule.lambda_schedule=adaptive reacts to held-out loss: set eval_data and eval_every")
         if self.teacher_cache:
-            from hpd.store_teacher import config_errors
+            from hpd.teachers.stored import config_errors
 
             errors.extend(config_errors(self))
 
-        from hpd.lora import config_errors
+        from hpd.models.lora import config_errors
 
         errors.extend(config_errors(self))
         if errors:
@@ -242,14 +242,14 @@ class DistillConfig:
         return self
 
     def schedule_config(self):
-        from hpd.schedule import ScheduleConfig
+        from hpd.train.schedule import ScheduleConfig
 
         return ScheduleConfig.from_dict(dict(self.schedule))
 
 
 def _check_reporting(cfg) -> list[str]:
-    from hpd.formats import parse_columns
-    from hpd.report import REPORTERS
+    from hpd.data.formats import parse_columns
+    from hpd.report.reporters import REPORTERS
 
     errors = [f"report_to={name!r}: allowed {', '.join(REPORTERS)}" for name in cfg.report_to
               if name not in REPORTERS]

@@ -2,7 +2,7 @@
 
 batch -> teacher forward -> student forward/backward through the step's objectives ->
 optimizer step -> metrics -> checkpoint. The loop talks to a backend only through
-`hpd.backend.Backend`; the run's set-up and export live in `hpd.run`.
+`hpd.models.backend.Backend`; the run's set-up and export live in `hpd.train.run`.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from typing import Any, Callable
 
 import numpy as np
 
-import hpd
-from hpd.backend import Backend, Outputs
-from hpd.chunked import DEFAULT_CHUNK_BUDGET_MB
-from hpd.data import IGNORE_INDEX, Batches
-from hpd.teacher import LiveTeacher, LogitsTeacher
-from hpd.uniforms import batch_uniforms, has_row_keys
+from hpd.data.batches import Batches
+from hpd.data.examples import IGNORE_INDEX
+from hpd.models.backend import Backend, Outputs
+from hpd.objectives.chunked import DEFAULT_CHUNK_BUDGET_MB, chunked_loss
+from hpd.objectives.losses import loss, metric_names
+from hpd.objectives.uniforms import batch_uniforms, has_row_keys
+from hpd.report.evaluate import MetricMeans
+from hpd.teachers.live import teacher_source_of
 
 
 def learning_rate(step: int, total: int, peak: float, *, kind: str = "cosine",
@@ -58,7 +60,7 @@ class ObjectiveLoss:
     that a backend can also run it as a compiled function of those inputs
     (hpd.backends.mlx.compiled)."""
 
-    objectives: tuple  # hpd.schedule.Objective: method, weight, params
+    objectives: tuple  # hpd.train.schedule.Objective: method, weight, params
     teacher: Any  # a TeacherSource
     targets: Any
     sampled: Any = None
@@ -74,9 +76,9 @@ class ObjectiveLoss:
             common = dict(sampled=self.sampled, uniforms=self.uniforms, num_tokens=self.num_tokens,
                           temperature=self.temperature, **obj.params)
             if student_out.logits is not None:
-                value, m = hpd.loss(obj.method, student_out.logits, self.teacher, self.targets, **common)
+                value, m = loss(obj.method, student_out.logits, self.teacher, self.targets, **common)
             else:
-                value, m = hpd.chunked_loss(obj.method, student_out.hidden, student_out.head, targets=self.targets,
+                value, m = chunked_loss(obj.method, student_out.hidden, student_out.head, targets=self.targets,
                                             teacher=self.teacher, chunk_size=self.chunk_size,
                                             chunk_budget_mb=self.chunk_budget_mb, **common)
             term = value * obj.weight if obj.weight != 1.0 else value
@@ -85,49 +87,9 @@ class ObjectiveLoss:
         return total, metrics
 
 
-def metric_names(metrics: dict, method: str, objectives: int) -> dict:
-    """With several objectives, each one's metrics under its method's name."""
-    if objectives == 1:
-        return metrics
-    # the KL to the teacher is the same whichever objective reports it
-    return {(k if "/" in k or k == "kl" else f"{method}/{k}"): v for k, v in metrics.items()}
-
-
-def teacher_source_of(teacher):
-    """A TeacherSource from the teacher model's Outputs (hidden states and head, or
-    logits), or the source itself."""
-    if isinstance(teacher, Outputs):
-        return LiveTeacher(teacher.hidden, teacher.head) if teacher.logits is None else LogitsTeacher(teacher.logits)
-    return teacher
-
-
 def live_teacher(loop: "Loop", micro_batch: dict, arrays: dict, plan):
     """The default teacher of a step: the teacher model's forward on the batch."""
     return loop.backend.forward(loop.teacher, arrays, hidden=loop.chunked)
-
-
-@dataclass
-class MetricMeans:
-    """Token-weighted means of per-micro-batch metrics (min/max kept as such)."""
-
-    sums: dict[str, float] = field(default_factory=dict)
-    weight: float = 0.0
-
-    def add(self, metrics: dict[str, float], tokens: float) -> None:
-        for k, v in metrics.items():
-            if k.endswith("tokens"):
-                self.sums[k] = self.sums.get(k, 0.0) + v
-            elif k.endswith("_min"):
-                self.sums[k] = min(self.sums.get(k, v), v)
-            elif k.endswith("_max"):
-                self.sums[k] = max(self.sums.get(k, v), v)
-            else:
-                self.sums[k] = self.sums.get(k, 0.0) + v * tokens
-        self.weight += tokens
-
-    def result(self) -> dict[str, float]:
-        w = max(self.weight, 1.0)
-        return {k: (v if k.endswith(("tokens", "_min", "_max")) else v / w) for k, v in self.sums.items()}
 
 
 @dataclass
@@ -149,13 +111,13 @@ class Loop:
     """Everything one run's steps need; `run()` performs them."""
 
     backend: Backend
-    config: Any  # hpd.config.DistillConfig
+    config: Any  # hpd.train.config.DistillConfig
     student: Any
     teacher: Any
     tokenizer: Any
     optimizer: Any
     batches: Batches
-    schedule: Any  # hpd.schedule.Schedule
+    schedule: Any  # hpd.train.schedule.Schedule
     total_steps: int
     vocab: int
     chunked: bool = False
@@ -283,17 +245,17 @@ class Loop:
             arrays = backend.to_arrays(mb)
             s_out = backend.forward(self.student, arrays)
             if self.teacher is None:  # trained from a teacher store: no teacher to compare with
-                _, m = hpd.loss("sft", s_out.logits, s_out.logits, arrays["targets"])
+                _, m = loss("sft", s_out.logits, s_out.logits, arrays["targets"])
             else:
                 t_out = backend.forward(self.teacher, arrays)
-                _, m = hpd.loss("fkl", s_out.logits, t_out.logits, arrays["targets"], temperature=1.0)
+                _, m = loss("fkl", s_out.logits, t_out.logits, arrays["targets"], temperature=1.0)
             means.add(m, m["tokens"])
         r = means.result()
         out = {"eval/loss": r.get("nll", float("nan")), "eval/tokens": r.get("tokens", 0.0)}
         if self.teacher is not None:
             out["eval/kl"] = r.get("fkl", float("nan"))
         if self.config.eval_generate:
-            from hpd.evaluate import accuracy, eval_source
+            from hpd.report.evaluate import accuracy, eval_source
 
             acc = accuracy(backend, self.student, self.tokenizer, self.config.eval_data,
                            extractor=self.config.eval_extractor, limit=self.config.eval_generate,

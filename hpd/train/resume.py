@@ -81,9 +81,9 @@ def same_start(saved: dict, cfg, saved_total: int, total: int, done: int) -> boo
     `saved_total` did: the same learning rate and the same schedule decisions at each."""
     if saved_total == total:
         return True
-    from hpd.config import DistillConfig
-    from hpd.loop import learning_rate
-    from hpd.schedule import Schedule
+    from hpd.train.config import DistillConfig
+    from hpd.train.loop import learning_rate
+    from hpd.train.schedule import Schedule
 
     old = DistillConfig.from_dict({k: v for k, v in saved.items() if k in DistillConfig.field_names()})
 

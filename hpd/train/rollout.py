@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpd.data import DataError, Example, _chat_ids, _encode, collate, pad_id_of, read_jsonl
+from hpd.data.batches import collate
+from hpd.data.examples import DataError, Example, pad_id_of, prompt_ids, read_jsonl
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Sampling:
 
 
 def prompts_of(batch: dict[str, np.ndarray]) -> list[list[int]]:
-    """The prompt of every row of a right-padded or packed (hpd.packing) batch."""
+    """The prompt of every row of a right-padded or packed (hpd.data.packing) batch."""
     if "token_rows" in batch:
         ids, owner = batch["input_ids"], batch["token_rows"]
         return [ids[owner == r][:n].tolist() for r, n in zip(batch["rows"], batch["prompt_lens"])]
@@ -45,7 +46,7 @@ def rollout_batch(backend, model, tokenizer, batch: dict[str, np.ndarray], sampl
             gen = [tokenizer.eos_token_id]
         examples.append(Example(prompt + gen, [False] * len(prompt) + [True] * len(gen), len(prompt)))
     if "token_rows" in batch:  # packed in, packed out
-        from hpd.packing import collate_packed
+        from hpd.data.packing import collate_packed
 
         out = collate_packed(examples, pad_id_of(tokenizer), rows=batch["rows"])
     else:
@@ -66,29 +67,6 @@ def make_rollout(sampling: Sampling):
 
 
 # ----------------------------------------------------------------------------- hpd generate
-
-
-def prompt_ids(row: dict, tokenizer) -> tuple[list[int], list[dict] | str]:
-    """Prompt token ids of a data row, and what to write back before the response."""
-    kind = row_kind_for_prompt(row)
-    if kind == "messages":
-        msgs = row["messages"]
-        if msgs[-1]["role"] == "assistant":
-            msgs = msgs[:-1]
-        return _chat_ids(tokenizer, msgs, add_generation_prompt=True), msgs
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return bos + _encode(tokenizer, row["prompt"]), row["prompt"]
-
-
-def row_kind_for_prompt(row: dict) -> str:
-    if "messages" in row:
-        msgs = row["messages"]
-        if not isinstance(msgs, list) or not msgs or msgs[0].get("role") is None:
-            raise ValueError('"messages" must be a non-empty list of {role, content}')
-        return "messages"
-    if isinstance(row.get("prompt"), str):
-        return "prompt"
-    raise ValueError('expected a "prompt" string or a "messages" list')
 
 
 def generate_file(backend, model, tokenizer, data: str | Path, out: str | Path, *, samples: int = 1,

@@ -12,18 +12,26 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
-from hpd import checkpoint as ckpt
-from hpd import resume as resume_check
-from hpd import student as student_kind
-from hpd.backend import get_backend
-from hpd.config import DistillConfig
-from hpd.data import Batches, check_tokenizers, collate, load_dataset, pad_id_of
-from hpd.evaluate import eval_source
-from hpd.export import finalize
-from hpd.interrupt import Interrupted, StopOnSignal, signal_name
-from hpd.loop import Loop, LoopState
-from hpd.outdir import Manifest, OutputLock, check_writable, ensure_writable, make_dir, remove_if_untouched
-from hpd.sources import fingerprint
+from hpd.data.batches import Batches, collate, load_dataset
+from hpd.data.examples import check_tokenizers, pad_id_of
+from hpd.data.sources import fingerprint
+from hpd.files.outdir import (
+    Manifest,
+    OutputLock,
+    check_writable,
+    ensure_writable,
+    make_dir,
+    remove_if_untouched,
+)
+from hpd.models import student as student_kind
+from hpd.backends import get_backend
+from hpd.models.export import finalize
+from hpd.report.evaluate import eval_source
+from hpd.train import checkpoint as ckpt
+from hpd.train import resume as resume_check
+from hpd.train.config import DistillConfig
+from hpd.train.interrupt import Interrupted, StopOnSignal, signal_name
+from hpd.train.loop import Loop, LoopState
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -59,7 +67,7 @@ class MetricsLog:
     def __init__(self, path: Path, resume_step: int | None, sinks=()):
         self.path = path
         self.seen: set[tuple] = set()
-        self.sinks = list(sinks)  # each record also goes to these (hpd.report, hpd.console)
+        self.sinks = list(sinks)  # each record also goes to these (hpd.report.reporters, hpd.report.console)
         if resume_step is not None and path.exists():
             kept = []
             for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -94,7 +102,7 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     cfg = config if isinstance(config, DistillConfig) else DistillConfig.from_dict(dict(config))
     cfg.validate()
     if cfg.dry_run:
-        from hpd.memory import dry_run
+        from hpd.models.memory import dry_run
 
         say(dry_run(cfg))
         return {"out": None, "steps": 0, "metrics": {}, "dry_run": True}
@@ -139,7 +147,7 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
     data = load_dataset(cfg.data, tokenizer, cfg.max_length, split=cfg.data_split, columns=cfg.data_columns)
     store = None
     if cfg.teacher_cache:  # checked against this data, tokenizer and settings before any model loads
-        from hpd.store_teacher import open_for_run
+        from hpd.teachers.stored import open_for_run
 
         store = open_for_run(cfg, tokenizer, data)
     say(f"data: {data.rows} rows from {cfg.data}, {len(data)} usable, {data.truncated} truncated "
@@ -163,7 +171,7 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
                       group_by_length=cfg.group_by_length, rank=rank, world_size=backend.world_size,
                       packing=cfg.packing)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.batches_per_epoch / cfg.grad_accum))
-    from hpd.schedule import Schedule
+    from hpd.train.schedule import Schedule
 
     schedule = Schedule(cfg.schedule_config(), method=cfg.method, method_params=dict(cfg.method_params),
                         total_steps=total, seed=cfg.seed)
@@ -185,8 +193,8 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
 
     chunked, loss_path = choose_loss_path(cfg.chunked, backend, student=student, teacher=teacher)
     if store is not None:
-        from hpd.loop import live_teacher
-        from hpd.store_teacher import store_source
+        from hpd.teachers.stored import store_source
+        from hpd.train.loop import live_teacher
 
         loop_hooks.setdefault("teacher_source", store_source(store, live_teacher))
     run_info = {
@@ -227,7 +235,7 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
             "total_steps": total, "run_info": run_info, "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
         saved_at[0] = step
 
-    from hpd.rollout import Sampling, make_rollout
+    from hpd.train.rollout import Sampling, make_rollout
 
     loop_hooks.setdefault("rollout", make_rollout(Sampling(
         cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_top_k)))
@@ -333,7 +341,7 @@ def _own_report_folders(manifest: Manifest, out: Path) -> None:
 
 
 def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, float]:
-    from hpd.evaluate import accuracy
+    from hpd.report.evaluate import accuracy
 
     def acc(model):
         return accuracy(backend, model, tokenizer, cfg.eval_data, extractor=cfg.eval_extractor,
@@ -345,8 +353,8 @@ def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, f
 
 def _sinks(cfg, out: Path, total: int, initial: int) -> list:
     """The console (bar or plain lines) and the --report-to targets, fed every metrics record."""
-    from hpd.console import Console
-    from hpd.report import open_reporters
+    from hpd.report.console import Console
+    from hpd.report.reporters import open_reporters
 
     return [Console(total, initial, progress=cfg.progress, log_every=cfg.log_every),
             *open_reporters(cfg.report_to, out, cfg.to_dict())]

@@ -64,7 +64,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from hpd.objectives import get_method, resolve_params
+from hpd.objectives.rules import get_method, resolve_params
 
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "adaptive")
 RAMPS = ("linear", "cosine")
@@ -288,7 +288,7 @@ def lambda_at(kind: str, step: int, total_steps: int, *, start: float, end: floa
 
 def _coin(seed: int, step: int) -> float:
     """A uniform draw in [0, 1) that depends on (seed, step) only (a str seed is hashed with sha512)."""
-    return random.Random(f"hpd.schedule:{seed}:{step}").random()
+    return random.Random(f"hpd.train.schedule:{seed}:{step}").random()
 
 
 def _build_phases(phases: list, method: str, method_params: dict, total_steps: int):

@@ -1,0 +1,14 @@
+"""The live teacher: the teacher model's forward on the batch, as a TeacherSource."""
+
+from __future__ import annotations
+
+from hpd.models.backend import Outputs
+from hpd.objectives.teacher import LiveTeacher, LogitsTeacher
+
+
+def teacher_source_of(teacher):
+    """A TeacherSource from the teacher model's Outputs (hidden states and head, or
+    logits), or the source itself."""
+    if isinstance(teacher, Outputs):
+        return LiveTeacher(teacher.hidden, teacher.head) if teacher.logits is None else LogitsTeacher(teacher.logits)
+    return teacher
