@@ -142,7 +142,7 @@ def child(args) -> None:
     from hpd.models.student import load_student
     from hpd.train.config import DistillConfig
     from hpd.train.loop import objective_loss_fn
-    from hpd.train.schedule import Objective
+    from hpd.train.schedule_config import Objective
 
     teacher_size, t_bits, student_size, rank, s_bits, gc = CONFIGS[args.config]
     root = Path(args.root)

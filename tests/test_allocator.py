@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-CODE = "from hpd import allocator; print(allocator.tune())"
+CODE = "from hpd.train import allocator; print(allocator.tune())"
 
 
 def run(env_extra: dict) -> str:

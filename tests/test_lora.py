@@ -466,7 +466,7 @@ def test_quantized_heads_chunked_equals_plain_on_the_models(assets, tmp_path, fa
     from hpd.models.student import load_base
     from hpd.objectives.heads import Head
     from hpd.train.loop import objective_loss_fn, target_count
-    from hpd.train.schedule import Objective
+    from hpd.train.schedule_config import Objective
 
     backend = MlxBackend()
     spec = LoraSpec(rank=4, alpha=8.0, quantize=4)
@@ -562,7 +562,7 @@ def test_mlx_gradient_checkpointing_lowers_the_peak_of_hpds_step(assets, tmp_pat
     from hpd.backends.mlx import MlxBackend
 
     from hpd.train.loop import objective_loss_fn
-    from hpd.train.schedule import Objective
+    from hpd.train.schedule_config import Objective
 
     folder = build_model(tmp_path / "m", assets["tokenizer"], hidden=64, layers=4)
     ids = np.random.default_rng(0).integers(3, 300, size=(4, 257))

@@ -7,14 +7,8 @@ import sys
 
 import pytest
 
-from hpd.train.schedule import (
-    Objective,
-    Schedule,
-    ScheduleConfig,
-    StepPlan,
-    lambda_at,
-    to_step,
-)
+from hpd.train.schedule import Schedule, StepPlan, lambda_at
+from hpd.train.schedule_config import Objective, ScheduleConfig, to_step
 
 
 def make(total_steps=100, seed=0, method="hpd", method_params=None, **fields) -> Schedule:

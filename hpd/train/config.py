@@ -242,7 +242,7 @@ class DistillConfig:
         return self
 
     def schedule_config(self):
-        from hpd.train.schedule import ScheduleConfig
+        from hpd.train.schedule_config import ScheduleConfig
 
         return ScheduleConfig.from_dict(dict(self.schedule))
 
