@@ -30,7 +30,7 @@ def test_parameter_count_matches_the_model(assets, name):
 def test_quantized_weight_bytes_match_mlx(assets, bits):
     pytest.importorskip("mlx_lm")
     from hpd.backends.mlx import MlxBackend
-    from hpd.backends.mlx.backend import param_bytes
+    from hpd.backends.mlx.loading import param_bytes
 
     for name in ("teacher", "qwen_student"):
         model = MlxBackend().load_model(str(assets[name]), trainable=False, dtype="float32", quantize=bits)

@@ -232,7 +232,7 @@ def test_resume_equals_uninterrupted(assets, tmp_path):
 
 def test_quantized_teacher(assets, tmp_path):
     from conftest import build_model
-    from hpd.backends.mlx.backend import param_bytes
+    from hpd.backends.mlx.loading import param_bytes
 
     folder = build_model(tmp_path / "teacher64", assets["tokenizer"], hidden=64, layers=2, seed=1)
     backend = mlx_backend()

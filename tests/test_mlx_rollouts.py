@@ -146,7 +146,7 @@ def _transformers_distribution(logits: np.ndarray, temperature: float, top_k: in
 def test_sampler_matches_transformers_warpers(temperature, top_k, top_p):
     """Temperature, then top-k, then top-p on the tempered distribution, as transformers'
     generate does; top_k above the vocabulary means no cut."""
-    from hpd.backends.mlx.backend import make_sampler
+    from hpd.backends.mlx.generation import make_sampler
 
     logits = np.log(np.array([0.30, 0.22, 0.15, 0.10, 0.08, 0.06, 0.04, 0.03, 0.015, 0.005], np.float32))
     want = _transformers_distribution(logits, temperature, top_k, top_p)
@@ -161,7 +161,7 @@ def test_sampler_matches_transformers_warpers(temperature, top_k, top_p):
 def test_sampler_top_p_uses_the_tempered_distribution():
     """p = (0.5, 0.3, 0.2) at T = 0.5 is (0.66, 0.24, 0.10): the 0.6-nucleus is the top token
     alone (untempered it would hold two)."""
-    from hpd.backends.mlx.backend import make_sampler
+    from hpd.backends.mlx.generation import make_sampler
 
     sampler = make_sampler(temperature=0.5, top_p=0.6)
     logprobs = mx.broadcast_to(mx.log(mx.array([0.5, 0.3, 0.2])), (2000, 3))

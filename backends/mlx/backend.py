@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import math
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
@@ -35,52 +34,16 @@ import numpy as np
 from hpd.backends.mlx import family
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
+from hpd.backends.mlx.generation import generate
+from hpd.backends.mlx.loading import (DTYPE_NAMES, DTYPES, ModelInfo, head_module, info_of, param_bytes,
+                                      quantize_model, resolve_model_path)
+from hpd.backends.mlx.packed import packed_cache, right_padded
 from hpd.files.rng import host_rng_state, set_host_rng_state
 from hpd.models.backend import Outputs
-from hpd.models.loading import hub_failure, local_or_hub, weight_files
+from hpd.models.loading import weight_files
 from hpd.objectives.heads import Head
 
-_DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-_QUANT_GROUP_SIZES = (64, 32)  # mlx also allows 128; 64 is mlx-lm's default
 _STATE_FORMAT = "hpd-mlx-optimizer-1"
-
-
-@dataclass
-class ModelInfo:
-    """What hpd remembers about a loaded model: the config to export, and how it was loaded."""
-
-    config: dict
-    path: str
-    quantize: int = 0
-    layers_quantized: int = 0
-    bytes_before_quantize: int = 0
-
-
-def resolve_model_path(path: str) -> Path:
-    """A local model folder, or a hub id fetched with huggingface_hub."""
-    source = local_or_hub(path)
-    if isinstance(source, Path):
-        return source
-    from huggingface_hub import snapshot_download
-    from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
-
-    try:
-        return Path(snapshot_download(source, allow_patterns=DEFAULT_ALLOW_PATTERNS))
-    except Exception as e:  # the hub client raises several unrelated types
-        raise hub_failure(path, e) from e
-
-
-def param_bytes(model) -> int:
-    """Bytes held by a model's arrays (quantized weights count their scales and biases)."""
-    return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-
-
-def info_of(model) -> ModelInfo:
-    info = getattr(model, "hpd_info", None)
-    if info is None:
-        raise ValueError("this model was not loaded by the mlx backend (no hpd_info)")
-    return info
 
 
 class MlxBackend:
@@ -126,7 +89,7 @@ class MlxBackend:
         if name == "auto":
             on_gpu = mx.default_device().type == mx.DeviceType.gpu  # Metal (or CUDA builds of mlx)
             return mx.bfloat16 if on_gpu and not trainable else mx.float32
-        return _DTYPES[name]
+        return DTYPES[name]
 
     def load_model(self, path: str, *, trainable: bool, dtype: str = "auto", quantize: int = 0):
         if quantize and trainable:
@@ -163,12 +126,12 @@ class MlxBackend:
         return model
 
     def vocab_size(self, model) -> int:
-        return int(_head_module(model).weight.shape[0])  # rows: also right when quantized
+        return int(head_module(model).weight.shape[0])  # rows: also right when quantized
 
     def head_of(self, model) -> Head:
         """The output head as the chunked loss sees it: dense or quantized (mlx affine),
         with the family's logit scaling or soft-capping."""
-        module = _head_module(model)
+        module = head_module(model)
         transform = family.logit_transform(model)
         if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
             return Head(weight=module.weight, scales=module.scales, biases=module.get("biases"),
@@ -190,7 +153,7 @@ class MlxBackend:
             return f"the mlx chunked loss is unavailable ({e})"
         if (reason := family.chunked_blocker(model)) is not None:
             return reason
-        head = _head_module(model)
+        head = head_module(model)
         if isinstance(head, nn.Linear) and "bias" in head:
             return "its output head has a bias"
         if getattr(head, "mode", "affine") != "affine":
@@ -200,7 +163,7 @@ class MlxBackend:
     # ------------------------------------------------------------------ compute
     def to_arrays(self, batch: dict[str, np.ndarray]) -> dict[str, mx.array]:
         mask = batch.get("attention_mask")
-        if mask is not None and not _right_padded(np.asarray(mask)):
+        if mask is not None and not right_padded(np.asarray(mask)):
             raise ValueError("the mlx backend needs right-padded batches (mlx-lm models take no attention mask)")
         out = {}
         for k, v in batch.items():
@@ -366,30 +329,8 @@ class MlxBackend:
     # ------------------------------------------------------------------ generation
     def generate(self, model, tokenizer, prompts, *, max_new_tokens: int, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = 0, greedy: bool = False):
-        """Continuations of token-id prompts (rows of any lengths), cut after EOS (kept, as in
-        the torch backend), by mlx-lm's batched generator with a KV cache. Plain temperature
-        sampling unless top_p < 1 or top_k > 0; greedy (or temperature 0) takes the argmax.
-        The filters follow transformers' order (temperature, then top-k, then top-p on the
-        tempered distribution), not mlx-lm's make_sampler (top-p on the untempered one)."""
-        from mlx_lm.generate import BatchGenerator
-
-        if not prompts:
-            return []
-        if any(len(p) == 0 for p in prompts):
-            raise ValueError("generate: every prompt needs at least one token")
-        eos = tokenizer.eos_token_id
-        sampler = make_sampler(temperature=temperature, top_p=top_p, top_k=top_k, greedy=greedy)
-        gen = BatchGenerator(model, max_tokens=max_new_tokens, stop_tokens=[[eos]] if eos is not None else None,
-                             sampler=sampler)
-        try:
-            uids = gen.insert([[int(t) for t in p] for p in prompts], [max_new_tokens] * len(prompts))
-            tokens: dict[int, list[int]] = {u: [] for u in uids}
-            while responses := gen.next_generated():
-                for r in responses:
-                    tokens[r.uid].append(int(r.token))
-        finally:
-            gen.close()
-        return [tokens[u] for u in uids]
+        return generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_p=top_p, top_k=top_k, greedy=greedy)
 
     # ------------------------------------------------------------------ state
     def save_model(self, model, tokenizer, folder: Path) -> None:
@@ -402,7 +343,7 @@ class MlxBackend:
         family.save_weights(folder, model)
         config = json.loads(json.dumps(info_of(model).config))  # save_config mutates its argument
         dtypes = {v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)}
-        if len(dtypes) == 1 and (name := _DTYPE_NAMES.get(dtypes.pop())):
+        if len(dtypes) == 1 and (name := DTYPE_NAMES.get(dtypes.pop())):
             config["dtype"] = name  # what the files hold, so transformers does not cast on load
             if "torch_dtype" in config:
                 config["torch_dtype"] = name
@@ -443,96 +384,3 @@ class MlxBackend:
         set_host_rng_state(state)
 
 
-def make_sampler(*, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, greedy: bool = False):
-    """logprobs (B, V) -> token ids (B,), drawn with mlx's global RNG: softmax(logits / T)
-    restricted to the top_k tokens (0: all; k >= V: all, as transformers clamps it) and then
-    to the smallest set whose tempered probability reaches top_p (the token that crosses
-    top_p included)."""
-    if greedy or temperature <= 0:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p}: must be in (0, 1]")
-    if top_k < 0:
-        raise ValueError(f"top_k={top_k}: must be >= 0 (0: off)")
-
-    def sample(logprobs):
-        logits = logprobs.astype(mx.float32) * (1.0 / temperature)
-        vocab = logits.shape[-1]
-        if 0 < top_k < vocab:
-            kth = mx.sort(logits, axis=-1)[..., vocab - top_k: vocab - top_k + 1]
-            logits = mx.where(logits < kth, -mx.inf, logits)
-        if top_p < 1.0:
-            logits = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # tempered log-probabilities
-            ordered = mx.sort(logits, axis=-1)  # ascending
-            mass_above = mx.cumsum(mx.exp(ordered), axis=-1, reverse=True, inclusive=False)
-            dropped = (mass_above >= top_p).sum(axis=-1, keepdims=True)  # never all: the top has 0 above
-            threshold = mx.take_along_axis(ordered, dropped, axis=-1)
-            logits = mx.where(logits < threshold, -mx.inf, logits)
-        return mx.random.categorical(logits, axis=-1)
-
-    return sample
-
-
-def quantize_model(model, bits: int) -> int:
-    """Affine-quantize every linear and embedding layer whose input width allows a group
-    size; returns how many layers were quantized."""
-    count = 0
-    own = getattr(model, "quant_predicate", None)
-
-    def predicate(path, module):
-        nonlocal count
-        if not hasattr(module, "to_quantized"):
-            return False
-        width = module.weight.shape[-1]
-        group = next((g for g in _QUANT_GROUP_SIZES if width % g == 0), None)
-        if group is None or (own is not None and not own(path, module)):
-            return False
-        count += 1
-        return {"group_size": group, "bits": bits}
-
-    nn.quantize(model, class_predicate=predicate)
-    return count
-
-
-def _head_module(model):
-    return family.head_module(model)
-
-
-class PackedRows:
-    """Stands in for an mlx-lm layer cache to run a packed batch (hpd.data.packing) through an
-    unchanged mlx-lm model: the models build their attention mask from the cache
-    (`make_mask`) and take the rotary offset from it, and this one caches nothing.
-
-    The mask is block-diagonal and causal, so no token attends across a row boundary.
-    Positions are not restarted per row (RoPE's offset is per sequence in mlx), and need
-    not be: a rotary embedding makes each score depend only on the distance between query
-    and key, which is the same inside a row wherever the row starts."""
-
-    offset = 0
-
-    def __init__(self, mask: mx.array):
-        self.mask = mask
-
-    def make_mask(self, n: int, return_array: bool = False, window_size=None):
-        if window_size is not None:
-            raise ValueError("--packing: sliding-window attention is not supported on the mlx backend")
-        return self.mask
-
-    def update_and_fetch(self, keys, values):
-        return keys, values
-
-
-def packed_cache(model, block_mask: mx.array) -> list[PackedRows]:
-    args = getattr(model, "args", None)
-    if getattr(args, "rope_scaling", None) and args.rope_scaling.get("type", args.rope_scaling.get(
-            "rope_type")) in ("dynamic", "longrope"):
-        # these scale the rotation by the sequence length, which packing changes
-        raise ValueError("--packing: length-dependent rope scaling is not supported on the mlx backend")
-    return [PackedRows(block_mask)] * len(model.layers)
-
-
-def _right_padded(mask: np.ndarray) -> bool:
-    """No real token after a padded one in any row."""
-    if mask.ndim != 2 or mask.shape[1] < 2:
-        return True
-    return not bool(((mask[:, 1:] != 0) & (mask[:, :-1] == 0)).any())

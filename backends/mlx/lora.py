@@ -40,7 +40,7 @@ def linear_names(model) -> list[str]:
 
 def linear_names_at(path: str) -> list[str]:
     """The same names from a model folder, without reading its weights."""
-    from hpd.backends.mlx.backend import resolve_model_path
+    from hpd.backends.mlx.loading import resolve_model_path  # mlx-lm loads lazily too
     from mlx_lm.utils import load_model
 
     model, _ = load_model(resolve_model_path(path), lazy=True)

@@ -100,7 +100,7 @@ class Shape:
 def weight_bytes(shape: Shape, dtype_bytes: int, bits: int = 0, backend: str = "mlx") -> int:
     """Every parameter at `dtype_bytes`; with `bits`, every matrix (linear layers, embedding,
     head) packed at bits/8 bytes per weight plus a scale and a bias per group, as
-    hpd.backends.mlx.backend.quantize_model does (group 64, or 32 where the width needs it).
+    hpd.backends.mlx.loading.quantize_model does (group 64, or 32 where the width needs it).
     bitsandbytes (torch) quantizes the blocks' linear layers only, with one float32 absmax
     per 64 weights."""
     matrices = [(n_in, n_out) for _, n_in, n_out in shape.linears()] * shape.layers
