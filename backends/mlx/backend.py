@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import mlx.core as mx
@@ -38,7 +37,7 @@ from hpd.backends.mlx.generation import generate
 from hpd.backends.mlx.loading import (DTYPE_NAMES, DTYPES, ModelInfo, head_module, info_of, param_bytes,
                                       quantize_model, resolve_model_path)
 from hpd.backends.mlx.packed import packed_cache, right_padded
-from hpd.files.rng import host_rng_state, set_host_rng_state
+from hpd.files.rng import host_rng_state, seed_host, set_host_rng_state
 from hpd.models.backend import Outputs
 from hpd.models.loading import weight_files
 from hpd.objectives.heads import Head
@@ -66,8 +65,7 @@ class MlxBackend:
 
     # ------------------------------------------------------------------ loading
     def seed(self, seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        seed_host(seed)
         mx.random.seed(seed % 2**64)
 
     def load_tokenizer(self, path: str):

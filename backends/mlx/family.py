@@ -77,20 +77,12 @@ def check_length(model, input_ids) -> None:
             f"Use --max-length {limit} or --backend torch")
 
 
-def logit_transform(model) -> dict[str, float]:
-    """Head(scale=..., softcap=...) of the model's family (hpd.models.families.HEAD_RULES)."""
-    return families.logit_transform(config_of(model), lambda: _structure(model))
-
-
-def chunked_blocker(model) -> str | None:
-    """Why hpd cannot find this family's hidden states and head, or how its logits are
-    scaled (None when it can compute them exactly)."""
-    return families.chunked_blocker(config_of(model), lambda: _structure(model))
-
-
 def _structure(model) -> None:
     decoder_of(model)
     head_module(model)
+
+
+logit_transform, chunked_blocker = families.model_rules(config_of, _structure)
 
 
 def hidden_states(model, input_ids, cache=None):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import torch
 from hpd.backends.torch import family
 from safetensors.torch import load_file, save_file
 
-from hpd.files.rng import host_rng_state, set_host_rng_state
+from hpd.files.rng import host_rng_state, seed_host, set_host_rng_state
 from hpd.models.backend import Outputs
 from hpd.models.loading import hub_failure, local_or_hub, weight_files
 from hpd.objectives.heads import Head
@@ -94,8 +93,7 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ loading
     def seed(self, seed: int) -> None:
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
+        seed_host(seed)
         torch.manual_seed(seed)
 
     def load_tokenizer(self, path: str):

@@ -30,3 +30,9 @@ def set_host_rng_state(state: dict[str, np.ndarray]) -> None:
     np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     version, internal, gauss = _decode(state["python"])
     random.setstate((version, tuple(internal), gauss))
+
+
+def seed_host(seed: int) -> None:
+    """Python's and numpy's global RNGs from one run seed (each backend seeds its framework's too)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)

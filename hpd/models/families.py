@@ -174,6 +174,23 @@ def logit_transform(config, find_structure) -> dict[str, float]:
     return {"scale": scaling[0], "softcap": scaling[1]}
 
 
+def model_rules(config_of, find_structure):
+    """A backend's `logit_transform(model)` and `chunked_blocker(model)`: the two rules above
+    on its model's config (`config_of(model)`), with `find_structure(model)` raising
+    FamilyError where the backend cannot find the decoder or the head."""
+
+    def model_logit_transform(model) -> dict[str, float]:
+        """Head(scale=..., softcap=...) of the model's family (HEAD_RULES)."""
+        return logit_transform(config_of(model), lambda: find_structure(model))
+
+    def model_chunked_blocker(model) -> str | None:
+        """Why hpd cannot find this family's hidden states and head, or how its logits are
+        scaled (None when it can compute them exactly)."""
+        return chunked_blocker(config_of(model), lambda: find_structure(model))
+
+    return model_logit_transform, model_chunked_blocker
+
+
 def rope_parameters(config: dict) -> dict | None:
     """The rope parameters transformers 5 reads from `config` (nested, defaults filled in),
     or None when transformers does not know the family or it has no rope."""
