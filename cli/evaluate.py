@@ -1,4 +1,10 @@
-"""`hpd eval`: accuracy, perplexity and KL to the teacher on held-out data; lm-eval tasks."""
+"""`hpd eval`: accuracy, perplexity and KL to the teacher on held-out data; lm-eval tasks.
+
+`--metric` chooses how generations are scored: exact match of an extracted answer (math:
+`--extractor math`; sampled with `--samples K`, that is pass@1), ROUGE-L for dialogue, or
+pass@1 of code run against each row's tests in a sandbox. `--recipe` takes the metric, the
+extractor, the held-out data and the sampling temperature from a training recipe, so a
+student is scored the way its recipe says (`recipes/paper-*.yaml`)."""
 
 from __future__ import annotations
 
@@ -13,6 +19,9 @@ import click
 @click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
               help="framework that runs the model for --data (--lm-eval always runs it through transformers)")
 @click.option("--model", required=True, help="model folder or hub id to evaluate")
+@click.option("--recipe", default=None, metavar="NAME|FILE",
+              help="take --metric, --extractor, --data (its eval_data) and --temperature from a training "
+                   "recipe (a shipped name such as paper-math, or a YAML file); flags you give win")
 @click.option("--teacher", default=None, help="teacher folder: also report token-level KL(teacher || model)")
 @click.option("--data", default=None, type=str,
               help="held-out data with reference answers: prompt/completion, messages, ShareGPT or Alpaca "
@@ -23,8 +32,19 @@ import click
               help="map other column names onto hpd's, e.g. messages=dialog (repeatable)")
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
               help="1: greedy decoding; K: mean accuracy over K sampled generations")
+@click.option("--metric", default="exact-match", show_default=True,
+              type=click.Choice(["exact-match", "rouge-l", "code"]),
+              help="how generations are scored: exact-match of --extractor's answer (sampled: pass@1), "
+                   "rouge-l against the reference (0-100, as DistiLLM and MiniLLM report it on Dolly), or "
+                   "code: pass@1 of the program in each generation with the row's \"test\" field appended, "
+                   "run in a subprocess with a time limit, a memory limit and no network")
 @click.option("--extractor", default="answer", show_default=True,
-              help="answer extractor: answer (after the last 'Answer:'), last-number, exact, or regex:PATTERN")
+              help="answer extractor: answer (after the last 'Answer:'), last-number, math (the last "
+                   "\\boxed{}, else the last number; 1/2, 0.5 and \\frac{1}{2} match), exact, or regex:PATTERN")
+@click.option("--code-timeout", default=5.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="--metric code: seconds one program may run")
+@click.option("--code-memory", default=512, show_default=True, type=click.IntRange(min=16),
+              help="--metric code: MiB of memory one program may use")
 @click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1),
               help="longest generation, in new tokens")
 @click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
@@ -48,12 +68,20 @@ import click
               help="device for the torch backend and lm-eval")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
-def evaluate(backend, model, teacher, data, data_split, data_columns, samples, extractor, max_new_tokens,
-             temperature, limit, batch_size, lm_eval_tasks, lm_eval_include, num_fewshot, seed, dtype, device,
-             as_json, progress):
-    """Exact-match accuracy of MODEL's generations on DATA, its perplexity, and its token-level
-    KL to --teacher; with --lm-eval, lm-evaluation-harness tasks on the same folder."""
+@click.pass_context
+def evaluate(ctx, backend, model, recipe, teacher, data, data_split, data_columns, samples, metric, extractor,
+             code_timeout, code_memory, max_new_tokens, temperature, limit, batch_size, lm_eval_tasks,
+             lm_eval_include, num_fewshot, seed, dtype, device, as_json, progress):
+    """Scores of MODEL's generations on DATA (exact match, ROUGE-L or code pass@1), its
+    perplexity, and its token-level KL to --teacher; with --lm-eval, lm-evaluation-harness
+    tasks on the same folder."""
     from hpd.models.loading import asset_path
+
+    if recipe:
+        given = {name for name in ("metric", "extractor", "data", "temperature")
+                 if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+        metric, extractor, data, temperature = _from_recipe(recipe, given, metric=metric, extractor=extractor,
+                                                            data=data, temperature=temperature)
 
     if not data and not lm_eval_tasks:
         raise click.UsageError("give --data, --lm-eval TASKS, or both")
@@ -63,8 +91,8 @@ def evaluate(backend, model, teacher, data, data_split, data_columns, samples, e
     result = {"model": model}
     if data:
         result.update(_held_out(backend, model, teacher, asset_path(data), data_split, list(data_columns),
-                                samples, extractor, max_new_tokens, temperature, limit, batch_size, seed,
-                                dtype, device, progress))
+                                samples, metric, extractor, code_timeout, code_memory, max_new_tokens,
+                                temperature, limit, batch_size, seed, dtype, device, progress))
     if lm_eval_tasks:
         from hpd.report.harness import parse_tasks, run_harness
 
@@ -82,8 +110,32 @@ def evaluate(backend, model, teacher, data, data_split, data_columns, samples, e
         click.echo(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
 
 
-def _held_out(backend, model, teacher, data, split, columns, samples, extractor, max_new_tokens, temperature,
-              limit, batch_size, seed, dtype, device, progress) -> dict:
+def _from_recipe(recipe: str, given: set[str], **values) -> tuple:
+    """(metric, extractor, data, temperature): the recipe's eval_metric, eval_extractor, eval_data
+    and temperature, where the user gave no flag of their own."""
+    import yaml
+
+    from hpd.train.config import resolve_recipe
+
+    try:
+        fields = yaml.safe_load(resolve_recipe(recipe).read_text()) or {}
+    except (FileNotFoundError, yaml.YAMLError) as e:
+        raise click.BadParameter(str(e), param_hint="--recipe") from None
+    if not isinstance(fields, dict):
+        raise click.BadParameter(f"{recipe}: a recipe is a mapping of config fields", param_hint="--recipe")
+    keys = {"metric": "eval_metric", "extractor": "eval_extractor", "data": "eval_data",
+            "temperature": "temperature"}
+    for name, key in keys.items():
+        if name not in given and fields.get(key) is not None:
+            values[name] = fields[key]
+    if values["metric"] not in ("exact-match", "rouge-l", "code"):
+        raise click.BadParameter(f"{recipe}: eval_metric={values['metric']!r}; allowed: exact-match, rouge-l, code",
+                                 param_hint="--recipe")
+    return values["metric"], values["extractor"], values["data"], float(values["temperature"])
+
+
+def _held_out(backend, model, teacher, data, split, columns, samples, metric, extractor, code_timeout,
+              code_memory, max_new_tokens, temperature, limit, batch_size, seed, dtype, device, progress) -> dict:
     from hpd.data.formats import parse_columns
     from hpd.backends import get_backend
     from hpd.report.evaluate import accuracy, get_extractor, likelihood
@@ -110,7 +162,8 @@ def _held_out(backend, model, teacher, data, split, columns, samples, extractor,
         result = {"data": data}
         result.update(accuracy(be, net, tok, data, extractor=extractor, samples=samples, limit=limit or None,
                                max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
-                               progress=progress, split=split, columns=columns))
+                               progress=progress, split=split, columns=columns, metric=metric,
+                               code_timeout=code_timeout, code_memory_mb=code_memory))
         result.update(likelihood(be, net, tok, data, teacher=ref, batch_size=batch_size, limit=limit or None,
                                  split=split, columns=columns))
     except (ValueError, FileNotFoundError) as e:

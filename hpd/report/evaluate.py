@@ -31,11 +31,25 @@ def _answer_line(text: str) -> str | None:
     return extract_answer(text)
 
 
+def _math_answer(text: str) -> str | None:
+    """The last boxed answer, else the last number, in the canonical form of
+    `hpd.report.scoring.canonical_answer` (so 1/2, 0.5 and \\frac{1}{2} compare equal)."""
+    from hpd.report.scoring import canonical_answer, extract_answer
+
+    answer = extract_answer(text)
+    return None if answer is None else canonical_answer(answer)
+
+
 EXTRACTORS: dict[str, Callable[[str], str | None]] = {
     "answer": _answer_line,  # the number after the last "Answer:"
     "last-number": _last_number,
+    "math": _math_answer,  # the last \boxed{...}, else the last number, normalised (MATH, GSM8K)
     "exact": lambda text: text.strip(),
 }
+# what `hpd eval` scores generations with: exact match of the extracted answer (greedy, or the
+# mean over K samples: pass@1), ROUGE-L against the reference (dialogue), or pass@1 of code
+# run against the row's tests in a sandbox (hpd.report.scoring.run_code)
+METRICS = ("exact-match", "rouge-l", "code")
 
 
 def get_extractor(spec: str) -> Callable[[str], str | None]:
@@ -56,6 +70,12 @@ def get_extractor(spec: str) -> Callable[[str], str | None]:
     return EXTRACTORS[spec]
 
 
+def check_metric(metric: str) -> str:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; allowed: {', '.join(METRICS)}")
+    return metric
+
+
 def reference_of(row: dict) -> str:
     if "messages" in row:
         last = row["messages"][-1]
@@ -69,34 +89,83 @@ def reference_of(row: dict) -> str:
 
 def accuracy(backend, model, tokenizer, data, *, extractor: str = "answer", samples: int = 1,
              max_new_tokens: int = 128, temperature: float = 1.0, batch_size: int = 16,
-             limit: int | None = None, progress: bool = True, split: str = "", columns=None) -> dict[str, float]:
-    """Exact match of the extracted answer: greedy when samples == 1, else the mean over K samples."""
+             limit: int | None = None, progress: bool = True, split: str = "", columns=None,
+             metric: str = "exact-match", code_timeout: float = 5.0, code_memory_mb: int = 512) -> dict[str, float]:
+    """Scores of generations on held-out rows: greedy when samples == 1, else K samples per row
+    at `temperature`. The headline key is `accuracy` (exact match of the extracted answer;
+    sampled, it is pass@1 and is reported under that name too), `rouge_l` (0..100) or
+    `pass@1` (code: the row's `test` field run after the extracted program)."""
     from hpd.data.sources import read_rows
 
+    check_metric(metric)
     extract = get_extractor(extractor)
     rows = read_rows(data, split=split, columns=columns, default_splits=EVAL_SPLITS)
     rows = rows[:limit] if limit else rows
-    jobs = []
+    prompts, references = [], []
     for where, row in rows:
         try:
             ids, _ = prompt_ids(row, tokenizer)
-            ref = extract(reference_of(row))
+            references.append(_reference(row, metric, extractor))
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        jobs.extend((ids, ref) for _ in range(samples))
+        prompts.append(ids)
+    texts = _generations(backend, model, tokenizer, prompts, samples=samples, max_new_tokens=max_new_tokens,
+                         temperature=temperature, batch_size=batch_size, progress=progress)
+    out = {"rows": len(rows), "samples": samples}
+    if metric == "rouge-l":
+        from hpd.report.scoring import rouge_l
+
+        flat = [t for per_row in texts for t in per_row]
+        out["rouge_l"] = rouge_l(flat, [ref for ref in references for _ in range(samples)]) if flat else 0.0
+    elif metric == "code":
+        from hpd.report.scoring import code_pass_at_1
+
+        out["pass@1"] = code_pass_at_1(texts, references, timeout_s=code_timeout,
+                                       memory_mb=code_memory_mb) if texts else 0.0
+    else:
+        hits = [sum(ref is not None and extract(t) == ref for t in per_row) for per_row, ref in zip(texts, references)]
+        out["accuracy"] = sum(hits) / max(len(rows) * samples, 1)
+        if samples > 1:
+            out["pass@1"] = out["accuracy"]
+    return out
+
+
+def _reference(row: dict, metric: str, extractor: str) -> str | None:
+    """What a row's generations are scored against: the extracted answer, the reference text, or
+    the tests of a code row. A math reference may be a bare answer, a box or GSM8K's '#### N'."""
+    if metric == "code":
+        tests = row.get("test", row.get("tests"))
+        if not isinstance(tests, str) or not tests.strip():
+            raise ValueError('--metric code needs a "test" field with the code that checks a solution '
+                             "(asserts, or HumanEval's check(...) call)")
+        return tests
+    reference = reference_of(row)
+    if metric == "rouge-l":
+        return reference
+    if extractor == "math":
+        from hpd.report.scoring import canonical_answer, reference_answer
+
+        return canonical_answer(reference_answer(reference))
+    return get_extractor(extractor)(reference)
+
+
+def _generations(backend, model, tokenizer, prompts, *, samples, max_new_tokens, temperature, batch_size,
+                 progress) -> list[list[str]]:
+    """`samples` decoded continuations of each prompt (greedy when samples == 1), EOS dropped."""
     from tqdm.auto import tqdm
 
-    correct = 0
+    jobs = [i for i in range(len(prompts)) for _ in range(samples)]
+    texts: list[list[str]] = [[] for _ in prompts]
     with tqdm(total=len(jobs), desc="eval", unit="gen", disable=not progress) as bar:
         for start in range(0, len(jobs), batch_size):
             chunk = jobs[start:start + batch_size]
-            gens = backend.generate(model, tokenizer, [c[0] for c in chunk], max_new_tokens=max_new_tokens,
+            gens = backend.generate(model, tokenizer, [prompts[i] for i in chunk], max_new_tokens=max_new_tokens,
                                     temperature=temperature, top_p=1.0, top_k=0, greedy=samples == 1)
-            for (_, ref), gen in zip(chunk, gens):
-                text = tokenizer.decode([t for t in gen if t != tokenizer.eos_token_id], skip_special_tokens=True)
-                correct += int(ref is not None and extract(text) == ref)
+            for i, gen in zip(chunk, gens):
+                texts[i].append(tokenizer.decode([t for t in gen if t != tokenizer.eos_token_id],
+                                                 skip_special_tokens=True))
             bar.update(len(chunk))
-    return {"accuracy": correct / max(len(jobs), 1), "rows": len(rows), "samples": samples}
+    return texts
 
 
 def likelihood(backend, model, tokenizer, data, *, teacher=None, batch_size: int = 16,

@@ -173,6 +173,14 @@ def answers_match(prediction: str, reference: str) -> bool:
     return x is not None and y is not None and x == y
 
 
+def canonical_answer(answer: str) -> str:
+    """One string per class of `answers_match`: a number as its exact fraction (2.0, 2 and 4/2
+    all read 2), anything else normalised. Lets answers be compared with ==."""
+    s = normalize_answer(answer)
+    value = _as_number(s)
+    return s if value is None else str(value)
+
+
 def math_exact_match(prediction: str, reference: str) -> bool:
     """Whether a generation's final answer matches the reference's (see `reference_answer`)."""
     answer = extract_answer(prediction)

@@ -73,8 +73,12 @@ class DistillConfig:
     eval_every: int = _f(0, "evaluate every N steps (0: only at the end, when --eval-data is set)", low=0)
     eval_generate: int = _f(0, "at each evaluation, also generate greedily for the first N held-out rows "
                             "and report exact-match accuracy (0: off)", low=0)
-    eval_extractor: str = _f("answer", "answer extractor for eval accuracy: answer, last-number, exact, "
-                             "or regex:PATTERN")
+    eval_extractor: str = _f("answer", "answer extractor for eval accuracy: answer, last-number, math (the "
+                             "last \\boxed{}, else the last number, normalised), exact, or regex:PATTERN")
+    eval_metric: str = _f("exact-match", "how `hpd eval --recipe` scores generations: exact-match (of "
+                          "eval_extractor's answer; sampled: pass@1), rouge-l (dialogue) or code (pass@1 "
+                          "of the row's tests, sandboxed); training-time eval_generate is exact-match",
+                          choices=("exact-match", "rouge-l", "code"))
     save_every: int = _f(0, "checkpoint every N steps (0: only at the end)", low=0)
     keep_checkpoints: int = _f(2, "how many recent checkpoints to keep", low=1)
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
@@ -227,6 +231,9 @@ class DistillConfig:
         errors.extend(_check_reporting(self))
         if self.eval_every and not self.eval_data:
             errors.append("eval_every is set but eval_data is not")
+        if self.eval_generate and self.eval_metric != "exact-match":
+            errors.append(f"eval_generate scores exact match during training, not eval_metric={self.eval_metric}; "
+                          f"set eval_generate: 0 and score the student with hpd eval --recipe")
         if (self.schedule or {}).get("lambda_schedule") == "adaptive" and not (self.eval_data and self.eval_every):
             errors.append("schedule.lambda_schedule=adaptive reacts to held-out loss: set eval_data and eval_every")
         if self.teacher_cache:

@@ -23,7 +23,7 @@ HISTORY = "config_history.jsonl"
 # or measured, or how the same numbers are computed, not which numbers.
 OPERATIONAL = frozenset({
     "out", "resume", "overwrite", "allow_config_change", "progress", "save_every", "keep_checkpoints",
-    "eval_data", "eval_every", "eval_generate", "eval_extractor", "max_bad_steps", "device", "parallel",
+    "eval_data", "eval_every", "eval_generate", "eval_extractor", "eval_metric", "max_bad_steps", "device", "parallel",
     "teacher_placement", "gradient_checkpointing", "chunked", "chunk_size",
 })
 _IGNORED = frozenset({"resume", "overwrite", "allow_config_change"})
