@@ -84,6 +84,7 @@ def evaluate(backend, model, teacher, data, data_split, data_columns, samples, e
 
 def _held_out(backend, model, teacher, data, split, columns, samples, extractor, max_new_tokens, temperature,
               limit, batch_size, seed, dtype, device, progress) -> dict:
+    from hpd.data.examples import check_tokenizers
     from hpd.data.formats import parse_columns
     from hpd.backends import get_backend
     from hpd.report.evaluate import accuracy, get_extractor, likelihood
@@ -105,6 +106,12 @@ def _held_out(backend, model, teacher, data, split, columns, samples, extractor,
     be.seed(seed)
     try:
         tok = be.load_tokenizer(model)
+        if teacher:  # the KL compares the two models id by id: one tokenizer, or nothing meaningful
+            try:
+                check_tokenizers(be.load_tokenizer(teacher), tok)
+            except ValueError as e:
+                raise ValueError(f"--teacher: {e}; kl_to_teacher compares the models token by token, so "
+                                 "it needs the model's tokenizer") from None
         net = be.load_model(model, trainable=False, dtype=dtype)
         ref = be.load_model(teacher, trainable=False, dtype=dtype) if teacher else None
         result = {"data": data}
