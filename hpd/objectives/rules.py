@@ -208,7 +208,8 @@ def hpd(o, lq, lp, y, s):
     # of rkl, akl and todi drop it: charged, its k_s = q_s * (LOG_FLOOR - log q_s) would be
     # a floor constant ~1e4 times any real weight. The sample term's expectation is then
     # the reverse KL over the tokens the teacher scores.
-    s_active = over_s & (s != y) & ~ruled_out(lp_s)
+    scored = ~ruled_out(lp_s)
+    s_active = over_s & (s != y) & scored
     w_s = o.where(s_active, k_s, zero)
     value = -(w_y * lq_y + w_s * lq_s)
     one, none = zero + 1.0, zero
@@ -221,8 +222,9 @@ def hpd(o, lq, lp, y, s):
         "k_s": k_s,
     }
     # as in the authors' logs, k at the sample is summarised where the sample differs from y
+    # (and the teacher scores it: a ruled-out sample's k_s is the floor constant)
     return Weights(value=value, sparse=[(y, w_y), (s, w_s)], diagnostics=diagnostics,
-                   domains={"k_s": s != y})
+                   domains={"k_s": (s != y) & scored})
 
 
 def uld(o, lq, lp, y, s, sorted_lp):
