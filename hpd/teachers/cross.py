@@ -115,6 +115,16 @@ class CrossData:
     def share(self) -> float:
         return self.paired / max(self.targets, 1)
 
+    def digest(self) -> str:
+        """sha256 of every example's teacher tokens and pairs: what a store laid out by them records."""
+        h = hashlib.sha256()
+        for key in sorted(self.examples):
+            p = self.examples[key]
+            h.update(key)
+            for x in (p.teacher_ids, p.student_pos, p.teacher_pos):
+                h.update(np.asarray(x, dtype=np.int64).tobytes() + b"|")
+        return h.hexdigest()
+
     def describe(self) -> str:
         shared = int((self.teacher_id_of >= 0).sum())
         return (f"{shared} of the student's {len(self.teacher_id_of)} tokens shared; "
@@ -252,10 +262,9 @@ class CrossTeacher:
 
 def run_errors(cfg) -> list[str]:
     """What a cross-tokenizer run cannot do (yet), as config errors."""
-    from hpd.teachers.stored import on_policy_share
-
+    sched = cfg.schedule_config()
     errors = []
-    if on_policy_share(cfg):
+    if sched.lambda_start > 0 or (sched.lambda_end or 0.0) > 0:  # a share of steps on student rollouts
         errors.append("the schedule trains on student rollouts (an on-policy share), which the cross-tokenizer "
                       "teacher cannot align yet; use an off-policy schedule")
     if cfg.packing:
@@ -274,29 +283,36 @@ def prepare_for_run(cfg, student_tok, teacher_tok, eval_kwargs: dict | None = No
     return prepare(sources, student_tok, teacher_tok, cfg.max_length)
 
 
+def batch_teacher(backend, teacher, data: CrossData, batch: dict, targets, *, vocab: int, hidden: bool,
+                  cache: dict) -> CrossTeacher:
+    """The teacher's forward on its own tokens of `batch` (numpy, the student's), as a
+    CrossTeacher over the student's positions; `cache` keeps the vocabulary map's array."""
+    if "gather" not in cache:
+        v_t = backend.vocab_size(teacher)
+        ids = data.teacher_id_of[:vocab]
+        ids = np.concatenate([ids, np.full(max(vocab - len(ids), 0), -1, np.int64)])
+        cache["gather"] = backend.to_arrays({"g": np.where((ids >= 0) & (ids < v_t), ids, v_t)})["g"]
+        cache["v_t"] = v_t
+    tok = data.teacher_tok
+    t = teacher_batch(data, batch, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    out = backend.forward(teacher, backend.to_arrays({k: t[k] for k in ("input_ids", "attention_mask")}),
+                          hidden=hidden)
+    where = backend.to_arrays({"w": t["where"]})["w"]
+    return CrossTeacher(teacher_source_of(out), where, cache["gather"], targets, vocab=vocab,
+                        teacher_vocab=cache["v_t"], identical=data.identical)
+
+
 def cross_source(data: CrossData):
     """The Loop's `teacher_source` hook for a teacher of another tokenizer: its forward on
     its own tokens of the micro-batch, as a `CrossTeacher` (evaluation batches too)."""
     cache: dict = {}
-    pad = data.teacher_tok.pad_token_id if data.teacher_tok.pad_token_id is not None else data.teacher_tok.eos_token_id
 
     def teacher_source(loop, micro_batch, arrays, plan):
-        backend = loop.backend
-        if "gather" not in cache:
-            v_t = backend.vocab_size(loop.teacher)
-            ids = data.teacher_id_of[:loop.vocab]
-            ids = np.concatenate([ids, np.full(max(loop.vocab - len(ids), 0), -1, np.int64)])
-            cache["gather"] = backend.to_arrays({"g": np.where((ids >= 0) & (ids < v_t), ids, v_t)})["g"]
-            cache["v_t"] = v_t
-        t = teacher_batch(data, micro_batch, pad)
-        out = backend.forward(loop.teacher, backend.to_arrays({k: t[k] for k in ("input_ids", "attention_mask")}),
-                              hidden=loop.chunked and plan is not None)
-        where = backend.to_arrays({"w": t["where"]})["w"]
-        return CrossTeacher(teacher_source_of(out), where, cache["gather"], arrays["targets"], vocab=loop.vocab,
-                            teacher_vocab=cache["v_t"], identical=data.identical)
+        return batch_teacher(loop.backend, loop.teacher, data, micro_batch, arrays["targets"], vocab=loop.vocab,
+                             hidden=loop.chunked and plan is not None, cache=cache)
 
     return teacher_source
 
 
-__all__ = ["MODES", "CrossData", "CrossTeacher", "choose_mode", "cross_source", "example_key", "identical", "prepare",
+__all__ = ["MODES", "CrossData", "CrossTeacher", "batch_teacher", "choose_mode", "cross_source", "example_key", "identical", "prepare",
            "prepare_for_run", "run_errors", "teacher_batch", "teacher_ids_of"]
