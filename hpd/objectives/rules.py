@@ -199,17 +199,18 @@ def hpd(o, lq, lp, y, s):
     k_s = o.exp(lq_s) * (lp_s - lq_s)
     p_y = o.exp(lp_y)
     zero = 0.0 * k_y
+    # A sample the teacher rules out (a -inf logit: a masked vocabulary, or a student token
+    # the cross-tokenizer teacher does not share) counts as no sample: it takes no weight
+    # and adds nothing to y's (the step is the one a sample equal to y gives), as the
+    # reverse-KL terms of rkl, akl and todi drop such tokens. Charged, its
+    # k_s = q_s * (LOG_FLOOR - log q_s) would be a floor constant ~1e4 times any real weight.
+    # The sample term's expectation is then the reverse KL over the tokens the teacher scores.
+    scored = ~ruled_out(lp_s)
     under_y = k_y > 0  # student underestimates y: forward and reverse both push up
-    over_s = k_s < 0  # student overestimates s
+    over_s = (k_s < 0) & scored  # student overestimates s
     w_y = o.where(under_y, p_y + k_y, k_y)
     w_y = w_y + o.where(under_y & over_s, p_y, zero)
-    # A sample the teacher rules out (a -inf logit: a masked vocabulary, or a student token
-    # the cross-tokenizer teacher does not share) takes no weight, as the reverse-KL terms
-    # of rkl, akl and todi drop it: charged, its k_s = q_s * (LOG_FLOOR - log q_s) would be
-    # a floor constant ~1e4 times any real weight. The sample term's expectation is then
-    # the reverse KL over the tokens the teacher scores.
-    scored = ~ruled_out(lp_s)
-    s_active = over_s & (s != y) & scored
+    s_active = over_s & (s != y)
     w_s = o.where(s_active, k_s, zero)
     value = -(w_y * lq_y + w_s * lq_s)
     one, none = zero + 1.0, zero

@@ -131,12 +131,14 @@ class CrossData:
                 f"{100 * self.share:.1f}% of {self.targets} student target positions paired with a teacher position")
 
 
-def prepare(sources, student_tok, teacher_tok, max_length: int, *, data=None) -> CrossData:
-    """Pair every row of `sources` [(path, read_rows kwargs)], or add to `data`. A row the
-    two tokenizers cannot share raises PairingError with its place; a file with no
-    paired target at all too (the tokenizers have no text in common)."""
-    same = identical(student_tok, teacher_tok)
-    data = data or CrossData(teacher_tok, same, teacher_ids_of(student_tok, teacher_tok))
+def prepare(sources, student_tok, teacher_tok, max_length: int, *, same: bool | None = None) -> CrossData:
+    """Pair every row of `sources` [(path, read_rows kwargs)]. A row the two tokenizers
+    cannot share raises PairingError with its place; a file with no paired target at all
+    too (the tokenizers have no text in common). `same` (default: whether the tokenizers
+    are identical) takes the one-tokenizer shortcut; False aligns by text whatever they are."""
+    same = identical(student_tok, teacher_tok) if same is None else same
+    ids_of = np.arange(len(student_tok), dtype=np.int64) if same else teacher_ids_of(student_tok, teacher_tok)
+    data = CrossData(teacher_tok, same, ids_of)
     spellers = None if same else (Speller(student_tok), Speller(teacher_tok))
     for path, kwargs in sources:
         targets = paired = 0
