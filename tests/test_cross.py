@@ -503,3 +503,21 @@ def write_recipe(tmp_path) -> Path:
     path = tmp_path / "on_policy.yaml"
     path.write_text("schedule: {lambda_start: 0.5}\n")
     return path
+
+
+def test_chunks_are_sized_by_the_teachers_wider_vocabulary(monkeypatch):
+    """The cross rows pass through the teacher's vocabulary: the chunked loss sizes its
+    chunks by it, so a chunk's buffers stay within the budget."""
+    import hpd.objectives.chunked as chunked
+    from hpd.objectives.teacher import LiveTeacher
+
+    seen = []
+    real = chunked.resolve_chunk_size
+    monkeypatch.setattr(chunked, "resolve_chunk_size", lambda size, vocab, *a: seen.append(vocab) or real(size, vocab, *a))
+    v_s, v_t, width = 12, 5000, 8
+    hidden_t, head_t = torch.randn(6, width), torch.randn(v_t, width)
+    source = CrossTeacher(LiveTeacher(hidden_t, head_t), torch.arange(6), torch.arange(v_s), torch.zeros(1, 6).long(),
+                          vocab=v_s, teacher_vocab=v_t, identical=False)
+    hpd.chunked_loss("fkl", torch.randn(1, 6, width, requires_grad=True), torch.randn(v_s, width),
+                     targets=torch.zeros(1, 6).long(), teacher=source)
+    assert seen == [v_t + 1]

@@ -158,8 +158,10 @@ def chunked_loss(
         method=m,
         params=params,
         temperature=temperature,
-        chunk_size=resolve_chunk_size(chunk_size, vocab, o.itemsize(o.compute_dtype(student_hidden)),
-                                      chunk_budget_mb),
+        # a source whose rows pass through a wider vocabulary of its own (a teacher of another
+        # tokenizer: `width`) sizes the chunks by it, so one chunk stays within the budget
+        chunk_size=resolve_chunk_size(chunk_size, max(vocab, int(getattr(teacher, "width", 0))),
+                                      o.itemsize(o.compute_dtype(student_hidden)), chunk_budget_mb),
         vocab=vocab,
         teacher=teacher.select(o, index),
         student_head=head,

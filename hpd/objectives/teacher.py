@@ -11,10 +11,11 @@ log-probs. A `TeacherSource` hands them out; the loss never asks which source it
 A source is first narrowed to the positions whose target counts (`select`, with flat
 row-major indices over the targets' shape), then asked for rows of that selection.
 
-Two optional members serve what a row over the student's vocabulary cannot say (the
-cross-tokenizer teacher, `hpd.teachers.cross`, has both): `sorted_log_probs`, the
-teacher's whole distribution sorted, for ULD's distance; and `metrics()`, the source's
-own figures for the step's record.
+Optional members serve what a row over the student's vocabulary cannot say (the
+cross-tokenizer teacher, `hpd.teachers.cross`, has them): `sorted_log_probs`, the
+teacher's whole distribution sorted, for ULD's distance; `width`, the columns a row
+passes through on its way (its own vocabulary), which sizes the chunked loss's chunks;
+and `metrics()`, the source's own figures for the step's record.
 """
 
 from __future__ import annotations

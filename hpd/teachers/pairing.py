@@ -81,7 +81,11 @@ class Speller:
 
 
 def _encode_with_offsets(tokenizer, text: str):
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # transformers' slow (Python) tokenizers give no offsets
+        raise PairingError(f"{type(tokenizer).__name__} gives no character offsets; cross-tokenizer alignment "
+                           "needs a fast tokenizer (tokenizer.json)") from None
     return list(enc["input_ids"]), np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
 
 
@@ -107,7 +111,8 @@ def render(row: dict, tokenizer, who: str) -> Side:
         b_ids, b_off = _encode_with_offsets(tokenizer, body)
         text = prompt + body
         ids = bos + p_ids + b_ids + [tokenizer.eos_token_id]
-        off = np.concatenate([np.zeros((len(bos), 2), np.int64), p_off, b_off + len(prompt), np.zeros((1, 2), np.int64)])
+        none = np.zeros((len(bos), 2), np.int64)
+        off = np.concatenate([none, p_off, b_off + len(prompt), np.zeros((1, 2), np.int64)])
         if ids != ex.input_ids:
             raise PairingError(f"the {who}'s tokenizer encodes the row differently with offsets")
         contents, starts = [body], [len(prompt)]

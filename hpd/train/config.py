@@ -42,7 +42,8 @@ class DistillConfig:
                                 "teacher reads the student's ids), cross (another tokenizer: both render each row, "
                                 "targets are paired by their text, and the teacher's log-probs move to the "
                                 "student's vocabulary at the tokens both share), auto (same when the two "
-                                "vocabularies are equal token for token, else cross)", choices=("auto", "same", "cross"))
+                                "vocabularies are equal token for token, else cross)",
+                                choices=("auto", "same", "cross"))
     method: str = _f("hpd", f"distillation objective: {', '.join(METHODS)}")
     method_params: dict = _f({}, "parameters of the method, e.g. {beta: 0.5} for jsd", cli=False)
     temperature: float = _f(1.0, "softmax temperature applied to both models", low=0.0, low_open=True)
