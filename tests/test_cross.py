@@ -513,7 +513,8 @@ def test_chunks_are_sized_by_the_teachers_wider_vocabulary(monkeypatch):
 
     seen = []
     real = chunked.resolve_chunk_size
-    monkeypatch.setattr(chunked, "resolve_chunk_size", lambda size, vocab, *a: seen.append(vocab) or real(size, vocab, *a))
+    monkeypatch.setattr(chunked, "resolve_chunk_size",
+                        lambda size, vocab, *a: seen.append(vocab) or real(size, vocab, *a))
     v_s, v_t, width = 12, 5000, 8
     hidden_t, head_t = torch.randn(6, width), torch.randn(v_t, width)
     source = CrossTeacher(LiveTeacher(hidden_t, head_t), torch.arange(6), torch.arange(v_s), torch.zeros(1, 6).long(),
