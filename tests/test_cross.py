@@ -24,7 +24,6 @@ from hpd.cli.main import cli
 from hpd.data.batches import collate, load_dataset
 from hpd.teachers.align import uld_distance
 from hpd.teachers.cross import CrossTeacher, choose_mode, cross_source, prepare
-from hpd.teachers.pairing import PairingError
 from hpd.train.loop import live_teacher, objective_loss_fn
 from hpd.train.schedule_config import objective_of
 from tokenizer_pair import ALPHABET, make_pair
@@ -176,7 +175,8 @@ def test_auto_chooses_by_the_vocabularies(pair):
 
 def test_no_common_text_is_refused(pair, tmp_path):
     """A teacher cutting every word into bytes shares no token at a common cut with a
-    student of whole-word tokens: nothing pairs, and the data is refused."""
+    student of whole-word tokens: nothing pairs, and the run is refused before it writes."""
+    from conftest import build_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -186,15 +186,18 @@ def test_no_common_text_is_refused(pair, tmp_path):
     core.train_from_iterator(["x"], trainers.BpeTrainer(vocab_size=260, special_tokens=["<a>", "<b>", "<c>"],
                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     template = ("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}{% endfor %}"
-                "{% if add_generation_prompt %}assistant:{% endif %}")
+                "{% if add_generation_prompt %}assistant:{% endif %}")  # no EOS to pair by role
     t_tok = PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<a>", eos_token="<b>", pad_token="<c>")
     t_tok.chat_template = template
-    s_tok = pair["student_tok"].__class__.from_pretrained(pair["root"] / "tok" / "student")
-    s_tok.chat_template = template
-    rows = [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " the cat sat"}]}]
-    path = write_jsonl(tmp_path / "words.jsonl", rows)
-    with pytest.raises(PairingError, match="no student target pairs .* no text in common"):
-        prepare([(path, {})], s_tok, t_tok, 1024)
+    t_tok.save_pretrained(tmp_path / "bytes_tok")
+    teacher = build_model(tmp_path / "bytes_teacher", tmp_path / "bytes_tok", hidden=16, layers=1)
+    student = tokenizer_variant(pair, tmp_path, "student_variant", template, source=pair["student"])
+    rows = [{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": " the cat sat"}]}] * 4
+    data = write_jsonl(tmp_path / "words.jsonl", rows)
+    args = distill_args(pair, tmp_path, **{"--teacher": str(teacher), "--student": str(student), "--data": str(data)})
+    result = CliRunner().invoke(cli, args)
+    one_line_error(result, "no student target pairs", "no text in common")
+    assert result.exit_code == 2 and not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------ the rows the loss sees
@@ -428,10 +431,10 @@ def distill_args(pair, tmp_path, **over):
     return ["distill", "--no-progress", *[x for kv in args.items() for x in kv]]
 
 
-def tokenizer_variant(pair, tmp_path, name, template):
-    """The teacher with its tokenizer's chat template replaced."""
+def tokenizer_variant(pair, tmp_path, name, template, source=None):
+    """The teacher (or `source`) with its tokenizer's chat template replaced."""
     folder = tmp_path / name
-    shutil.copytree(pair["teacher"], folder)
+    shutil.copytree(source or pair["teacher"], folder)
     for p in folder.glob("chat_template.jinja"):
         p.unlink()
     config = json.loads((folder / "tokenizer_config.json").read_text())
