@@ -27,12 +27,13 @@ and `cross/shared_mass`, the teacher's mean probability on shared tokens at them
 Cost. Alignment is done once per example, before training (one tokenisation with
 offsets per side and `align_spans`, linear in the length: benchmarks/align_cost.py
 measures align_spans at about 1.4 ms per batch of 8 x 512 tokens; with the
-tokenisations, 17 ms per batch of 8 x 95 tokens on the tiny pair). Per step: the
+tokenisations, 16 to 27 ms per batch of 8 x 95 tokens on the tiny pair). Per step: the
 teacher's forward on its own tokens, a gather of (C, V_t) into (C, V_s) per chunk and a
 logsumexp. The chunks are sized by the wider of the two vocabularies (`width`), so one
 chunk's buffers stay within --chunk-budget-mb as on the same-tokenizer path.
-benchmarks/cross_tokenizer.py measures the step time against `same` (1.04x for the
-machinery alone, 1.11x with the other tokenizer on the tiny pair).
+benchmarks/cross_tokenizer.py measures the step time against `same` (on the tiny pair,
+1.07x for the machinery alone and 1.02x to 1.11x with the other tokenizer; ULD's
+added pass brings it to about 1.6x).
 """
 
 from __future__ import annotations
