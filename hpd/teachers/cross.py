@@ -16,7 +16,8 @@ target, a row over the student's vocabulary:
 
 Every method in the catalogue then runs on these rows unchanged. HPD's student sample
 is drawn from the student as always; when it falls outside the shared part the teacher
-rules it out and the rule gives it no weight (see `hpd.objectives.rules.hpd`). ULD's
+rules it out and the rule counts it as no sample: no weight, nothing added to the data
+token's (see `hpd.objectives.rules.hpd`). ULD's
 sorted distance (`uld`, `--uld-weight`) gets the teacher's whole distribution, its
 own vocabulary sorted (`sorted_log_probs`), so the mass on tokens the student cannot
 name still counts there.
