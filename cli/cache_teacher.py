@@ -14,6 +14,13 @@ from hpd.cli.errors import fail
               help="framework that runs the teacher (either backend reads the store)")
 @click.option("--teacher", required=True, help="teacher model: a local folder, a hub id, or hpd:tiny/teacher")
 @click.option("--data", required=True, help="training data JSONL, as later passed to `hpd distill --data`")
+@click.option("--student", default=None,
+              help="the student (a model or tokenizer folder): lay the store on its tokenizer, as `hpd distill "
+                   "--student` will read the data; another tokenizer than the teacher's is aligned to it "
+                   "[default: the teacher's tokenizer]")
+@click.option("--teacher-tokenizer", default="auto", show_default=True, type=click.Choice(["auto", "same", "cross"]),
+              help="with --student: same (one tokenizer), cross (align the teacher's rows to the student's "
+                   "tokenizer), auto (same when the vocabularies are equal token for token, else cross)")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="store folder (safetensors shards + index.json)")
 @click.option("--top-k", default=32, show_default=True, type=click.IntRange(min=1),
@@ -42,8 +49,9 @@ from hpd.cli.errors import fail
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
               help="device for the torch backend")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
-def cache_teacher(backend, teacher, data, out, top_k, max_length, batch_size, temperature, teacher_quantize,
-                  logprob_bits, examples_per_shard, chunk_size, resume, overwrite, dtype, device, progress):
+def cache_teacher(backend, teacher, data, student, teacher_tokenizer, out, top_k, max_length, batch_size,
+                  temperature, teacher_quantize, logprob_bits, examples_per_shard, chunk_size, resume, overwrite,
+                  dtype, device, progress):
     """Run TEACHER once over DATA and store its top-k log-probs in OUT, for
     `hpd distill --teacher-cache OUT` (no teacher in memory while training).
 
@@ -62,8 +70,10 @@ def cache_teacher(backend, teacher, data, out, top_k, max_length, batch_size, te
     try:
         be = get_backend(backend, SimpleNamespace(device=device, dtype=dtype, gradient_checkpointing=False))
         tokenizer = be.load_tokenizer(teacher)
+        student_tok = be.load_tokenizer(asset_path(student)) if student else None
         model = be.load_model(teacher, trainable=False, dtype=dtype, quantize=int(teacher_quantize))
         index = run(be, model, tokenizer, data, out, teacher_name=teacher, top_k=top_k, max_length=max_length,
+                    student_tokenizer=student_tok, tokenizer_mode=teacher_tokenizer,
                     batch_size=batch_size, temperature=temperature, logprob_bits=logprob_bits,
                     examples_per_shard=examples_per_shard, chunk_size=chunk_size,
                     teacher_quantize=int(teacher_quantize), resume=resume, overwrite=overwrite,

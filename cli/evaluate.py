@@ -136,6 +136,7 @@ def _from_recipe(recipe: str, given: set[str], **values) -> tuple:
 
 def _held_out(backend, model, teacher, data, split, columns, samples, metric, extractor, code_timeout,
               code_memory, max_new_tokens, temperature, limit, batch_size, seed, dtype, device, progress) -> dict:
+    from hpd.data.examples import check_tokenizers
     from hpd.data.formats import parse_columns
     from hpd.backends import get_backend
     from hpd.report.evaluate import accuracy, get_extractor, likelihood
@@ -157,6 +158,12 @@ def _held_out(backend, model, teacher, data, split, columns, samples, metric, ex
     be.seed(seed)
     try:
         tok = be.load_tokenizer(model)
+        if teacher:  # the KL compares the two models id by id: one tokenizer, or nothing meaningful
+            try:
+                check_tokenizers(be.load_tokenizer(teacher), tok)
+            except ValueError as e:
+                raise ValueError(f"--teacher: {e}; kl_to_teacher compares the models token by token, so "
+                                 "it needs the model's tokenizer") from None
         net = be.load_model(model, trainable=False, dtype=dtype)
         ref = be.load_model(teacher, trainable=False, dtype=dtype) if teacher else None
         result = {"data": data}

@@ -261,8 +261,9 @@ def test_mismatched_tokenizers(assets, tmp_path):
     other_tok = tmp_path / "other_tok"
     build_tokenizer(other_tok, vocab_size=300)
     other = build_model(tmp_path / "other", other_tok, hidden=32, layers=1)
-    with pytest.raises(ValueError, match="tokenizers differ"):
-        hpd.distill(base_config(assets, tmp_path / "run", teacher=str(other)))
+    # auto would distil across the two tokenizers (tests/test_cross.py); same refuses them
+    with pytest.raises(ValueError, match="tokenizers differ.*--teacher-tokenizer cross"):
+        hpd.distill(base_config(assets, tmp_path / "run", teacher=str(other), teacher_tokenizer="same"))
 
 
 def test_existing_output_folder_is_not_overwritten(assets, tmp_path):

@@ -80,7 +80,9 @@ def build_student(folder: Path, vocab_size: int = 360):
 def build_teacher(folder: Path, vocab_size: int = 160, limit_alphabet: int = 48):
     """Metaspace BPE with single digits and byte fallback.
 
-    The trainer keeps only the `limit_alphabet` most frequent characters; the 256
+    The trainer keeps only the `limit_alphabet` most frequent characters (chosen here,
+    ties broken by the character: the trainer's own choice among equally frequent ones
+    changes from run to run, and so would the vocabulary); the 256
     '<0xNN>' pieces are then added to the trained vocabulary (the trainer cannot add
     them itself) so that the rest (rarer accents, CJK, emoji) falls back to bytes."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -93,7 +95,12 @@ def build_teacher(folder: Path, vocab_size: int = 160, limit_alphabet: int = 48)
     tok.decoder = decoders.Sequence([decoders.ByteFallback(),
                                      decoders.Metaspace(replacement="▁", prepend_scheme="first")])
     specials = ["<unk>", *TEACHER_SPECIALS.values()]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    counts: dict[str, int] = {}
+    for line in corpus():
+        for ch in line.replace(" ", "▁"):
+            counts[ch] = counts.get(ch, 0) + 1
+    alphabet = sorted(counts, key=lambda ch: (-counts[ch], ch))[:limit_alphabet]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet,
                                   limit_alphabet=limit_alphabet)
     tok.train_from_iterator(corpus(), trainer)
 

@@ -55,7 +55,7 @@ from hpd.objectives.rules import (
     get_method,
     resolve_params,
 )
-from hpd.objectives.teacher import LiveTeacher, TeacherSource
+from hpd.objectives.teacher import LiveTeacher, TeacherSource, sorted_log_probs
 
 # What one chunk holds at its peak, in (chunk, V) arrays of the compute dtype, counted
 # from the loop below: the student's log-probs (and floored copy), the teacher's
@@ -158,8 +158,10 @@ def chunked_loss(
         method=m,
         params=params,
         temperature=temperature,
-        chunk_size=resolve_chunk_size(chunk_size, vocab, o.itemsize(o.compute_dtype(student_hidden)),
-                                      chunk_budget_mb),
+        # a source whose rows pass through a wider vocabulary of its own (a teacher of another
+        # tokenizer: `width`) sizes the chunks by it, so one chunk stays within the budget
+        chunk_size=resolve_chunk_size(chunk_size, max(vocab, int(getattr(teacher, "width", 0))),
+                                      o.itemsize(o.compute_dtype(student_hidden)), chunk_budget_mb),
         vocab=vocab,
         teacher=teacher.select(o, index),
         student_head=head,
@@ -214,10 +216,15 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
             if s is None and plan.method.needs_sample:
                 s = sample_with_uniforms(o, log_q, plan.uniforms[rows])
             lq = o.maximum(log_q, LOG_FLOOR)
-            lp = o.maximum(plan.teacher.log_probs(o, rows, plan.vocab, T, dtype), LOG_FLOOR)
-            w = plan.method.rule(o, lq, lp, y, s, **plan.params)
+            lp = plan.teacher.log_probs(o, rows, plan.vocab, T, dtype)
+            extra = {}
+            if plan.method.sorted_teacher:
+                sorted_lp = sorted_log_probs(o, plan.teacher, rows, plan.vocab, T, dtype, lp)
+                extra["sorted_lp"] = o.maximum(sorted_lp, LOG_FLOOR)
+            lp = o.maximum(lp, LOG_FLOOR)
+            w = plan.method.rule(o, lq, lp, y, s, **extra, **plan.params)
             kl = token_kl(o, plan.method, w, lq, lp)
-            del lp, lq
+            del lp, lq, extra
             total = total + o.sum(w.value)
             tally.add(w, o.take(log_q, y), None, kl)
             pending = [total, *tally.arrays()]

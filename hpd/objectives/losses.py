@@ -13,7 +13,7 @@ from hpd.objectives.rules import (
     get_method,
     resolve_params,
 )
-from hpd.objectives.teacher import LogitsTeacher, as_source
+from hpd.objectives.teacher import LogitsTeacher, as_source, sorted_log_probs
 
 
 def loss(
@@ -60,7 +60,9 @@ def loss(
     denom = float(num_tokens) if num_tokens is not None else max(count, 1.0)
     if count == 0:  # nothing counts: a zero that still reaches the graph
         return o.sum(zs) / denom, MetricTally(o, m, dtype, zs).metrics(0.0)
-    lp = teacher.select(o, index).log_probs(o, slice(None), vocab, temperature, dtype)
+    selected = teacher.select(o, index)
+    lp = selected.log_probs(o, slice(None), vocab, temperature, dtype)
+    sorted_lp = sorted_log_probs(o, selected, slice(None), vocab, temperature, dtype, lp) if m.sorted_teacher else None
     y = o.rows(y.reshape((-1,)), index)
     s = None
     if m.needs_sample:
@@ -71,7 +73,7 @@ def loss(
             s = sample_with_uniforms(o, o.log_softmax(o.stop_gradient(zs)), u)
         else:
             s = sample_tokens(o, zs)
-    per_pos, weights, log_q_y, kl = objective_terms(o, m, zs, lp, y, s, params)
+    per_pos, weights, log_q_y, kl = objective_terms(o, m, zs, lp, y, s, params, sorted_lp=sorted_lp)
     value = o.sum(per_pos) / denom
     metrics = summarize(o, m, weights, log_q_y, count, kl)
     return value, metrics
@@ -85,10 +87,11 @@ def token_kl(o, m: Method, w: Weights, lq, lp):
     return w.value if m.name == "fkl" else o.sum(o.exp(lp) * (lp - lq), axis=-1)
 
 
-def objective_terms(o, m: Method, zs, lp, y, s, params) -> tuple[Any, Weights, Any, Any]:
+def objective_terms(o, m: Method, zs, lp, y, s, params, sorted_lp=None) -> tuple[Any, Weights, Any, Any]:
     """Per-position objective (..., differentiable in zs), the rule's weights, the
     student's log-prob of y (unfloored, without gradient) and the token-level KL to the
-    teacher, both for the metrics. lp: the teacher's log-probs.
+    teacher, both for the metrics. lp: the teacher's log-probs; sorted_lp: its sorted
+    view for a method that takes one (None: lp sorted).
 
     The value equals the rule's reported value (the literal divergence for the
     full-vocabulary methods); its gradient is -sum w * grad log q.
@@ -97,7 +100,11 @@ def objective_terms(o, m: Method, zs, lp, y, s, params) -> tuple[Any, Weights, A
     logq = o.maximum(log_q, LOG_FLOOR)
     lp = o.maximum(o.stop_gradient(lp), LOG_FLOOR)
     lq = o.stop_gradient(logq)
-    w = m.rule(o, lq, lp, y, s, **params)
+    extra = {}
+    if m.sorted_teacher:
+        extra["sorted_lp"] = o.maximum(o.stop_gradient(o.sort_desc(lp) if sorted_lp is None else sorted_lp),
+                                       LOG_FLOOR)
+    w = m.rule(o, lq, lp, y, s, **extra, **params)
     surrogate = None
     if w.full is not None:
         surrogate = -o.sum(o.stop_gradient(w.full) * logq, axis=-1)

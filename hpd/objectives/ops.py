@@ -85,6 +85,14 @@ class TorchOps:
     def argsort_desc(self, x):
         return self.t.argsort(x, dim=-1, descending=True)
 
+    def sort_desc(self, x):
+        """x sorted along the last axis, largest first."""
+        return self.t.sort(x, dim=-1, descending=True).values
+
+    def columns(self, x, index):
+        """x (N, V) at columns `index` (K,): (N, K)."""
+        return x.index_select(-1, index)
+
     def take(self, x, idx):
         """x: (..., V), idx: (...) -> (...): x[..., idx]."""
         return self.t.gather(x, -1, idx.unsqueeze(-1)).squeeze(-1)
@@ -244,6 +252,12 @@ class MlxOps:
 
     def argsort_desc(self, x):
         return self.mx.argsort(-x, axis=-1)
+
+    def sort_desc(self, x):
+        return -self.mx.sort(-x, axis=-1)
+
+    def columns(self, x, index):
+        return self.mx.take(x, index, axis=-1)
 
     def take(self, x, idx):
         return self.mx.take_along_axis(x, idx[..., None], axis=-1)[..., 0]

@@ -63,6 +63,9 @@ class Method:
     needs_sample: bool = False
     full_vocab: bool = True
     help: str = ""
+    # the rule also takes sorted_lp: the teacher's log-probs sorted descending (over the
+    # teacher's own vocabulary where the source sees one; `hpd.objectives.teacher.sorted_log_probs`)
+    sorted_teacher: bool = False
 
 
 TEMPERATURE = Param(1.0, 0.0, math.inf, low_open=True, high_open=True, help="softmax temperature for both models")
@@ -196,8 +199,15 @@ def hpd(o, lq, lp, y, s):
     k_s = o.exp(lq_s) * (lp_s - lq_s)
     p_y = o.exp(lp_y)
     zero = 0.0 * k_y
+    # A sample the teacher rules out (a -inf logit: a masked vocabulary, or a student token
+    # the cross-tokenizer teacher does not share) counts as no sample: it takes no weight
+    # and adds nothing to y's (the step is the one a sample equal to y gives), as the
+    # reverse-KL terms of rkl, akl and todi drop such tokens. Charged, its
+    # k_s = q_s * (LOG_FLOOR - log q_s) would be a floor constant ~1e4 times any real weight.
+    # The sample term's expectation is then the reverse KL over the tokens the teacher scores.
+    scored = ~ruled_out(lp_s)
     under_y = k_y > 0  # student underestimates y: forward and reverse both push up
-    over_s = k_s < 0  # student overestimates s
+    over_s = (k_s < 0) & scored  # student overestimates s
     w_y = o.where(under_y, p_y + k_y, k_y)
     w_y = w_y + o.where(under_y & over_s, p_y, zero)
     s_active = over_s & (s != y)
@@ -213,8 +223,27 @@ def hpd(o, lq, lp, y, s):
         "k_s": k_s,
     }
     # as in the authors' logs, k at the sample is summarised where the sample differs from y
+    # (and the teacher scores it: a ruled-out sample's k_s is the floor constant)
     return Weights(value=value, sparse=[(y, w_y), (s, w_s)], diagnostics=diagnostics,
-                   domains={"k_s": s != y})
+                   domains={"k_s": (s != y) & scored})
+
+
+def uld(o, lq, lp, y, s, sorted_lp):
+    """ULD's sorted-probability distance (Boizard et al. 2024): sum_i |q_(i) - p_(i)| over
+    both distributions sorted in decreasing order, a closed-form bound on the Wasserstein-1
+    distance that needs no pairing of the vocabularies. sorted_lp: (..., V) the teacher's
+    log-probs sorted descending over its own vocabulary, cut or padded (with LOG_FLOOR) to
+    the student's V; the teacher's mass beyond rank V pairs with the student's padding, a
+    constant left out of the value.
+
+    d/d q_v = sign(q_v - p_(rank v)): as a reweighted log-likelihood w_v = -q_v * that sign,
+    scattered back from the sorted order (ties take either order: a subgradient)."""
+    q = o.exp(lq)
+    order = o.argsort_desc(q)
+    diff = o.take_along(q, order) - o.exp(sorted_lp)
+    value = o.sum(o.abs(diff), axis=-1)
+    full = o.put_along(o.zeros_like(q), order, -o.take_along(q, order) * o.sign(diff))
+    return Weights(value=value, full=full)
 
 
 _BETA_JSD = Param(0.5, 0.0, 1.0, help="mixture weight of the teacher (0: forward KL, 1: reverse KL)")
@@ -236,6 +265,8 @@ METHODS: dict[str, Method] = {
                help="token-wise sigmoid mix of forward and reverse KL"),
         Method("hpd", hpd, {}, needs_sample=True, full_vocab=False,
                help="hybrid policy distillation: data token plus one student sample per position"),
+        Method("uld", uld, {}, sorted_teacher=True,
+               help="ULD's sorted-probability distance (no shared vocabulary needed; --uld-weight adds it)"),
     ]
 }
 

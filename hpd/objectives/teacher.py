@@ -10,6 +10,12 @@ log-probs. A `TeacherSource` hands them out; the loss never asks which source it
 
 A source is first narrowed to the positions whose target counts (`select`, with flat
 row-major indices over the targets' shape), then asked for rows of that selection.
+
+Optional members serve what a row over the student's vocabulary cannot say (the
+cross-tokenizer teacher, `hpd.teachers.cross`, has them): `sorted_log_probs`, the
+teacher's whole distribution sorted, for ULD's distance; `width`, the columns a row
+passes through on its way (its own vocabulary), which sizes the chunked loss's chunks;
+and `metrics()`, the source's own figures for the step's record.
 """
 
 from __future__ import annotations
@@ -76,9 +82,20 @@ class LogitsTeacher:
         return o.log_softmax(z)
 
 
+def sorted_log_probs(o, source, rows: slice, vocab: int, temperature: float, dtype, row=None):
+    """(C, vocab) teacher log-probs sorted descending, for ULD's distance: the source's own
+    (over the teacher's whole vocabulary, where it has one beyond the student's), else
+    its row (given, or asked for) sorted."""
+    if hasattr(source, "sorted_log_probs"):
+        return source.sorted_log_probs(o, rows, vocab, temperature, dtype)
+    if row is None:
+        row = source.log_probs(o, rows, vocab, temperature, dtype)
+    return o.sort_desc(row)
+
+
 def as_source(teacher) -> TeacherSource:
     """A source as it is, or teacher logits as a `LogitsTeacher`."""
     return teacher if hasattr(teacher, "log_probs") and hasattr(teacher, "select") else LogitsTeacher(teacher)
 
 
-__all__ = ["TeacherSource", "LiveTeacher", "LogitsTeacher", "as_source"]
+__all__ = ["TeacherSource", "LiveTeacher", "LogitsTeacher", "as_source", "sorted_log_probs"]

@@ -24,6 +24,7 @@ from hpd.data.examples import IGNORE_INDEX, Dataset, pad_id_of
 from hpd.files.digest import sha256_of
 from hpd.models.loading import local_or_hub
 from hpd.objectives.ops import ops_for
+from hpd.teachers.cross import batch_teacher, choose_mode, prepare
 from hpd.teachers.live import teacher_source_of
 from hpd.teachers.store import (
     FORMAT,
@@ -43,7 +44,8 @@ from hpd.teachers.store import (
 
 # Fields a resumed store must share with the run that continues it.
 RESUME_FIELDS = ("data_sha256", "tokenizer_vocab_sha256", "chat_template_sha256", "tokens_sha256",
-                 "max_length", "temperature", "top_k", "teacher_sha256", "teacher_quantize")
+                 "max_length", "temperature", "top_k", "teacher_sha256", "teacher_quantize",
+                 "teacher_tokenizer_vocab_sha256", "alignment_sha256")
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -92,7 +94,8 @@ def data_provenance(data: str, tokenizer, dataset: Dataset, max_length: int) -> 
 _MEANING = {"data_sha256": "the data file", "tokenizer_vocab_sha256": "the tokenizer's vocabulary",
             "chat_template_sha256": "the chat template", "tokens_sha256": "the tokenised data",
             "max_length": "--max-length", "temperature": "--temperature", "top_k": "--top-k",
-            "teacher_sha256": "the teacher", "teacher_quantize": "--teacher-quantize"}
+            "teacher_sha256": "the teacher", "teacher_quantize": "--teacher-quantize",
+            "teacher_tokenizer_vocab_sha256": "the teacher's tokenizer", "alignment_sha256": "the alignment"}
 
 
 def first_difference(stored: dict, wanted: dict, fields) -> str | None:
@@ -165,6 +168,7 @@ def teacher_rows(o, source, targets: np.ndarray, *, vocab: int, top_k: int, temp
 
 def selected_dtype(o, source):
     """float32 (float64 for a float64 teacher): log-probs are computed at least in float32."""
+    source = getattr(source, "inner", source)  # a cross-tokenizer source: the teacher's own
     x = source.hidden if hasattr(source, "hidden") else source.logits
     return o.compute_dtype(x)
 
@@ -173,18 +177,31 @@ def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, te
                   top_k: int = 32, max_length: int = 1024, batch_size: int = 8, temperature: float = 1.0,
                   logprob_bits: int | str = "auto", examples_per_shard: int = 1024, chunk_size: int = 1024,
                   teacher_quantize: int = 0, resume: bool = False, overwrite: bool = False,
-                  progress: bool = True, after_shard: Callable[[dict], None] | None = None) -> dict:
-    """Write (or continue) the teacher store for `data` in `out`; returns the final index."""
+                  progress: bool = True, after_shard: Callable[[dict], None] | None = None,
+                  student_tokenizer=None, tokenizer_mode: str = "auto") -> dict:
+    """Write (or continue) the teacher store for `data` in `out`; returns the final index.
+
+    `tokenizer` is the teacher's. With `student_tokenizer` the store is laid out on that
+    tokenizer's encoding of the data (the student's, which training must then use); when
+    it is another tokenizer (`tokenizer_mode` auto or cross), the teacher's rows are
+    paired with its targets and moved to its vocabulary (`hpd.teachers.cross`), and the
+    store records the teacher's tokenizer and the alignment's digest."""
     if getattr(backend, "world_size", 1) > 1:  # every process would write the same shards
         raise StoreError("hpd cache-teacher runs in one process; start it without torchrun or mlx.launch")
-    vocab = backend.vocab_size(teacher)
+    data_tok, cross, across = tokenizer if student_tokenizer is None else student_tokenizer, None, {}
+    if student_tokenizer is not None and choose_mode(tokenizer_mode, student_tokenizer, tokenizer)[0] == "cross":
+        cross = prepare([(data, {})], student_tokenizer, tokenizer, max_length)
+        across = {"teacher_tokenizer": "cross", "alignment_sha256": cross.digest(), "aligned_share": cross.share,
+                  "teacher_tokenizer_vocab_sha256": tokenizer_fingerprint(tokenizer)["tokenizer_vocab_sha256"]}
+    vocab = len(data_tok) if cross else backend.vocab_size(teacher)  # the ids the rows are over
     if top_k > vocab:
-        raise StoreError(f"--top-k {top_k} is larger than the teacher's vocabulary ({vocab} tokens)")
+        raise StoreError(f"--top-k {top_k} is larger than the {'student' if cross else 'teacher'}'s vocabulary "
+                         f"({vocab} tokens)")
     quantizer = Quantizer(default_bits(vocab) if logprob_bits == "auto" else int(logprob_bits))
-    dataset = load_dataset(data, tokenizer, max_length)
-    provenance = {**data_provenance(data, tokenizer, dataset, max_length), "temperature": float(temperature),
+    dataset = load_dataset(data, data_tok, max_length)
+    provenance = {**data_provenance(data, data_tok, dataset, max_length), "temperature": float(temperature),
                   "top_k": int(top_k), "teacher": teacher_name, "teacher_sha256": teacher_fingerprint(teacher_name),
-                  "teacher_quantize": int(teacher_quantize), "backend": backend.name}
+                  "teacher_quantize": int(teacher_quantize), "backend": backend.name, **across}
     fresh = {"format": FORMAT, "version": VERSION, "provenance": provenance, "top_k": int(top_k),
              "vocab": int(vocab), "id_bytes": id_bytes(vocab), "logprob_bits": quantizer.bits,
              "logprob_span": quantizer.span if quantizer.bits < 32 else None, "logprob_error_bound": quantizer.bound,
@@ -193,7 +210,8 @@ def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, te
     index = open_store(Path(out), fresh, resume=resume, overwrite=overwrite)
     start = covered(index)
     chunked = backend.chunked_blocker(teacher) is None  # else the model's own logits, a batch at a time
-    pad = pad_id_of(tokenizer)
+    pad = pad_id_of(data_tok)
+    shared: dict = {}  # the cross teacher's vocabulary map, built once
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(dataset), initial=start, desc="cache-teacher", unit="example", disable=not progress)
@@ -203,9 +221,14 @@ def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, te
     while a < len(dataset):
         b = min(a + batch_size, len(dataset), shard_start + examples_per_shard)  # a shard ends a batch
         batch = collate(dataset.examples[a:b], pad)
-        found = backend.forward(teacher, backend.to_arrays(batch), hidden=chunked)
-        source = teacher_source_of(found)
-        o = ops_for(found.hidden if found.hidden is not None else found.logits)
+        if cross is not None:
+            targets = backend.to_arrays({"t": batch["targets"]})["t"]
+            source = batch_teacher(backend, teacher, cross, batch, targets, vocab=vocab, hidden=chunked, cache=shared)
+            o = ops_for(targets)
+        else:
+            found = backend.forward(teacher, backend.to_arrays(batch), hidden=chunked)
+            source = teacher_source_of(found)
+            o = ops_for(found.hidden if found.hidden is not None else found.logits)
         got = teacher_rows(o, source, batch["targets"], vocab=vocab, top_k=top_k, temperature=temperature,
                            chunk=chunk_size, to_array=to_array)
         counts = (batch["targets"] != IGNORE_INDEX).sum(axis=1)

@@ -157,6 +157,11 @@ def open_for_run(cfg, tokenizer, dataset) -> Store:
     if cfg.teacher:
         wanted["teacher_sha256"] = teacher_fingerprint(cfg.teacher)
     diff = first_difference(store.provenance, wanted, RUN_FIELDS)
+    if diff and diff.startswith("tokenizer_vocab_sha256"):  # the rows are over another tokenizer's ids
+        made = ("another student tokenizer (its rows are aligned to that tokenizer's ids)"
+                if store.provenance.get("teacher_tokenizer") == "cross" else "the teacher's tokenizer")
+        raise StoreError(f"the teacher store {cfg.teacher_cache} was made for {made}, not this student's "
+                         f"({cfg.student}): {diff}; cache the teacher again with --student {cfg.student}")
     if diff:
         raise StoreError(f"the teacher store {cfg.teacher_cache} does not match this run: {diff}")
     return store

@@ -38,9 +38,18 @@ class DistillConfig:
                             "repeatable", cli="multiple")
     out: str = _f("", "output folder: final student at the top, checkpoints/, metrics.jsonl, config.yaml")
     backend: str = _f("torch", "training backend", choices=("torch", "mlx"))
+    teacher_tokenizer: str = _f("auto", "how the teacher's tokens meet the student's: same (one tokenizer: the "
+                                "teacher reads the student's ids), cross (another tokenizer: both render each row, "
+                                "targets are paired by their text, and the teacher's log-probs move to the "
+                                "student's vocabulary at the tokens both share), auto (same when the two "
+                                "vocabularies are equal token for token, else cross)",
+                                choices=("auto", "same", "cross"))
     method: str = _f("hpd", f"distillation objective: {', '.join(METHODS)}")
     method_params: dict = _f({}, "parameters of the method, e.g. {beta: 0.5} for jsd", cli=False)
     temperature: float = _f(1.0, "softmax temperature applied to both models", low=0.0, low_open=True)
+    uld_weight: float = _f(0.0, "add ULD's sorted-probability distance (the uld method) with this weight to "
+                           "every objective mix (0: off); across tokenizers it is the term that sees the "
+                           "teacher's mass on tokens the student's vocabulary lacks", low=0.0)
     schedule: dict = _f({}, "hybrid sampling schedule (on-policy fraction, objective phases)", cli=False)
     # student rollouts (on-policy steps of the schedule)
     rollout_max_new_tokens: int = _f(128, "longest student rollout, in new tokens", low=1)

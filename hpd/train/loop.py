@@ -84,12 +84,16 @@ class ObjectiveLoss:
             term = value * obj.weight if obj.weight != 1.0 else value
             total = term if total is None else total + term
             metrics.update(metric_names(m, obj.method, len(self.objectives)))
+        report = getattr(self.teacher, "metrics", None)  # a source's own figures (hpd.teachers.cross)
+        if report is not None:
+            metrics.update(report())
         return total, metrics
 
 
 def live_teacher(loop: "Loop", micro_batch: dict, arrays: dict, plan):
-    """The default teacher of a step: the teacher model's forward on the batch."""
-    return loop.backend.forward(loop.teacher, arrays, hidden=loop.chunked)
+    """The default teacher of a step: the teacher model's forward on the batch (plan None:
+    an evaluation batch, scored from logits)."""
+    return loop.backend.forward(loop.teacher, arrays, hidden=loop.chunked and plan is not None)
 
 
 @dataclass
@@ -129,7 +133,8 @@ class Loop:
     given_samples: Callable[[dict], np.ndarray] | None = None
     rollout: Callable[["Loop", Any, dict], dict] | None = None
     # where a step's teacher log-probs come from: (loop, micro-batch, arrays, plan) ->
-    # the teacher's Outputs or a TeacherSource (an offline store, say)
+    # the teacher's Outputs or a TeacherSource (an offline store, a teacher of another
+    # tokenizer); evaluation asks it too, with plan None
     teacher_source: Callable[["Loop", dict, dict, Any], Any] = live_teacher
     # asked before each step: True ends run() there (a signal asked the run to stop)
     should_stop: Callable[[], bool] = lambda: False
@@ -246,9 +251,9 @@ class Loop:
             s_out = backend.forward(self.student, arrays)
             if self.teacher is None:  # trained from a teacher store: no teacher to compare with
                 _, m = loss("sft", s_out.logits, s_out.logits, arrays["targets"])
-            else:
-                t_out = backend.forward(self.teacher, arrays)
-                _, m = loss("fkl", s_out.logits, t_out.logits, arrays["targets"], temperature=1.0)
+            else:  # the same source as training (a teacher of another tokenizer reads its own tokens)
+                teacher = teacher_source_of(self.teacher_source(self, mb, arrays, None))
+                _, m = loss("fkl", s_out.logits, teacher, arrays["targets"], temperature=1.0)
             means.add(m, m["tokens"])
         r = means.result()
         out = {"eval/loss": r.get("nll", float("nan")), "eval/tokens": r.get("tokens", 0.0)}

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hpd.data.batches import Batches, collate, load_dataset
-from hpd.data.examples import check_tokenizers, pad_id_of
+from hpd.data.examples import pad_id_of
 from hpd.data.sources import fingerprint
 from hpd.files.outdir import (
     Manifest,
@@ -26,12 +26,13 @@ from hpd.files.outdir import (
 from hpd.models import student as student_kind
 from hpd.backends import get_backend
 from hpd.models.export import finalize
-from hpd.report.evaluate import eval_source
+from hpd.report.evaluate import EVAL_SPLITS, eval_source
+from hpd.teachers.cross import choose_mode, cross_source, prepare_for_run
 from hpd.train import checkpoint as ckpt
 from hpd.train import resume as resume_check
 from hpd.train.config import DistillConfig
 from hpd.train.interrupt import Interrupted, StopOnSignal, signal_name
-from hpd.train.loop import Loop, LoopState
+from hpd.train.loop import Loop, LoopState, live_teacher
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -142,9 +143,20 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
         say(f"warning: {note}", rank)
 
     tokenizer = backend.load_tokenizer(cfg.student)
-    if cfg.teacher:
-        check_tokenizers(backend.load_tokenizer(cfg.teacher), tokenizer)
+    teacher_tokenizer, tokens_line, mode = None, "", "same"
+    if cfg.teacher:  # one tokenizer, or another one (hpd.teachers.cross), chosen here and said on the start line
+        teacher_tokenizer = backend.load_tokenizer(cfg.teacher)
+        try:
+            mode, why = choose_mode(cfg.teacher_tokenizer, tokenizer, teacher_tokenizer)
+        except ValueError as e:
+            raise ValueError(f"--teacher-tokenizer {cfg.teacher_tokenizer}: {e}; pass --teacher-tokenizer cross "
+                             "(or auto) to distil across tokenizers") from None
+        tokens_line = f"; teacher tokenizer: {mode} ({why})"
     data = load_dataset(cfg.data, tokenizer, cfg.max_length, split=cfg.data_split, columns=cfg.data_columns)
+    cross = None
+    if mode == "cross":  # every row paired before any model loads: a bad row stops here
+        cross = prepare_for_run(cfg, tokenizer, teacher_tokenizer, eval_source(cfg) | {"default_splits": EVAL_SPLITS})
+        say(f"teacher tokenizer: cross: {cross.describe()}", rank)
     store = None
     if cfg.teacher_cache:  # checked against this data, tokenizer and settings before any model loads
         from hpd.teachers.stored import open_for_run
@@ -163,7 +175,8 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
     teacher = None
     if cfg.teacher:
         teacher = backend.load_model(cfg.teacher, trainable=False, dtype=cfg.dtype, quantize=cfg.teacher_quantize)
-    vocab = min(backend.vocab_size(student), store.vocab if teacher is None else backend.vocab_size(teacher))
+    vocab = min(backend.vocab_size(student), store.vocab if teacher is None else
+                backend.vocab_size(student if cross else teacher))
     if len(tokenizer) > vocab:
         raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but a model's vocabulary only {vocab}")
 
@@ -174,7 +187,7 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
     from hpd.train.schedule import Schedule
 
     schedule = Schedule(cfg.schedule_config(), method=cfg.method, method_params=dict(cfg.method_params),
-                        total_steps=total, seed=cfg.seed)
+                        total_steps=total, seed=cfg.seed, uld_weight=cfg.uld_weight)
     optimizer = backend.make_optimizer(student, cfg)
     state = LoopState()
     if resume_from is not None:
@@ -192,11 +205,13 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
                                                        state.step))
 
     chunked, loss_path = choose_loss_path(cfg.chunked, backend, student=student, teacher=teacher)
+    live = live_teacher if cross is None else cross_source(cross)
     if store is not None:
         from hpd.teachers.stored import store_source
-        from hpd.train.loop import live_teacher
 
-        loop_hooks.setdefault("teacher_source", store_source(store, live_teacher))
+        loop_hooks.setdefault("teacher_source", store_source(store, live))
+    elif cross is not None:
+        loop_hooks.setdefault("teacher_source", live)
     run_info = {
         "name": out.name, "backend": cfg.backend, "student": cfg.student,
         "teacher": cfg.teacher or store.provenance["teacher"], "teacher_cache": cfg.teacher_cache,
@@ -246,12 +261,12 @@ def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | 
     per_step = cfg.batch_size * cfg.grad_accum * backend.world_size
     say(f"distilling {cfg.teacher or cfg.teacher_cache} -> {cfg.student} with {cfg.method} on {cfg.backend}: "
         f"{total} steps of {per_step} sequences ({cfg.batch_size} per batch x {cfg.grad_accum} accumulated "
-        f"x {backend.world_size} process{'es' if backend.world_size > 1 else ''}); {loss_path}", rank)
+        f"x {backend.world_size} process{'es' if backend.world_size > 1 else ''}); {loss_path}{tokens_line}", rank)
     baseline = {}
     if cfg.eval_generate and eval_batches and resume_from is not None:  # measured before the first run
         baseline = _logged_baseline(out / "metrics.jsonl")
     if cfg.eval_generate and eval_batches and resume_from is None:
-        baseline = _accuracy_baseline(backend, student, teacher, tokenizer, cfg)
+        baseline = _accuracy_baseline(backend, student, teacher, tokenizer, cfg, teacher_tokenizer)
         say("held-out exact match before distilling: " + ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()),
             rank)
         if rank == 0:
@@ -340,15 +355,16 @@ def _own_report_folders(manifest: Manifest, out: Path) -> None:
             manifest.own_folder(out / name)
 
 
-def _accuracy_baseline(backend, student, teacher, tokenizer, cfg) -> dict[str, float]:
+def _accuracy_baseline(backend, student, teacher, tokenizer, cfg, teacher_tokenizer=None) -> dict[str, float]:
     from hpd.report.evaluate import accuracy
 
-    def acc(model):
-        return accuracy(backend, model, tokenizer, cfg.eval_data, extractor=cfg.eval_extractor,
+    def acc(model, tok):  # each model prompted through its own tokenizer and template
+        return accuracy(backend, model, tok, cfg.eval_data, extractor=cfg.eval_extractor,
                         limit=cfg.eval_generate, max_new_tokens=cfg.rollout_max_new_tokens,
                         progress=False, **eval_source(cfg))["accuracy"]
 
-    return {"student": acc(student), **({"teacher": acc(teacher)} if teacher is not None else {})}
+    return {"student": acc(student, tokenizer),
+            **({"teacher": acc(teacher, teacher_tokenizer or tokenizer)} if teacher is not None else {})}
 
 
 def _sinks(cfg, out: Path, total: int, initial: int) -> list:

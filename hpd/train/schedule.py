@@ -91,13 +91,18 @@ class StepPlan:
 class Schedule:
     """The per-step plans of one run; its only state is the adaptive lambda's history."""
 
-    def __init__(self, config: ScheduleConfig, *, method: str, method_params: dict, total_steps: int, seed: int):
+    def __init__(self, config: ScheduleConfig, *, method: str, method_params: dict, total_steps: int, seed: int,
+                 uld_weight: float = 0.0):
         config.validate()
         if not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps={total_steps!r}: must be an integer >= 1")
         raise_all(f"schedule does not fit a run of {total_steps} steps", total_steps_errors(config, total_steps))
         self.config, self.total_steps, self.seed = config, total_steps, seed
         self.phases = _build_phases(config.phases, method, dict(method_params), total_steps)
+        if uld_weight > 0:  # --uld-weight: ULD's sorted distance joins every phase that lacks it
+            self.phases = [(end, objs if any(o.method == "uld" for o in objs)
+                            else (*objs, objective_of("uld", float(uld_weight), {})))
+                           for end, objs in self.phases]
         self._last_eval_step: int | None = None
         self._last_eval_loss: float | None = None
         self._lambda_changes: list[tuple[int, float]] = []  # (eval step, lambda for the steps after it)
