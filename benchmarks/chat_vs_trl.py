@@ -113,15 +113,23 @@ def _batches(cfg):
 
 
 def hpd_stepper(cfg):
-    """hpd.distill's own Loop, captured before it runs, so its steps can be interleaved
-    with the other paths' (the run then exports an untrained student, which is not timed)."""
+    """hpd.distill's own Loop, captured when it would start running (hpd.distill is left
+    there by an exception), so its steps can be interleaved with the other paths'."""
     import hpd
     from hpd.config import DistillConfig
     from hpd.loop import Loop
 
     captured = []
     original = Loop.run
-    Loop.run = lambda self, progress=None: captured.append(self) or {}
+
+    class Captured(Exception):  # leaves hpd.distill before its first step (and its export)
+        pass
+
+    def capture(self, progress=None):
+        captured.append(self)
+        raise Captured
+
+    Loop.run = capture
     root = Path(cfg["root"])
     import yaml
 
@@ -133,6 +141,8 @@ def hpd_stepper(cfg):
     config.update(overrides)
     try:
         hpd.distill(DistillConfig.from_dict(config).to_dict())
+    except Captured:
+        pass
     finally:
         Loop.run = original
     loop = captured[0]
