@@ -41,7 +41,7 @@ from typing import Any
 from hpd.heads import Head, as_head, project, pullback
 from hpd.losses import (MetricTally, _check_sampled, active_positions, sample_tokens, sample_with_uniforms,
                         token_kl)
-from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, get_method, resolve_params
+from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, Weights, get_method, resolve_params
 from hpd.ops import ops_for
 from hpd.teacher import LiveTeacher, TeacherSource
 
@@ -162,7 +162,8 @@ def chunked_loss(
     return backend.chunked_loss(plan, hidden, None if head.quantized or head.frozen else head.weight)
 
 
-def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=True, want_head=True):
+def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=True, want_head=True,
+                      chunk_fn=None):
     """(loss, grad w.r.t. hidden (N, H), grad w.r.t. the dense head weight, metrics).
 
     `hidden` holds the active positions only. The gradients are those of the returned
@@ -186,39 +187,25 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
         tally = MetricTally(o, plan.method, dtype, hidden)
         grad_hidden = []
         grad_head = o.zeros((plan.vocab, width), dtype, hidden) if want_head else None
+        chunk = chunk_fn or chunk_terms
         for start in range(0, n, plan.chunk_size):
             rows = slice(start, min(start + plan.chunk_size, n))
             h = o.astype(hidden[rows], dtype)  # (C, H_s)
-            zs, tanh = project(o, head, h, plan.vocab, T, dtype=dtype, weight=weight)  # (C, V)
-            y = plan.targets[rows]
-            s = None
-            if plan.method.needs_sample:
-                if plan.sampled is not None:
-                    s = plan.sampled[rows]
-                elif plan.uniforms is None:
-                    s = sample_tokens(o, zs)
-            log_q = o.log_softmax(zs)
-            del zs  # (C, V), not needed past here: kept out of the chunk's peak
-            if s is None and plan.method.needs_sample:
-                s = sample_with_uniforms(o, log_q, plan.uniforms[rows])
-            lq = o.maximum(log_q, LOG_FLOOR)
-            lp = o.maximum(plan.teacher.log_probs(o, rows, plan.vocab, T, dtype), LOG_FLOOR)
-            w = plan.method.rule(o, lq, lp, y, s, **plan.params)
-            kl = token_kl(o, plan.method, w, lq, lp)
-            del lp, lq
-            total = total + o.sum(w.value)
-            tally.add(w, o.take(log_q, y), None, kl)
+            s = plan.sampled[rows] if plan.method.needs_sample and plan.sampled is not None else None
+            u = plan.uniforms[rows] if plan.method.needs_sample and s is None and plan.uniforms is not None else None
+            lp = [plan.teacher.log_probs(o, rows, plan.vocab, T, dtype)]  # (C, V), handed over: see chunk_terms
+            value, diagnostics, domains, log_q_y, kl, gh, gw = chunk(
+                o, plan.method, plan.params, head, weight, h, plan.targets[rows], s, u, lp, T, scale, plan.vocab,
+                want_hidden, want_head)
+            total = total + o.sum(value)
+            tally.add(Weights(value=value, diagnostics=diagnostics, domains=domains), log_q_y, None, kl)
             pending = [total, *tally.arrays()]
-            if want_hidden or want_head:
-                g = logit_grad(o, w, log_q)  # (C, V), not yet scaled
-                gh, gw = pullback(o, head, g, h, tanh, T, want_weight=want_head, weight=weight,
-                                  extra_scale=scale)
-                if want_hidden:
-                    grad_hidden.append(gh)  # (C, H_s)
-                    pending.append(gh)
-                if want_head:
-                    grad_head = grad_head + gw
-                    pending.append(grad_head)
+            if want_hidden:
+                grad_hidden.append(gh)  # (C, H_s)
+                pending.append(gh)
+            if want_head:
+                grad_head = grad_head + gw
+                pending.append(grad_head)
             o.evaluate(*pending)
         if want_hidden:
             grad_hidden = o.concat(grad_hidden, axis=0) if grad_hidden else o.zeros((0, width), dtype, hidden)
@@ -228,6 +215,41 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
             rest = o.zeros((head.vocab - plan.vocab, width), dtype, hidden)
             grad_head = o.concat([grad_head, rest], axis=0)
         return total / plan.denom, grad_hidden, grad_head, tally.metrics(plan.count)
+
+
+def chunk_terms(o, method: Method, params: dict, head: Head, weight, h, y, s, u, lp, temperature: float,
+                scale: float, vocab: int, want_hidden: bool, want_head: bool):
+    """One chunk's vocabulary-sized work, from the student's hidden states h (C, H) and the
+    teacher's log-probs (C, V): the student's logits and log-probs, the rule, the token KL
+    and the gradients pushed back through the head. Returns (the objective per position,
+    the rule's diagnostics and domains, log q(y), the token KL, grad w.r.t. h or None,
+    grad w.r.t. the head or None). Arrays and plain values in, arrays out, so a backend
+    can run it compiled (hpd.backends.torch.compiled).
+
+    lp: the teacher's log-probs, or a one-item list of them that is emptied here, so that
+    they are freed once the rule has used them (the caller keeps no reference: one (C, V)
+    array fewer at the chunk's peak)."""
+    if isinstance(lp, list):
+        lp = lp.pop()
+    dtype = o.float_dtype(h)
+    zs, tanh = project(o, head, h, vocab, temperature, dtype=dtype, weight=weight)  # (C, V)
+    if method.needs_sample and s is None and u is None:
+        s = sample_tokens(o, zs)
+    log_q = o.log_softmax(zs)
+    del zs  # (C, V), not needed past here: kept out of the chunk's peak
+    if s is None and method.needs_sample:
+        s = sample_with_uniforms(o, log_q, u)
+    lq = o.maximum(log_q, LOG_FLOOR)
+    lp = o.maximum(lp, LOG_FLOOR)
+    w = method.rule(o, lq, lp, y, s, **params)
+    kl = token_kl(o, method, w, lq, lp)
+    del lp, lq
+    gh = gw = None
+    if want_hidden or want_head:
+        g = logit_grad(o, w, log_q)  # (C, V), not yet scaled
+        gh, gw = pullback(o, head, g, h, tanh, temperature, want_weight=want_head, weight=weight,
+                          extra_scale=scale)
+    return w.value, w.diagnostics, w.domains, o.take(log_q, y), kl, gh, gw
 
 
 def resolve_chunk_size(chunk_size: int | str, vocab: int, itemsize: int = 4,
@@ -310,4 +332,4 @@ def _check_side(side: str, hidden, head: Head, targets) -> None:
         )
 
 
-__all__ = ["chunked_loss", "forward_and_grads", "logit_grad", "resolve_chunk_size", "ChunkPlan"]
+__all__ = ["chunked_loss", "forward_and_grads", "chunk_terms", "logit_grad", "resolve_chunk_size", "ChunkPlan"]
