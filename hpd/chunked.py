@@ -38,7 +38,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from hpd.heads import Head, as_head, project, pullback
+from hpd.heads import Head, as_head, half_logits, project, pullback
 from hpd.losses import (MetricTally, _check_sampled, active_positions, sample_tokens, sample_with_uniforms,
                         token_kl)
 from hpd.objectives import TEMPERATURE, LOG_FLOOR, Method, Weights, get_method, resolve_params
@@ -180,8 +180,11 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
         if not head.quantized:
             if head_weight is not None:  # else frozen: the head's own weight, no gradient
                 head = head.with_weight(head_weight)
-            # cast once, not per chunk: a head-sized copy, like the head's gradient
-            weight = o.astype(o.stop_gradient(head.weight)[: plan.vocab], dtype)  # (V, H_s)
+            # cast once, not per chunk: a head-sized copy, like the head's gradient (none
+            # for a half-precision head that forms float32 logits as stored: hpd.heads.half_logits)
+            weight = o.stop_gradient(head.weight)[: plan.vocab]  # (V, H_s)
+            if not half_logits(o, weight, dtype):
+                weight = o.astype(weight, dtype)
         T, scale = plan.temperature, 1.0 / plan.denom
         total = o.zeros((), dtype, hidden)
         tally = MetricTally(o, plan.method, dtype, hidden)
