@@ -64,9 +64,13 @@ METHOD_PARAMS = {"jsd": {"beta": 0.5}}
 # ---------------------------------------------------------------------------- child
 
 
-def build_models(cfg, device):
+def build_models(cfg, device, dtype="auto"):
+    """Random models; --dtype as hpd loads them (auto: on CUDA a bfloat16 teacher, the
+    student float32 under bfloat16 autocast)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
     def build(role, seed):
         kind = LlamaConfig if cfg["arch"] == "llama" else Qwen2Config
@@ -77,7 +81,11 @@ def build_models(cfg, device):
                       max_position_embeddings=max(2048, cfg["seq"] + cfg["spread"] + 1),
                       tie_word_embeddings=cfg["tied"], use_cache=False, **extra)
         torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).to(device)
+        if dtype in names:
+            kind = names[dtype]
+        else:
+            kind = torch.bfloat16 if role == "teacher" and torch.device(device).type == "cuda" else torch.float32
+        return AutoModelForCausalLM.from_config(config, dtype=kind).to(device)
 
     student = build("student", 2).train()
     teacher = build("teacher", 1).eval().requires_grad_(False)
@@ -179,17 +187,21 @@ def instrument(backend, timers):
     backend.forward_backward, backend.optimizer_step = timed_forward_backward, timed_optimizer_step
 
 
-def make_loop(cfg, backend, student, teacher):
+def make_config(cfg):
     from hpd.config import DistillConfig
+
+    fields = dict(method=cfg["method"], method_params=METHOD_PARAMS.get(cfg["method"], {}), batch_size=cfg["batch"],
+                  lr=1e-5, device=cfg["device"], steps=cfg["warmup"] + cfg["iters"],
+                  max_length=cfg["seq"] + cfg["spread"] + 1)
+    fields.update(cfg["hpd_args"])
+    return DistillConfig.from_dict(fields)
+
+
+def make_loop(cfg, config, backend, student, teacher):
     from hpd.loop import Loop
     from hpd.run import choose_loss_path
     from hpd.schedule import Schedule
 
-    fields = dict(method=cfg["method"], method_params=METHOD_PARAMS.get(cfg["method"], {}), batch_size=cfg["batch"],
-                  lr=1e-5, device=cfg["device"], steps=cfg["warmup"] + cfg["iters"])
-    fields.update(cfg["hpd_args"])
-    config = DistillConfig.from_dict(fields)
-    backend.config = config
     steps = cfg["warmup"] + cfg["iters"]
     chunked, path = choose_loss_path(config.chunked, backend, student=student, teacher=teacher)
     schedule = Schedule(config.schedule_config(), method=config.method, method_params=dict(config.method_params),
@@ -221,9 +233,12 @@ def floor_stepper(cfg, backend, student, teacher):
         inputs = model_inputs(arrays)
         with torch.no_grad():
             family.hidden_states(teacher, **inputs)
-        h = family.hidden_states(student, **inputs)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if backend.device.type == "cuda" \
+            and next(student.parameters()).dtype == torch.float32 else torch.autocast("cpu", enabled=False)
+        with autocast:  # as TorchBackend.forward_backward runs the student
+            h = family.hidden_states(student, **inputs)
         mask = arrays["targets"] != -100
-        loss = F.cross_entropy(head(h[mask]), arrays["targets"][mask])
+        loss = F.cross_entropy(head(h[mask]).float(), arrays["targets"][mask])
         loss.backward()
         backend.optimizer_step(student, optimizer, 1e-5, 1.0)
         if backend.device.type == "cuda":
@@ -239,19 +254,19 @@ def run_child(cfg) -> dict:
 
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
-    backend = TorchBackend(None)
-    backend.device = torch.device("cuda" if cfg["device"] == "auto" and torch.cuda.is_available() else
-                                  ("cpu" if cfg["device"] == "auto" else cfg["device"]))
+    from hpd.config import DistillConfig
+
+    config = make_config(cfg)
+    backend = TorchBackend(config)  # as hpd distill builds it (--device, --compile, ...)
     cfg["device"] = backend.device.type
-    student, teacher = build_models(cfg, backend.device)
-    loop, path = make_loop(cfg, backend, student, teacher)
+    student, teacher = build_models(cfg, backend.device, config.dtype)
+    loop, path = make_loop(cfg, config, backend, student, teacher)
     timers = Timers(backend.device)
     instrument(backend, timers)
     floor = None
     if cfg["floor"]:  # its own copies of the models, trained by its own optimizer
-        floor_backend = TorchBackend(None)
-        floor_backend.device = backend.device
-        floor = floor_stepper(cfg, floor_backend, *build_models(cfg, backend.device))
+        floor_backend = TorchBackend(DistillConfig.from_dict({"device": cfg["device"], "compile": "off"}))
+        floor = floor_stepper(cfg, floor_backend, *build_models(cfg, backend.device, config.dtype))
     per_phase = {p: [] for p in PHASES}
     totals, floors = [], []
     for i in range(cfg["warmup"] + cfg["iters"]):
@@ -274,9 +289,8 @@ def run_child(cfg) -> dict:
             per_phase[p].append(timers.now.get(p, 0.0))
         per_phase["other"].append(total - sum(timers.now.values()))
     extra = {}
-    compiled = getattr(backend, "compile_stats", None)
-    if callable(compiled):
-        extra["compile"] = compiled()
+    if getattr(backend, "compiler", None) is not None:
+        extra["compile"] = backend.compiler.stats()
     tokens = int(sum((b["targets"] != -100).sum() for b in loop.batches.batches[:1]))
     return {**cfg, "path": path, "median_s": {p: statistics.median(v) for p, v in per_phase.items()},
             "total_s": statistics.median(totals), "floor_s": statistics.median(floors) if floors else None,

@@ -92,7 +92,6 @@ class TorchBackend:
         self.compiler = compiled.Compiler(str(getattr(config, "compile_buckets", "64")),
                                           int(getattr(config, "max_length", 1024)), strict=mode == "on") \
             if compiled.enabled(mode, self.device) else None
-        compiled.ACTIVE = self.compiler
 
     @property
     def lora(self):
@@ -176,6 +175,9 @@ class TorchBackend:
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
         """No gradient and no autograd bookkeeping (inference mode: the outputs can never
         enter a graph), no KV cache (model_inputs)."""
+        from hpd.backends.torch import compiled
+
+        compiled.ACTIVE = self.compiler
         with torch.inference_mode():
             return self._run(model, batch, hidden)
 
@@ -184,6 +186,9 @@ class TorchBackend:
             and next(model.parameters()).dtype == torch.float32 else _null()
         with autocast:
             out = self._run(model, batch, hidden)
+        from hpd.backends.torch import compiled
+
+        compiled.ACTIVE = self.compiler  # the chunked loss's chunk function: compiled or not, per backend
         loss, metrics = loss_fn(out)
         if hasattr(loss_fn, "release"):  # the teacher's outputs are not needed by the backward
             loss_fn.release()

@@ -30,7 +30,9 @@ import math
 import sys
 from collections import Counter
 
-ACTIVE: "Compiler | None" = None  # the process's compiler, set by TorchBackend; read by chunked.py
+# the compiler of the backend whose step is running (TorchBackend sets it in forward and
+# forward_backward); backends/torch/chunked.py asks it for the chunk function
+ACTIVE: "Compiler | None" = None
 
 
 def enabled(mode: str, device) -> bool:
