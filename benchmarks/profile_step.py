@@ -350,8 +350,8 @@ def report(results) -> str:
     compiles = [r["compile"] for r in ok if r.get("compile")]
     if compiles:
         lines.append(f"\ncompile: {compiles[0]}")
-    lines.append(f"\nload average (1 min) at the end of each process: "
-                 ", ".join(f"{r['load_avg_1min']:.1f}" for r in ok))
+    lines.append("\nload average (1 min) at the end of each process: "
+                 + ", ".join(f"{r['load_avg_1min']:.1f}" for r in ok))
     return "\n".join(lines)
 
 
