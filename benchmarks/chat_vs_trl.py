@@ -1,28 +1,70 @@
-"""Step time on a short chat shape: `hpd distill`'s loop, TRL's GKDTrainer and a plain loop.
+"""Step time on short chat shapes: `hpd distill`'s loop, TRL's GKDTrainer, a plain loop, the floor.
 
-The shape: a Qwen2 teacher of ~5.0M parameters and a student of ~1.7M (tied embeddings),
-vocabulary 4096, batch 8, rows of ~61 tokens of which ~38 are the answer (prompt/completion
-rows, prompt masked), float32 on CPU. Three paths train the same models on the same rows:
+The models: a Qwen2 teacher of ~4.9M parameters and a student of ~1.8M (tied embeddings),
+vocabulary 4096, batch 8, float32 on CPU, one torch thread. The rows (prompt/completion,
+prompt masked) are ~61 tokens each; --shapes picks how much of that is prompt:
 
-  hpd    hpd.distill(...) as `hpd distill` builds it; each Loop.train_step is timed (it
-         includes collating the batch, the teacher forward, the loss and the AdamW step).
-  trl    trl GKDTrainer with its defaults except lmbda=0 (offline; TRL's temperature only
-         affects generation, which lmbda=0 never runs): training_step (its compute_loss:
-         student and teacher forwards + generalized_jsd_loss, backward) + clip_grad_norm
-         + AdamW step on pre-collated batches, labels with the prompt masked.
-  loop   a plain hand-written torch loop: teacher forward, student forward, each head on
-         the supervised positions only, the objective there (forward KL, or TRL's jsd at
-         beta 0.5), backward, clip, fused AdamW step, on the same pre-collated batches.
+  chat            prompt 18-26 tokens, completion 33-41 (~38% prompt): the issue's shape
+  prompt-heavy    prompt 42-50, completion 9-17 (~75% prompt)
+  response-heavy  prompt 2-6, completion 49-57 (~8% prompt)
+
+Paths, all on the same models and rows:
+
+  hpd        hpd.distill(...) as `hpd distill` builds it; each Loop.train_step is timed (it
+             includes collating the batch, the teacher forward, the loss and the AdamW step).
+  trl        trl GKDTrainer with lmbda=0 (offline; TRL's temperature only affects
+             generation, which lmbda=0 never runs): training_step (its compute_loss:
+             student and teacher forwards + generalized_jsd_loss, backward) + clip_grad_norm
+             + AdamW step on pre-collated batches, labels with the prompt masked. This skips
+             what Trainer.train() sets up: float32, no checkpointing, no collation.
+  trl-train  TRL as GKDTrainer.train() runs it with GKDConfig's defaults: bf16=True (CPU
+             bfloat16 autocast on both models), gradient_checkpointing=True (the student's
+             forward runs twice), DataCollatorForChatML tokenizing every batch's messages,
+             Trainer's loop. The other paths' steps run from its on_step_end callback.
+  loop       a plain hand-written torch loop: teacher forward, student forward, each head on
+             the supervised positions only, the objective there (forward KL, or TRL's jsd at
+             beta 0.5), backward, clip, fused AdamW step, on the same pre-collated batches.
+  floor      what any distillation step of these models pays without a distillation loss:
+             the teacher's decoder forward, the student's forward with its head on the
+             supervised positions, a plain cross-entropy, backward, clip, fused AdamW.
 
 Like with like: hpd fkl vs TRL beta 0 vs the loop's forward KL; hpd jsd (beta 0.5) vs TRL
-beta 0.5 vs the loop's jsd. One fresh subprocess per objective and round builds all three
-and interleaves their steps (rotating the order every step), so that drift in the machine's
-load falls on all paths alike; it runs --warmup untimed steps then --iters timed ones and
-reports each path's median.
+beta 0.5 vs the loop's jsd; TRL computes both models' full-vocabulary log_softmax at every
+position (prompt and padding too) in float32, temperature 1, then masks. One fresh
+subprocess per shape, objective and round builds every path and interleaves their steps
+(rotating the order every step), so that drift in the machine's load falls on all paths
+alike; it runs --warmup untimed steps then --iters timed ones and reports each path's
+median, then the medians over rounds with their spread.
 
-    python benchmarks/chat_vs_trl.py                       # fkl and jsd, 3 rounds
-    python benchmarks/chat_vs_trl.py --methods fkl --rounds 1 --iters 10
-    python benchmarks/chat_vs_trl.py --hpd-args chunked=off   # a config override for the hpd path
+Why the issue's two short-shape numbers disagreed (TRL / hpd: an outside chat workload fkl
+1.69x, jsd 2.06x; this script fkl 0.91-1.03x, jsd 1.18-1.45x), measured with this script
+(benchmarks/results/issue-23/):
+
+1. Which TRL step is timed. This script's `trl` path calls training_step on pre-collated
+   batches, so TRL runs in float32 without checkpointing. A workload that calls
+   trainer.train() with GKDConfig's defaults gets bf16 autocast on CPU (+10% alone) and
+   gradient checkpointing (+29% alone: the student forward twice), plus per-batch
+   tokenization and Trainer's loop: trl-train / trl is 1.3-1.4x on every shape. That
+   alone takes the chat shape's TRL / hpd from 1.05x to 1.42x (fkl) and 1.33x to 1.71x (jsd).
+2. The prompt share. hpd's loss touches the vocabulary only at supervised positions; TRL
+   at every position. At ~61 tokens the same rows give TRL / hpd (trl-train) fkl 1.26x
+   with 8% prompt, 1.42x with 38%, 1.55x with 75%; jsd 1.61x, 1.71x, 2.02x. The outside
+   numbers (1.69x, 2.06x) sit between the chat and prompt-heavy shapes' trl-train ratios.
+3. Threads. With two torch threads per process on two cores shared with other processes,
+   OpenMP's spinning makes every step several times slower and the ratios swing with the
+   load (a jsd step went from 0.17 s to 1.4 s here); two benchmark processes side by side
+   contend the same way. This script uses one thread and interleaves all paths in one
+   process; compare only ratios measured side by side.
+4. What did not matter: padding (right padding, the same rows for all paths), TRL's beta
+   (0 for fkl and 0.5 for jsd on both sides), its temperature (1 in the loss; GKDConfig's
+   0.9 only affects generation).
+
+hpd / floor is 1.1-1.3x: the rest of an hpd step is the teacher's head over the supervised
+positions and the objective (benchmarks/profile_step.py splits it).
+
+    python benchmarks/chat_vs_trl.py                       # every shape, fkl and jsd, 3 rounds
+    python benchmarks/chat_vs_trl.py --shapes chat --methods fkl --rounds 1 --iters 10
+    python benchmarks/chat_vs_trl.py --paths hpd trl floor --hpd-args chunked=off   # config overrides for hpd
 """
 
 from __future__ import annotations
