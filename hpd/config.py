@@ -302,6 +302,9 @@ def _coerce(cls, name: str, value):
                 return value
             raise ValueError
         if ftype in ("str", str):
+            choices = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("choices") or ()
+            if isinstance(value, bool) and "on" in choices:  # YAML reads `on` / `off` as booleans
+                return "on" if value else "off"
             return str(value)
         if ftype in ("dict", dict):
             if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "=" in v for v in value):

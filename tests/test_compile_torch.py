@@ -104,3 +104,9 @@ def test_auto_is_off_on_cpu_and_the_option_is_checked():
         DistillConfig.from_dict({"compile_buckets": "often"}).validate(require_paths=False)
     Cfg.compile = "off"
     assert TorchBackend(Cfg()).compiler is None
+
+
+def test_yaml_on_and_off_are_the_choices():
+    cfg = DistillConfig.from_dict({"compile": True, "chunked": False})  # a recipe's `compile: on`, `chunked: off`
+    assert (cfg.compile, cfg.chunked) == ("on", "off")
+    cfg.validate(require_paths=False)
