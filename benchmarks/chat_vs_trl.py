@@ -1,28 +1,70 @@
-"""Step time on a short chat shape: `hpd distill`'s loop, TRL's GKDTrainer and a plain loop.
+"""Step time on short chat shapes: `hpd distill`'s loop, TRL's GKDTrainer, a plain loop, the floor.
 
-The shape: a Qwen2 teacher of ~5.0M parameters and a student of ~1.7M (tied embeddings),
-vocabulary 4096, batch 8, rows of ~61 tokens of which ~38 are the answer (prompt/completion
-rows, prompt masked), float32 on CPU. Three paths train the same models on the same rows:
+The models: a Qwen2 teacher of ~4.9M parameters and a student of ~1.8M (tied embeddings),
+vocabulary 4096, batch 8, float32 on CPU, one torch thread. The rows (prompt/completion,
+prompt masked) are ~61 tokens each; --shapes picks how much of that is prompt:
 
-  hpd    hpd.distill(...) as `hpd distill` builds it; each Loop.train_step is timed (it
-         includes collating the batch, the teacher forward, the loss and the AdamW step).
-  trl    trl GKDTrainer with its defaults except lmbda=0 (offline; TRL's temperature only
-         affects generation, which lmbda=0 never runs): training_step (its compute_loss:
-         student and teacher forwards + generalized_jsd_loss, backward) + clip_grad_norm
-         + AdamW step on pre-collated batches, labels with the prompt masked.
-  loop   a plain hand-written torch loop: teacher forward, student forward, each head on
-         the supervised positions only, the objective there (forward KL, or TRL's jsd at
-         beta 0.5), backward, clip, fused AdamW step, on the same pre-collated batches.
+  chat            prompt 18-26 tokens, completion 33-41 (~38% prompt): the issue's shape
+  prompt-heavy    prompt 42-50, completion 9-17 (~75% prompt)
+  response-heavy  prompt 2-6, completion 49-57 (~8% prompt)
+
+Paths, all on the same models and rows:
+
+  hpd        hpd.distill(...) as `hpd distill` builds it; each Loop.train_step is timed (it
+             includes collating the batch, the teacher forward, the loss and the AdamW step).
+  trl        trl GKDTrainer with lmbda=0 (offline; TRL's temperature only affects
+             generation, which lmbda=0 never runs): training_step (its compute_loss:
+             student and teacher forwards + generalized_jsd_loss, backward) + clip_grad_norm
+             + AdamW step on pre-collated batches, labels with the prompt masked. This skips
+             what Trainer.train() sets up: float32, no checkpointing, no collation.
+  trl-train  TRL as GKDTrainer.train() runs it with GKDConfig's defaults: bf16=True (CPU
+             bfloat16 autocast on both models), gradient_checkpointing=True (the student's
+             forward runs twice), DataCollatorForChatML tokenizing every batch's messages,
+             Trainer's loop. The other paths' steps run from its on_step_end callback.
+  loop       a plain hand-written torch loop: teacher forward, student forward, each head on
+             the supervised positions only, the objective there (forward KL, or TRL's jsd at
+             beta 0.5), backward, clip, fused AdamW step, on the same pre-collated batches.
+  floor      what any distillation step of these models pays without a distillation loss:
+             the teacher's decoder forward, the student's forward with its head on the
+             supervised positions, a plain cross-entropy, backward, clip, fused AdamW.
 
 Like with like: hpd fkl vs TRL beta 0 vs the loop's forward KL; hpd jsd (beta 0.5) vs TRL
-beta 0.5 vs the loop's jsd. One fresh subprocess per objective and round builds all three
-and interleaves their steps (rotating the order every step), so that drift in the machine's
-load falls on all paths alike; it runs --warmup untimed steps then --iters timed ones and
-reports each path's median.
+beta 0.5 vs the loop's jsd; TRL computes both models' full-vocabulary log_softmax at every
+position (prompt and padding too) in float32, temperature 1, then masks. One fresh
+subprocess per shape, objective and round builds every path and interleaves their steps
+(rotating the order every step), so that drift in the machine's load falls on all paths
+alike; it runs --warmup untimed steps then --iters timed ones and reports each path's
+median, then the medians over rounds with their spread.
 
-    python benchmarks/chat_vs_trl.py                       # fkl and jsd, 3 rounds
-    python benchmarks/chat_vs_trl.py --methods fkl --rounds 1 --iters 10
-    python benchmarks/chat_vs_trl.py --hpd-args chunked=off   # a config override for the hpd path
+Why the issue's two short-shape numbers disagreed (TRL / hpd: an outside chat workload fkl
+1.69x, jsd 2.06x; this script fkl 0.91-1.03x, jsd 1.18-1.45x), measured with this script
+(benchmarks/results/issue-23/):
+
+1. Which TRL step is timed. This script's `trl` path calls training_step on pre-collated
+   batches, so TRL runs in float32 without checkpointing. A workload that calls
+   trainer.train() with GKDConfig's defaults gets bf16 autocast on CPU (+10% alone) and
+   gradient checkpointing (+29% alone: the student forward twice), plus per-batch
+   tokenization and Trainer's loop: trl-train / trl is 1.3-1.4x on every shape. That
+   alone takes the chat shape's TRL / hpd from 1.05x to 1.42x (fkl) and 1.33x to 1.71x (jsd).
+2. The prompt share. hpd's loss touches the vocabulary only at supervised positions; TRL
+   at every position. At ~61 tokens the same rows give TRL / hpd (trl-train) fkl 1.26x
+   with 8% prompt, 1.42x with 38%, 1.55x with 75%; jsd 1.61x, 1.71x, 2.02x. The outside
+   numbers (1.69x, 2.06x) sit between the chat and prompt-heavy shapes' trl-train ratios.
+3. Threads. With two torch threads per process on two cores shared with other processes,
+   OpenMP's spinning makes every step several times slower and the ratios swing with the
+   load (a jsd step went from 0.17 s to 1.4 s here); two benchmark processes side by side
+   contend the same way. This script uses one thread and interleaves all paths in one
+   process; compare only ratios measured side by side.
+4. What did not matter: padding (right padding, the same rows for all paths), TRL's beta
+   (0 for fkl and 0.5 for jsd on both sides), its temperature (1 in the loss; GKDConfig's
+   0.9 only affects generation).
+
+hpd / floor is 1.1-1.3x: the rest of an hpd step is the teacher's head over the supervised
+positions and the objective (benchmarks/profile_step.py splits it).
+
+    python benchmarks/chat_vs_trl.py                       # every shape, fkl and jsd, 3 rounds
+    python benchmarks/chat_vs_trl.py --shapes chat --methods fkl --rounds 1 --iters 10
+    python benchmarks/chat_vs_trl.py --paths hpd trl floor --hpd-args chunked=off   # config overrides for hpd
 """
 
 from __future__ import annotations
@@ -40,6 +82,14 @@ from pathlib import Path
 
 TRL_BETA = {"fkl": 0.0, "jsd": 0.5}
 VOCAB = 4096
+# (prompt tokens, completion tokens) drawn uniformly per row; each row is ~61 tokens with
+# its BOS and EOS, so the shapes differ only in how much of the row is supervised
+SHAPES = {
+    "chat": ((18, 26), (33, 41)),  # ~38% prompt: the shape the issue's numbers were taken on
+    "prompt-heavy": ((42, 50), (9, 17)),  # ~75% prompt: a long question, a short answer
+    "response-heavy": ((2, 6), (49, 57)),  # ~8% prompt: almost every position is a target
+}
+PATHS = ("hpd", "trl", "trl-train", "loop", "floor")
 
 
 # ---------------------------------------------------------------------------- assets
@@ -79,16 +129,40 @@ def build_assets(root: Path, rows: int, seed: int = 0, prompt=(18, 26), completi
         config["rope_theta"] = 10000.0
         (root / name / "config.json").write_text(json.dumps(config))
 
+    write_rows(root / "train.jsonl", tok, lexicon, rows, prompt, completion, seed)
+
+
+def write_rows(path: Path, tok, lexicon, rows: int, prompt, completion, seed: int = 0) -> None:
+    """prompt/completion rows of words from `lexicon`, their token counts drawn uniformly
+    from the `prompt` and `completion` ranges (`tok`: a tokenizers.Tokenizer)."""
+    rng = random.Random(seed)
+
     def text(tokens: int) -> str:  # words until the text is about `tokens` tokens long
         words: list[str] = []
         while (have := len(tok.encode(" ".join(words)).ids)) < tokens:
             words += rng.choices(lexicon, k=max(1, (tokens - have) // 3))
         return " ".join(words)
 
-    with open(root / "train.jsonl", "w") as fh:
+    with open(path, "w") as fh:
         for _ in range(rows):
             row = {"prompt": text(rng.randint(*prompt)), "completion": text(rng.randint(*completion))}
             fh.write(json.dumps(row) + "\n")
+
+
+def build_shapes(root: Path, rows: int, shapes, seed: int = 0) -> dict[str, str]:
+    """The tokenizer and models once (build_assets), then one rows file per shape."""
+    from tokenizers import Tokenizer
+
+    build_assets(root, rows, seed, *SHAPES[shapes[0]])
+    tok = Tokenizer.from_file(str(root / "student" / "tokenizer.json"))
+    rng = random.Random(seed)
+    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
+    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
+    files = {shapes[0]: str(root / "train.jsonl")}
+    for name in shapes[1:]:
+        files[name] = str(root / f"train-{name}.jsonl")
+        write_rows(Path(files[name]), tok, lexicon, rows, *SHAPES[name], seed=seed)
+    return files
 
 
 def param_count(folder: Path) -> int:
@@ -108,32 +182,42 @@ def _batches(cfg):
 
     root = Path(cfg["root"])
     tok = AutoTokenizer.from_pretrained(root / "student")
-    data = load_dataset(root / "train.jsonl", tok, 512)
+    data = load_dataset(cfg.get("data") or root / "train.jsonl", tok, 512)
     it = Batches(data, cfg["batch"], pad_id_of(tok), seed=0)
     return [next(it) for _ in range(cfg["warmup"] + cfg["iters"])]
 
 
 def hpd_stepper(cfg):
-    """hpd.distill's own Loop, captured before it runs, so its steps can be interleaved
-    with the other paths' (the run then exports an untrained student, which is not timed)."""
+    """hpd.distill's own Loop, captured when it would start running (hpd.distill is left
+    there by an exception), so its steps can be interleaved with the other paths'."""
     import hpd
     from hpd.train.config import DistillConfig
     from hpd.train.loop import Loop
 
     captured = []
     original = Loop.run
-    Loop.run = lambda self, progress=None: captured.append(self) or {}
+
+    class Captured(Exception):  # leaves hpd.distill before its first step (and its export)
+        pass
+
+    def capture(self, progress=None):
+        captured.append(self)
+        raise Captured
+
+    Loop.run = capture
     root = Path(cfg["root"])
     import yaml
 
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in cfg["hpd_args"])}
-    config = dict(teacher=str(root / "teacher"), student=str(root / "student"), data=str(root / "train.jsonl"),
+    config = dict(teacher=str(root / "teacher"), student=str(root / "student"), data=cfg.get("data") or str(root / "train.jsonl"),
                   out=tempfile.mkdtemp(prefix="chat-bench-") + "/out", method=cfg["method"],
                   method_params={"beta": 0.5} if cfg["method"] == "jsd" else {}, steps=cfg["warmup"] + cfg["iters"],
                   batch_size=cfg["batch"], lr=1e-4, max_length=cfg.get("max_length", 512), progress=False, seed=0)
     config.update(overrides)
     try:
         hpd.distill(DistillConfig.from_dict(config).to_dict())
+    except Captured:
+        pass
     finally:
         Loop.run = original
     loop = captured[0]
@@ -195,6 +279,83 @@ def trl_stepper(cfg):
     return step
 
 
+# A chat template for the bench's tokenizer (it has none): "<s>prompt completion</s>",
+# the token ids hpd makes of a prompt/completion row, give or take the space.
+CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token }}{{ m['content'] }} "
+                 "{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+def trl_train(cfg, between, times) -> None:
+    """TRL as `GKDTrainer.train()` runs it with GKDConfig's defaults (the `trl` path calls
+    training_step on pre-collated batches instead, which skips what train() sets up):
+    bf16=True (accelerate wraps both models' forwards in CPU bfloat16 autocast),
+    gradient_checkpointing=True (activation checkpointing on the student: its forward runs
+    twice), DataCollatorForChatML tokenizing each batch's messages with the chat template
+    (left padding), and Trainer's own loop (dataloader, scheduler, callbacks). `between(i)`
+    runs the other paths' steps from an on_step_end callback; a TRL step is the time from
+    the end of one callback to the start of the next (so it includes fetching and collating)."""
+    import warnings
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    warnings.filterwarnings("ignore")
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+    student, teacher = _models(cfg)
+    tok = AutoTokenizer.from_pretrained(Path(cfg["root"]) / "student")
+    tok.chat_template = CHAT_TEMPLATE
+    steps = cfg["warmup"] + cfg["iters"]
+    with open(cfg.get("data") or Path(cfg["root"]) / "train.jsonl") as fh:
+        rows = [json.loads(line) for line in fh][: steps * cfg["batch"]]
+    messages = [{"messages": [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]}
+                for r in rows]
+    args = GKDConfig(output_dir=tempfile.mkdtemp(prefix="gkd-train-"), lmbda=0.0, beta=TRL_BETA[cfg["method"]],
+                     learning_rate=1e-4, per_device_train_batch_size=cfg["batch"], use_cpu=True, report_to="none",
+                     save_strategy="no", logging_strategy="no", max_steps=steps, disable_tqdm=True, seed=0)
+
+    class Interleave(TrainerCallback):
+        def __init__(self):
+            self.i, self.mark = 0, None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            now = time.perf_counter()
+            if self.mark is not None and self.i >= cfg["warmup"]:
+                times.append(now - self.mark)
+            between(self.i)
+            self.i += 1
+            self.mark = time.perf_counter()
+
+    trainer = GKDTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(messages),
+                         processing_class=tok, callbacks=[Interleave()])
+    trainer.train()
+
+
+def floor_stepper(cfg):
+    """The floor of any distillation step of these models: the teacher's decoder forward
+    (no gradient, no head), the student's forward with its head on the supervised
+    positions, a plain cross-entropy there, backward, clip, fused AdamW."""
+    import torch
+    import torch.nn.functional as F
+
+    student, teacher = _models(cfg)
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=True)
+
+    def step(batch):
+        inputs = _torch_inputs(batch)
+        mask = inputs["targets"] != -100
+        kwargs = dict(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False)
+        with torch.no_grad():
+            teacher.model(**kwargs)
+        h = student.model(**kwargs).last_hidden_state
+        F.cross_entropy(student.lm_head(h[mask]), inputs["targets"][mask]).backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def plain_stepper(cfg):
     import torch
     import torch.nn.functional as F
@@ -230,24 +391,32 @@ def plain_stepper(cfg):
 
 def run_child(cfg) -> dict:
     """Every path's steps, interleaved step by step in this one process (rotating the
-    order), so that the machine's load falls on all paths alike."""
+    order), so that the machine's load falls on all paths alike. With trl-train, TRL's
+    own train() drives the steps and the other paths run between its steps."""
     import torch
 
     torch.set_num_threads(cfg["threads"])
-    makers = {"hpd": hpd_stepper, "trl": trl_stepper, "loop": plain_stepper}
-    steppers = {path: makers[path](cfg) for path in cfg["paths"]}
+    makers = {"hpd": hpd_stepper, "trl": trl_stepper, "loop": plain_stepper, "floor": floor_stepper}
+    steppers = {path: makers[path](cfg) for path in cfg["paths"] if path != "trl-train"}
     batches = _batches(cfg)
-    times = {path: [] for path in steppers}
+    times = {path: [] for path in cfg["paths"]}
     paths = list(steppers)
-    for i, batch in enumerate(batches):
+
+    def between(i):
         order = paths[i % len(paths):] + paths[:i % len(paths)]
         for path in order:
             t0 = time.perf_counter()
-            steppers[path](batch)
+            steppers[path](batches[i])
             if i >= cfg["warmup"]:
                 times[path].append(time.perf_counter() - t0)
-    return {**cfg, "times": times, "median_s": {p: statistics.median(t) for p, t in times.items()},
-            "load_avg_1min": os.getloadavg()[0]}
+
+    if "trl-train" in cfg["paths"]:
+        trl_train(cfg, between, times["trl-train"])
+    else:
+        for i in range(len(batches)):
+            between(i)
+    return {**cfg, "times": times, "median_s": {p: statistics.median(t) for p, t in times.items() if t},
+            "threads_used": torch.get_num_threads(), "load_avg_1min": os.getloadavg()[0]}
 
 
 # ---------------------------------------------------------------------------- parent
@@ -267,51 +436,86 @@ def launch(cfg, timeout) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def _spread(values, fmt="{:.2f}x") -> str:
+    med = statistics.median(values)
+    return fmt.format(med) + (f" ({fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else "")
+
+
+def report(rows, args) -> str:
+    """One line per (shape, objective, round), then the medians over rounds with their spread."""
+    ratios = [(f"{p} / hpd", p, "hpd") for p in args.paths if p not in ("hpd", "floor")]
+    if "floor" in args.paths:
+        ratios.append(("hpd / floor", "hpd", "floor"))
+    ratios = [r for r in ratios if r[1] in args.paths and r[2] in args.paths]
+    head = ["shape", "objective", "round"] + [f"{p} ms" for p in args.paths] + [r[0] for r in ratios] + ["load"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    groups: dict = {}
+    for r in rows:
+        key = (r["shape"], r["method"])
+        if "error" in r:
+            out.append(f"| {r['shape']} | {r['method']} | {r['round']} | error: {r['error']} |")
+            continue
+        m = r["median_s"]
+        cells = [f"{m[p] * 1000:.1f}" for p in args.paths] + [f"{m[a] / m[b]:.2f}x" for _, a, b in ratios]
+        out.append(f"| {r['shape']} | {r['method']} | {r['round']} | " + " | ".join(cells)
+                   + f" | {r['load_avg_1min']:.1f} |")
+        groups.setdefault(key, []).append(m)
+    out += ["", "medians over rounds (min-max):", "",
+            "| shape | objective | " + " | ".join(f"{p} ms" for p in args.paths) + " | "
+            + " | ".join(r[0] for r in ratios) + " |", "|---|---|" + "---:|" * (len(args.paths) + len(ratios))]
+    for (shape, method), ms in groups.items():
+        cells = [_spread([m[p] * 1000 for m in ms], "{:.1f}") for p in args.paths]
+        cells += [_spread([m[a] / m[b] for m in ms]) for _, a, b in ratios]
+        out.append(f"| {shape} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", nargs="+", default=["fkl", "jsd"], choices=list(TRL_BETA))
-    ap.add_argument("--paths", nargs="+", default=["hpd", "trl", "loop"], choices=["hpd", "trl", "loop"])
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES),
+                    help="row shapes (prompt share), each timed with every objective in the same run")
+    ap.add_argument("--paths", nargs="+", default=list(PATHS), choices=list(PATHS))
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=15)
-    ap.add_argument("--rounds", type=int, default=3, help="runs (fresh processes) per objective")
+    ap.add_argument("--rounds", type=int, default=3, help="runs (fresh processes) per shape and objective")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hpd-args", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="config overrides for the hpd path, e.g. chunked=off")
     ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
         return
     root = Path(tempfile.mkdtemp(prefix="chat-assets-"))
-    build_assets(root, rows=args.batch * (args.warmup + args.iters) * 2)
+    files = build_shapes(root, args.batch * (args.warmup + args.iters) * 2, args.shapes)
     print(f"teacher {param_count(root / 'teacher') / 1e6:.2f}M parameters, student "
           f"{param_count(root / 'student') / 1e6:.2f}M, vocabulary {VOCAB}, batch {args.batch}, "
           f"torch threads {args.threads}; median of {args.iters} steps after {args.warmup} warmup", flush=True)
+    print("shapes: " + "; ".join(f"{n}: prompt {SHAPES[n][0][0]}-{SHAPES[n][0][1]}, completion "
+                                  f"{SHAPES[n][1][0]}-{SHAPES[n][1][1]} tokens" for n in args.shapes), flush=True)
     rows = []
     for rnd in range(args.rounds):
-        for method in args.methods:
-            cfg = dict(root=str(root), method=method, paths=args.paths, batch=args.batch, warmup=args.warmup,
-                       iters=args.iters, threads=args.threads, hpd_args=[a for a in args.hpd_args if "=" in a])
-            r = launch(cfg, args.timeout)
-            rows.append(r)
-            msg = r.get("error") or ", ".join(f"{p} {t * 1000:.1f} ms" for p, t in r["median_s"].items())
-            print(f"round {rnd + 1} {method}: {msg} (load {r.get('load_avg_1min', float('nan')):.1f})",
-                  file=sys.stderr, flush=True)
-    print("\n| objective | round | " + " | ".join(f"{p} ms/step" for p in args.paths) + " | "
-          + " | ".join(f"hpd speed vs {p}" for p in args.paths if p != "hpd") + " | load |")
-    print("|---|---:|" + "---:|" * (2 * len(args.paths) - 1) + "---:|")
-    for i, r in enumerate(rows):
-        if "error" in r:
-            print(f"| {r['method']} | {i // len(args.methods) + 1} | error: {r['error']} |")
-            continue
-        m = r["median_s"]
-        cells = [f"{m[p] * 1000:.1f}" for p in args.paths]
-        cells += [f"{m[p] / m['hpd']:.2f}x" for p in args.paths if p != "hpd" and "hpd" in m]
-        print(f"| {r['method']} | {i // len(args.methods) + 1} | " + " | ".join(cells) + f" | {r['load_avg_1min']:.1f} |")
+        for shape in args.shapes:
+            for method in args.methods:
+                cfg = dict(root=str(root), data=files[shape], shape=shape, method=method, paths=args.paths,
+                           batch=args.batch, warmup=args.warmup, iters=args.iters, threads=args.threads,
+                           hpd_args=[a for a in args.hpd_args if "=" in a])
+                r = {**launch(cfg, args.timeout), "round": rnd + 1, "shape": shape}
+                rows.append(r)
+                msg = r.get("error") or ", ".join(f"{p} {t * 1000:.1f} ms" for p, t in r["median_s"].items())
+                print(f"round {rnd + 1} {shape} {method}: {msg} (load {r.get('load_avg_1min', float('nan')):.1f})",
+                      file=sys.stderr, flush=True)
+    print()
+    print(report(rows, args))
     if args.hpd_args:
         print(f"\nhpd overrides: {' '.join(args.hpd_args)}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -83,6 +83,14 @@ class TorchBackend:
         self.device = pick_device(getattr(config, "device", "auto"))
         self.rank = int(os.environ.get("RANK", 0))
         self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        # --compile (backends/torch/compiled.py): the models' forwards and the chunked loss's
+        # per-chunk function under torch.compile, lengths padded to buckets
+        from hpd.backends.torch import compiled
+
+        mode = getattr(config, "compile", "auto")
+        self.compiler = compiled.Compiler(str(getattr(config, "compile_buckets", "64")),
+                                          int(getattr(config, "max_length", 1024)), strict=mode == "on") \
+            if compiled.enabled(mode, self.device) else None
 
     @property
     def lora(self):
@@ -153,6 +161,9 @@ class TorchBackend:
         return {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
 
     def _run(self, model, batch, hidden: bool) -> Outputs:
+        if self.compiler is not None:
+            x = self.compiler.run(model, model_inputs(batch), hidden)
+            return Outputs(hidden=x, head=self.head_of(model)) if hidden else Outputs(logits=x)
         if hidden:
             h = family.hidden_states(model, **model_inputs(batch))
             return Outputs(hidden=h, head=self.head_of(model))
@@ -160,7 +171,12 @@ class TorchBackend:
         return Outputs(logits=out.logits)
 
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
-        with torch.no_grad():
+        """No gradient and no autograd bookkeeping (inference mode: the outputs can never
+        enter a graph), no KV cache (model_inputs)."""
+        from hpd.backends.torch import compiled
+
+        compiled.ACTIVE = self.compiler
+        with torch.inference_mode():
             return self._run(model, batch, hidden)
 
     def forward_backward(self, model, batch, loss_fn, *, hidden: bool = False):
@@ -168,9 +184,20 @@ class TorchBackend:
             and next(model.parameters()).dtype == torch.float32 else _null()
         with autocast:
             out = self._run(model, batch, hidden)
+        from hpd.backends.torch import compiled
+
+        compiled.ACTIVE = self.compiler  # the chunked loss's chunk function: compiled or not, per backend
         loss, metrics = loss_fn(out)
+        if hasattr(loss_fn, "release"):  # the teacher's outputs are not needed by the backward
+            loss_fn.release()
         loss.backward()
         return float(loss.detach()), metrics
+
+    def step_metrics(self) -> dict[str, float]:
+        """What the loop adds to each step's record: the graphs torch.compile has built."""
+        if self.compiler is None:
+            return {}
+        return {"compile/graphs": self.compiler.stats()["graphs"]}
 
     # ------------------------------------------------------------------ optimisation
     def make_optimizer(self, model, config):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from hpd.backends.torch import compiled
 from hpd.objectives.chunked import ChunkPlan, forward_and_grads
 from hpd.objectives.ops import ops_for
 
@@ -19,7 +20,7 @@ def chunked_loss(plan: ChunkPlan, student_hidden: torch.Tensor, student_head: to
     if not wanted:
         # No graph will be built, so skip the gradients (an evaluation pass costs half).
         value, _, _, metrics = forward_and_grads(
-            o, plan, student_hidden, student_head, want_hidden=False, want_head=False
+            o, plan, student_hidden, student_head, want_hidden=False, want_head=False, chunk_fn=compiled.chunk_fn()
         )
         return value, metrics
     metrics: dict[str, float] = {}
@@ -35,7 +36,8 @@ class _FusedChunkedLoss(torch.autograd.Function):
         # The core computes in float32 (or float64); autocast would turn its matmuls to bf16.
         with torch.autocast(device_type=student_hidden.device.type, enabled=False):
             value, grad_hidden, grad_head, metrics = forward_and_grads(
-                o, plan, student_hidden, student_head, want_hidden=want_hidden, want_head=want_head
+                o, plan, student_hidden, student_head, want_hidden=want_hidden, want_head=want_head,
+                chunk_fn=compiled.chunk_fn()  # None unless --compile is on (backends/torch/compiled.py)
             )
         metrics_out.update(metrics)
         ctx.dtypes = (student_hidden.dtype, None if student_head is None else student_head.dtype)

@@ -131,6 +131,7 @@ class DistributedTorchBackend(TorchBackend):
 
     def __init__(self, config=None):
         super().__init__(config)
+        self.compiler = None  # --compile is single-process for now (FSDP2 / DDP wrappers not compiled)
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         if self.device.type not in ("cuda", "cpu"):

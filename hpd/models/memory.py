@@ -167,6 +167,9 @@ class Setting:
     chunked: bool = True
     chunk_size: int | str = "auto"
     chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB  # hpd distill's default
+    # a half-precision dense head forms float32 logits as stored, never cast to a float32
+    # copy (hpd.objectives.heads.half_logits: torch on CUDA)
+    half_logits: bool = False
 
 
 def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
@@ -243,7 +246,8 @@ def loss_copies(teacher: Shape, student: Shape, s: Setting, tokens: int, vocab: 
     """What the chunked loss holds besides its chunks: the supervised positions' hidden
     states (gathered, copied off the graph) and their float32 gradient (per chunk, then
     joined); a trainable dense head's copy and float32 gradient (twice while a chunk's part
-    is added); a dense head stored below float32, cast once. A quantized or frozen head
+    is added); a dense head stored below float32, cast once (not where it forms float32
+    logits as stored: Setting.half_logits). A quantized or frozen head
     forms no gradient, and a quantized one is never cast."""
     hs, ht = student.hidden, teacher.hidden
     total = tokens * (2 * hs * s.student_dtype + 2 * hs * 4 + ht * s.teacher_dtype)
@@ -254,9 +258,9 @@ def loss_copies(teacher: Shape, student: Shape, s: Setting, tokens: int, vocab: 
                 # mlx forms the embedding's own (scatter) gradient and adds the head's to it;
                 # torch accumulates a tied weight's gradient in place
                 total += vocab * hs * 4
-        if s.student_dtype != 4:
+        if s.student_dtype != 4 and not s.half_logits:
             total += vocab * hs * 4
-    if not s.teacher_bits and s.teacher_dtype != 4:
+    if not s.teacher_bits and s.teacher_dtype != 4 and not s.half_logits:
         total += vocab * ht * 4
     return total
 
@@ -290,6 +294,20 @@ def _accelerated(backend: str, device: str) -> bool:
         return False
 
 
+def _cuda(device: str) -> bool:
+    """Whether the torch backend would run on CUDA (where hpd.objectives.heads.half_logits is on)."""
+    if device == "cuda":
+        return True
+    if device != "auto":
+        return False
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def setting_of(cfg, backend: str | None = None) -> Setting:
     backend = backend or cfg.backend
     auto_frozen = 2 if _accelerated(backend, cfg.device) else 4  # --dtype auto: bfloat16 frozen models
@@ -304,7 +322,8 @@ def setting_of(cfg, backend: str | None = None) -> Setting:
                    teacher_bits=cfg.teacher_quantize, student_bits=cfg.student_quantize,
                    lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
                    gradient_checkpointing=cfg.gradient_checkpointing, chunked=cfg.chunked != "off",
-                   chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb)
+                   chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb,
+                   half_logits=backend == "torch" and _cuda(cfg.device))
 
 
 def gib(n: int) -> str:

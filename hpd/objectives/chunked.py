@@ -38,23 +38,11 @@ import importlib
 from dataclasses import dataclass
 from typing import Any
 
-from hpd.objectives.heads import Head, as_head, project, pullback
-from hpd.objectives.losses import (
-    MetricTally,
-    _check_sampled,
-    active_positions,
-    sample_tokens,
-    sample_with_uniforms,
-    token_kl,
-)
+from hpd.objectives.heads import Head, as_head, half_logits, project, pullback
+from hpd.objectives.losses import (MetricTally, _check_sampled, active_positions, sample_tokens, sample_with_uniforms,
+                                   token_kl)
 from hpd.objectives.ops import ops_for
-from hpd.objectives.rules import (
-    LOG_FLOOR,
-    TEMPERATURE,
-    Method,
-    get_method,
-    resolve_params,
-)
+from hpd.objectives.rules import LOG_FLOOR, TEMPERATURE, Method, Weights, get_method, resolve_params
 from hpd.objectives.teacher import LiveTeacher, TeacherSource, sorted_log_probs
 
 # What one chunk holds at its peak, in (chunk, V) arrays of the compute dtype, counted
@@ -176,7 +164,8 @@ def chunked_loss(
     return backend.chunked_loss(plan, hidden, None if head.quantized or head.frozen else head.weight)
 
 
-def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=True, want_head=True):
+def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=True, want_head=True,
+                      chunk_fn=None):
     """(loss, grad w.r.t. hidden (N, H), grad w.r.t. the dense head weight, metrics).
 
     `hidden` holds the active positions only. The gradients are those of the returned
@@ -193,51 +182,39 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
         if not head.quantized:
             if head_weight is not None:  # else frozen: the head's own weight, no gradient
                 head = head.with_weight(head_weight)
-            # cast once, not per chunk: a head-sized copy, like the head's gradient
-            weight = o.astype(o.stop_gradient(head.weight)[: plan.vocab], dtype)  # (V, H_s)
+            # cast once, not per chunk: a head-sized copy, like the head's gradient (none
+            # for a half-precision head that forms float32 logits as stored: hpd.objectives.heads.half_logits)
+            weight = o.stop_gradient(head.weight)[: plan.vocab]  # (V, H_s)
+            if not half_logits(o, weight, dtype):
+                weight = o.astype(weight, dtype)
         T, scale = plan.temperature, 1.0 / plan.denom
         total = o.zeros((), dtype, hidden)
         tally = MetricTally(o, plan.method, dtype, hidden)
         grad_hidden = []
         grad_head = o.zeros((plan.vocab, width), dtype, hidden) if want_head else None
+        chunk = chunk_fn or chunk_terms
         for start in range(0, n, plan.chunk_size):
             rows = slice(start, min(start + plan.chunk_size, n))
             h = o.astype(hidden[rows], dtype)  # (C, H_s)
-            zs, tanh = project(o, head, h, plan.vocab, T, dtype=dtype, weight=weight)  # (C, V)
-            y = plan.targets[rows]
-            s = None
-            if plan.method.needs_sample:
-                if plan.sampled is not None:
-                    s = plan.sampled[rows]
-                elif plan.uniforms is None:
-                    s = sample_tokens(o, zs)
-            log_q = o.log_softmax(zs)
-            del zs  # (C, V), not needed past here: kept out of the chunk's peak
-            if s is None and plan.method.needs_sample:
-                s = sample_with_uniforms(o, log_q, plan.uniforms[rows])
-            lq = o.maximum(log_q, LOG_FLOOR)
-            lp = plan.teacher.log_probs(o, rows, plan.vocab, T, dtype)
-            extra = {}
-            if plan.method.sorted_teacher:
-                sorted_lp = sorted_log_probs(o, plan.teacher, rows, plan.vocab, T, dtype, lp)
-                extra["sorted_lp"] = o.maximum(sorted_lp, LOG_FLOOR)
-            lp = o.maximum(lp, LOG_FLOOR)
-            w = plan.method.rule(o, lq, lp, y, s, **extra, **plan.params)
-            kl = token_kl(o, plan.method, w, lq, lp)
-            del lp, lq, extra
-            total = total + o.sum(w.value)
-            tally.add(w, o.take(log_q, y), None, kl)
+            s = plan.sampled[rows] if plan.method.needs_sample and plan.sampled is not None else None
+            u = plan.uniforms[rows] if plan.method.needs_sample and s is None and plan.uniforms is not None else None
+            lp = plan.teacher.log_probs(o, rows, plan.vocab, T, dtype)  # (C, V)
+            sorted_lp = (sorted_log_probs(o, plan.teacher, rows, plan.vocab, T, dtype, lp)
+                         if plan.method.sorted_teacher else None)
+            lp = [lp]  # handed over: see chunk_terms
+            value, diagnostics, domains, log_q_y, kl, gh, gw = chunk(
+                o, plan.method, plan.params, head, weight, h, plan.targets[rows], s, u, lp, T, scale, plan.vocab,
+                want_hidden, want_head, sorted_lp=sorted_lp)
+            del sorted_lp
+            total = total + o.sum(value)
+            tally.add(Weights(value=value, diagnostics=diagnostics, domains=domains), log_q_y, None, kl)
             pending = [total, *tally.arrays()]
-            if want_hidden or want_head:
-                g = logit_grad(o, w, log_q)  # (C, V), not yet scaled
-                gh, gw = pullback(o, head, g, h, tanh, T, want_weight=want_head, weight=weight,
-                                  extra_scale=scale)
-                if want_hidden:
-                    grad_hidden.append(gh)  # (C, H_s)
-                    pending.append(gh)
-                if want_head:
-                    grad_head = grad_head + gw
-                    pending.append(grad_head)
+            if want_hidden:
+                grad_hidden.append(gh)  # (C, H_s)
+                pending.append(gh)
+            if want_head:
+                grad_head = grad_head + gw
+                pending.append(grad_head)
             o.evaluate(*pending)
         if want_hidden:
             grad_hidden = o.concat(grad_hidden, axis=0) if grad_hidden else o.zeros((0, width), dtype, hidden)
@@ -247,6 +224,43 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
             rest = o.zeros((head.vocab - plan.vocab, width), dtype, hidden)
             grad_head = o.concat([grad_head, rest], axis=0)
         return total / plan.denom, grad_hidden, grad_head, tally.metrics(plan.count)
+
+
+def chunk_terms(o, method: Method, params: dict, head: Head, weight, h, y, s, u, lp, temperature: float,
+                scale: float, vocab: int, want_hidden: bool, want_head: bool, sorted_lp=None):
+    """One chunk's vocabulary-sized work, from the student's hidden states h (C, H) and the
+    teacher's log-probs (C, V): the student's logits and log-probs, the rule, the token KL
+    and the gradients pushed back through the head. Returns (the objective per position,
+    the rule's diagnostics and domains, log q(y), the token KL, grad w.r.t. h or None,
+    grad w.r.t. the head or None). Arrays and plain values in, arrays out, so a backend
+    can run it compiled (hpd.backends.torch.compiled).
+
+    lp: the teacher's log-probs, or a one-item list of them that is emptied here, so that
+    they are freed once the rule has used them (the caller keeps no reference: one (C, V)
+    array fewer at the chunk's peak). sorted_lp: the teacher's log-probs sorted in descending
+    order, for a rule that compares sorted distributions (uld)."""
+    if isinstance(lp, list):
+        lp = lp.pop()
+    dtype = o.float_dtype(h)
+    zs, tanh = project(o, head, h, vocab, temperature, dtype=dtype, weight=weight)  # (C, V)
+    if method.needs_sample and s is None and u is None:
+        s = sample_tokens(o, zs)
+    log_q = o.log_softmax(zs)
+    del zs  # (C, V), not needed past here: kept out of the chunk's peak
+    if s is None and method.needs_sample:
+        s = sample_with_uniforms(o, log_q, u)
+    lq = o.maximum(log_q, LOG_FLOOR)
+    lp = o.maximum(lp, LOG_FLOOR)
+    extra = {} if sorted_lp is None else {"sorted_lp": o.maximum(sorted_lp, LOG_FLOOR)}
+    w = method.rule(o, lq, lp, y, s, **extra, **params)
+    kl = token_kl(o, method, w, lq, lp)
+    del lp, lq, extra
+    gh = gw = None
+    if want_hidden or want_head:
+        g = logit_grad(o, w, log_q)  # (C, V), not yet scaled
+        gh, gw = pullback(o, head, g, h, tanh, temperature, want_weight=want_head, weight=weight,
+                          extra_scale=scale)
+    return w.value, w.diagnostics, w.domains, o.take(log_q, y), kl, gh, gw
 
 
 def resolve_chunk_size(chunk_size: int | str, vocab: int, itemsize: int = 4,
@@ -329,4 +343,4 @@ def _check_side(side: str, hidden, head: Head, targets) -> None:
         )
 
 
-__all__ = ["chunked_loss", "forward_and_grads", "logit_grad", "resolve_chunk_size", "ChunkPlan"]
+__all__ = ["chunked_loss", "forward_and_grads", "chunk_terms", "logit_grad", "resolve_chunk_size", "ChunkPlan"]

@@ -60,6 +60,28 @@ class Head:
         return ", ".join(parts)
 
 
+# A dense head stored in half precision (bfloat16 or float16): "auto" forms each chunk's
+# logits straight from the half weight where the framework has a half product with
+# float32 accumulation and float32 output (torch on CUDA: mm(..., out_dtype=float32)), the
+# same numbers as the float32 product of the same half inputs up to summation order, with
+# no float32 copy of the head (a 152k x 3584 teacher head: 2.2 GB a step). Elsewhere the
+# head is cast to float32 once per loss, as before. "always" uses the half product
+# wherever the framework has one, also where its output is rounded to the half dtype
+# before the float32 log-softmax (torch on CPU: the logits carry bfloat16's 2^-8 relative
+# rounding, ~1e-2 in the loss; tests/test_half_logits.py); "never" always casts.
+HALF_LOGITS = "auto"
+
+
+def half_logits(o, w, dtype=None) -> bool:
+    """Whether logits (and the pullback) in `dtype` (float32 by default; never float64)
+    use `w` as stored, in half precision."""
+    if HALF_LOGITS == "never" or not hasattr(o, "half_matmul") or o.float_dtype(w) not in o.half_dtypes():
+        return False
+    if dtype is not None and dtype != o.compute_dtype(w):
+        return False
+    return HALF_LOGITS == "always" or o.exact_half_matmul(w)
+
+
 # Config keys (the same in transformers and mlx-lm) that change the logits after the matmul.
 def logit_transform(config) -> dict[str, float]:
     """Head(scale=..., softcap=...) of a model config (an object or a dict): Cohere's
@@ -87,8 +109,10 @@ def project(o, head: Head, h, vocab: int, temperature: float = 1.0, *, dtype=Non
     and what `pullback` needs.
 
     `weight` overrides head.weight (a copy cast to `dtype`, made once per loss). The
-    product is formed in `dtype` (float32 or float64), whatever the weight's storage:
-    bfloat16 logits would put errors of ~1e-2 into the teacher's log-probs.
+    product is formed in `dtype` (float32 or float64), whatever the weight's storage
+    (bfloat16 logits would put errors of ~1e-2 into the teacher's log-probs), except that
+    a half-precision weight is used as stored where `half_logits` says so (a product with
+    float32 accumulation and output).
     """
     w = head.weight if weight is None else weight
     dtype = o.float_dtype(h) if dtype is None else dtype
@@ -98,6 +122,9 @@ def project(o, head: Head, h, vocab: int, temperature: float = 1.0, *, dtype=Non
         z = o.quantized_matmul(x, head, transpose=True)
         if z.shape[-1] != vocab:
             z = z[:, :vocab]
+    elif half_logits(o, w, dtype):  # float32 logits from the half weight as stored
+        w = w[:vocab]
+        z = o.half_matmul(x if o.float_dtype(x) == o.float_dtype(w) else o.astype(x, o.float_dtype(w)), w)
     else:
         w = w[:vocab]
         if o.float_dtype(x) != dtype:
@@ -131,6 +158,10 @@ def pullback(o, head: Head, g, h, tanh, temperature: float = 1.0, *, want_weight
     w = head.weight if weight is None else weight
     vocab = g.shape[-1]
     wv = w[:vocab]
+    if half_logits(o, wv, o.float_dtype(g)):  # g in the head's dtype, float32 accumulation and result
+        grad_h = o.half_matmul(o.astype(g, o.float_dtype(wv)), wv.T) * factor
+        grad_w = g.T @ (h * factor) if want_weight else None
+        return grad_h, grad_w
     if o.float_dtype(wv) != o.float_dtype(g):
         wv = o.astype(wv, o.float_dtype(g))
     grad_h = (g @ wv) * factor
@@ -138,4 +169,4 @@ def pullback(o, head: Head, g, h, tanh, temperature: float = 1.0, *, want_weight
     return grad_h, grad_w
 
 
-__all__ = ["Head", "as_head", "logit_transform", "project", "pullback"]
+__all__ = ["Head", "as_head", "half_logits", "logit_transform", "project", "pullback", "HALF_LOGITS"]

@@ -164,6 +164,20 @@ class TorchOps:
     def quantized_matmul(self, x, head, transpose: bool):
         raise NotImplementedError("quantized output heads are supported on the mlx backend only")
 
+    def half_dtypes(self) -> tuple:
+        return (self.t.bfloat16, self.t.float16)
+
+    def exact_half_matmul(self, w) -> bool:
+        """Whether half_matmul with `w` accumulates and returns float32 (CUDA's out_dtype)."""
+        return w.is_cuda and _out_dtype_ok(self.t, w.device, w.dtype)
+
+    def half_matmul(self, x, w):
+        """x @ w.T in float32 from half x (C, K) and w (N, K): float32 accumulation and
+        output where the device has it (CUDA), else the half product cast to float32."""
+        if w.is_cuda and _out_dtype_ok(self.t, w.device, w.dtype):
+            return self.t.mm(x, w.T, out_dtype=self.t.float32)
+        return (x @ w.T).to(self.t.float32)
+
     def nonzero(self, mask):
         """Flat indices (N,) of the True entries of a 1-D mask, in order."""
         return self.t.nonzero(mask.reshape(-1)).reshape(-1)
@@ -182,6 +196,21 @@ class TorchOps:
 
     def evaluate(self, *xs):
         """Force pending computation (lazy frameworks only); torch computes eagerly."""
+
+
+_OUT_DTYPE: dict = {}
+
+
+def _out_dtype_ok(torch, device, dtype) -> bool:
+    """torch.mm(..., out_dtype=float32) works for `dtype` on `device` (asked once)."""
+    key = (str(device), dtype)
+    if key not in _OUT_DTYPE:
+        try:
+            a = torch.ones((2, 2), dtype=dtype, device=device)
+            _OUT_DTYPE[key] = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError, NotImplementedError):
+            _OUT_DTYPE[key] = False
+    return _OUT_DTYPE[key]
 
 
 class MlxOps:

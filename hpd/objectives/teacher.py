@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from hpd.objectives.heads import Head, as_head, project
+from hpd.objectives.heads import Head, as_head, half_logits, project
 
 
 class TeacherSource(Protocol):
@@ -44,6 +44,7 @@ class LiveTeacher:
         self.hidden = hidden
         self.head = as_head(head)
         self._weight = None  # the dense head cast to the compute dtype, once per loss
+        self._dtype = None
 
     @property
     def vocab(self) -> int:
@@ -55,8 +56,10 @@ class LiveTeacher:
 
     def log_probs(self, o, rows: slice, vocab: int, temperature: float, dtype):
         head = self.head
-        if not head.quantized and (self._weight is None or o.float_dtype(self._weight) != dtype):
-            self._weight = o.astype(o.stop_gradient(head.weight)[:vocab], dtype)
+        if not head.quantized and (self._weight is None or self._dtype != dtype):
+            w = o.stop_gradient(head.weight)[:vocab]
+            self._weight = w if half_logits(o, w, dtype) else o.astype(w, dtype)  # as stored: no float32 copy
+            self._dtype = dtype
         z, _ = project(o, head, self.hidden[rows], vocab, temperature, dtype=dtype, weight=self._weight)
         return o.log_softmax(z)
 

@@ -113,8 +113,13 @@ class DistillConfig:
                          "fit --chunk-budget-mb")
     chunk_budget_mb: float = _f(64.0, "auto chunks: MiB for one chunk's (chunk x vocabulary) buffers, "
                                 "about 6 float32 arrays", low=0.0, low_open=True)
-    compile: str = _f("off", "mlx: run the student's step under mx.compile where a micro-batch's supervised "
-                      "positions fit one chunk (auto: on a GPU only)", choices=("auto", "on", "off"))
+    compile: str = _f("auto", "torch: torch.compile the student's and the teacher's forwards (lengths padded to "
+                      "--compile-buckets) and the chunked loss's per-chunk function, the graph count logged as "
+                      "compile/graphs; mlx: run the student's step under mx.compile where a micro-batch's "
+                      "supervised positions fit one chunk. auto: on CUDA (torch) or a GPU (mlx) only",
+                      choices=("auto", "on", "off"))
+    compile_buckets: str = _f("64", "torch --compile: pad each batch's length up to a multiple of this many "
+                              "tokens, or pow2 (the next power of two), so a run compiles one graph per bucket")
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
     # LoRA students (hpd.models.lora): adapters over a frozen base, which may be quantized (QLoRA)
     lora_rank: int = _f(0, "train LoRA adapters of this rank instead of the whole student (0: full "
@@ -237,6 +242,8 @@ class DistillConfig:
                 errors.append(f"schedule: {e}")
         if not (self.chunk_size == "auto" or (self.chunk_size.isdigit() and int(self.chunk_size) >= 1)):
             errors.append(f"chunk_size={self.chunk_size!r}: allowed auto or a positive integer")
+        if not (self.compile_buckets == "pow2" or (self.compile_buckets.isdigit() and int(self.compile_buckets) >= 1)):
+            errors.append(f"compile_buckets={self.compile_buckets!r}: allowed pow2 or a positive integer")
         errors.extend(_check_reporting(self))
         if self.eval_every and not self.eval_data:
             errors.append("eval_every is set but eval_data is not")
@@ -311,6 +318,9 @@ def _coerce(cls, name: str, value):
                 return value
             raise ValueError
         if ftype in ("str", str):
+            choices = {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("choices") or ()
+            if isinstance(value, bool) and "on" in choices:  # YAML reads `on` / `off` as booleans
+                return "on" if value else "off"
             return str(value)
         if ftype in ("dict", dict):
             if isinstance(value, (list, tuple)) and all(isinstance(v, str) and "=" in v for v in value):

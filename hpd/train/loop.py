@@ -70,6 +70,11 @@ class ObjectiveLoss:
     chunk_size: Any = "auto"
     chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB
 
+    def release(self) -> None:
+        """Drop the teacher's outputs once the loss is formed (a backend whose backward
+        does not need them calls this; the fused chunked loss keeps only gradients)."""
+        self.teacher = None
+
     def __call__(self, student_out: Outputs):
         total, metrics = None, {}
         for obj in self.objectives:
@@ -188,6 +193,7 @@ class Loop:
                                         num_tokens=max(global_tokens, 1.0), temperature=cfg.temperature,
                                         chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb,
                                         uniforms=uniforms)
+            del teacher  # loss_fn holds it, and may release it before the backward
             value, metrics = backend.forward_backward(self.student, arrays, loss_fn, hidden=self.chunked)
             loss_total += value
             means.add(metrics, target_count(mb["targets"], self.vocab))
@@ -208,6 +214,8 @@ class Loop:
         record.update({k: v for k, v in means.result().items() if k != "tokens"})
         record.update(plan.as_metrics())
         record.update(extra)
+        if hasattr(backend, "step_metrics"):  # e.g. torch.compile's graph count
+            record.update(backend.step_metrics())
         return record
 
     def _skip(self, step: int, loss_value: float, grad_norm: float | None = None):
