@@ -2,7 +2,10 @@
 # A short distillation on CUDA in bfloat16 with random "tiny-ish" models (built here, no
 # download): tokens/s and peak GPU memory on one GPU (chunked and plain loss, packed rows,
 # a LoRA and a QLoRA student, a teacher store), then data-parallel on all GPUs of this machine with
-# torchrun (FSDP2, DDP, FSDP2 with a sharded teacher). Not part of CI.
+# torchrun (FSDP2, DDP, FSDP2 with a sharded teacher); the chunked run again under
+# --compile on, beside the eager one (tokens/s and MFU); a short run of the paper-math
+# recipe scored by `hpd eval --recipe paper-math`; and benchmarks/cuda_check_issue23.py
+# (half-precision chunk logits; compiled against eager losses and gradients). Not part of CI.
 #
 #   bash benchmarks/gpu_check.sh                 # defaults below
 #   STEPS=50 BATCH=16 bash benchmarks/gpu_check.sh
@@ -36,7 +39,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 work, size, length = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
-if (work / "train.jsonl").exists():
+if (work / "math_held.jsonl").exists():
     sys.exit(0)
 words = ("the cat sat on a mat and the dog ran to it while one two three four five six seven eight "
          "nine ten plus minus equals answer is what how many apples pears has gives").split()
@@ -72,6 +75,15 @@ for name, seed in (("teacher", 1), ("student", 2)):
 with open(work / "train.jsonl", "w") as fh:
     for i in range(0, len(texts) - 1, 2):
         fh.write(json.dumps({"prompt": texts[i][: len(texts[i]) // 4], "completion": texts[i + 1]}) + "\n")
+# stand-in rows for the paper-math recipe: a worked sum ending in a boxed answer
+for name, n, offset in (("math.jsonl", 512, 0), ("math_held.jsonl", 64, 10**6)):
+    with open(work / name, "w") as fh:
+        for i in range(n):
+            r = random.Random(offset + i)
+            a, b, c = (r.randint(1, 99) for _ in range(3))
+            fh.write(json.dumps({"prompt": f"what is {a} plus {b} plus {c}\n",
+                                 "completion": f"{a} plus {b} is {a + b}, plus {c} is {a + b + c}. "
+                                               f"\\boxed{{{a + b + c}}}"}) + "\n")
 EOF
 
 # the CLI, reporting each rank's peak GPU memory at exit
@@ -95,14 +107,45 @@ cli()
 EOF
 
 throughput() {  # tokens/s over the steps after the first 3 (compilation, allocator warm-up)
-    "$PYTHON" - "$1" <<'EOF'
+    "$PYTHON" - "$1" "$WORK" "$LENGTH" <<'EOF'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1] + "/metrics.jsonl") if '"loss"' in l]
+from pathlib import Path
+
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from hpd.data.batches import load_dataset
+
+run, work, length = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
+rows = [json.loads(l) for l in open(run / "metrics.jsonl") if '"loss"' in l]
 rows = rows[3:] or rows
 tokens = sum(r["tokens"] for r in rows)
 seconds = sum(r["tokens"] / r["tokens_per_s"] for r in rows)
-print(f"  {tokens / seconds:,.0f} target tokens/s over steps {rows[0]['step']}-{rows[-1]['step']}, "
-      f"last loss {rows[-1]['loss']:.4f}")
+rate = tokens / seconds
+
+
+def matmul_params(folder: Path) -> int:
+    """Every weight but the input embedding (a lookup, not a product); a tied head counted once more."""
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        shapes = {k: f.get_slice(k).get_shape() for k in f.keys()}
+    n = 0
+    for k, s in shapes.items():
+        if "embed_tokens" not in k:
+            n += s[0] * (s[1] if len(s) > 1 else 1)
+    if "lm_head.weight" not in shapes:
+        e = shapes["model.embed_tokens.weight"]
+        n += e[0] * e[1]
+    return n
+
+
+# MFU: (6 N_student + 2 N_teacher) FLOPs per input token (attention not counted) against the
+# H200's dense bf16 peak (989 TFLOP/s); input tokens from the data's input/target ratio
+data = run.name.endswith("paper-math") and work / "math.jsonl" or work / "train.jsonl"
+ds = load_dataset(data, AutoTokenizer.from_pretrained(str(work / "student")), length)
+ratio = sum(len(e.input_ids) for e in ds.examples) / sum(sum(e.loss_mask[1:]) for e in ds.examples)
+flops = (6 * matmul_params(work / "student") + 2 * matmul_params(work / "teacher")) * rate * ratio
+print(f"  {rate:,.0f} target tokens/s ({rate * ratio:,.0f} input tokens/s) over steps {rows[0]['step']}-"
+      f"{rows[-1]['step']}, last loss {rows[-1]['loss']:.4f}, MFU {100 * flops / 989e12:.2f}% of 989 TFLOP/s")
 EOF
 }
 
@@ -123,13 +166,17 @@ one() {  # name, extra flags...
         --out "$WORK/run-1-$name" "$@"
     throughput "$WORK/run-1-$name"
 }
+one compiled --compile on
+"$PYTHON" -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])][-1]; \
+print('  compiled graphs:', {k: v for k, v in r.items() if k.startswith('compile/')})" \
+    "$WORK/run-1-compiled/metrics.jsonl" || true
 one plain --chunked off
 one packing --packing
 if "$PYTHON" -c "import peft" 2>/dev/null; then
     one lora --lora-rank 16 --lora-alpha 32
     if "$PYTHON" -c "import bitsandbytes" 2>/dev/null; then
         # QLoRA: a bitsandbytes NF4 base (widths of the small models are multiples of 64)
-        one qlora --lora-rank 16 --lora-alpha 32 --student-quantize 4
+        one qlora --lora-rank 16 --lora-alpha 32 --student-quantize 4 || echo "  qlora did not run here (the error above)"
     else
         echo "== one process: qlora skipped (pip install bitsandbytes)"
     fi
@@ -143,6 +190,24 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" cache
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --backend torch \
     --teacher-cache "$WORK/store" "${REST[@]}" --out "$WORK/run-1-store"
 throughput "$WORK/run-1-store"
+
+echo "== the paper-math recipe, short: its models and data swapped for the ones above"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --recipe paper-math \
+    --teacher "$WORK/teacher" --student "$WORK/student" --data "$WORK/math.jsonl" --steps "$STEPS" \
+    --batch-size "$BATCH" --grad-accum 1 --max-length "$LENGTH" --lr 1e-4 --device "$DEVICE" --no-progress \
+    --overwrite --out "$WORK/run-paper-math"
+throughput "$WORK/run-paper-math"
+for samples in 1 4; do
+    echo "   hpd eval --recipe paper-math --samples $samples"
+    "$PYTHON" "$WORK/hpd_with_memory.py" eval --recipe paper-math --model "$WORK/run-paper-math" \
+        --data "$WORK/math_held.jsonl" --samples "$samples" --max-new-tokens 32 --device "$DEVICE" --json \
+        --no-progress
+done
+
+if [[ "$DEVICE" == cuda && -z "${SKIP_ISSUE23:-}" ]]; then
+    echo "== benchmarks/cuda_check_issue23.py --skip-profile"
+    "$PYTHON" "$(dirname "$0")/cuda_check_issue23.py" --skip-profile || echo "cuda_check_issue23 failed"
+fi
 
 if [[ "$NPROC" -lt 2 ]]; then
     echo "one GPU only: skipping the torchrun runs"
