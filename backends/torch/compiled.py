@@ -64,6 +64,8 @@ class Compiler:
         self.graphs: Counter = Counter()
         self._models: dict[int, object] = {}  # id(model), hidden -> its compiled module (or None: eager)
         self._chunk = None
+        self._chunk_eager = False  # the chunk function failed to compile: eager from then on
+        self._chunk_ok = False  # a compiled chunk has run
         # one entry per bucket for each model and grad mode; the decoder's forward is one
         # code object for a teacher and a student of one family
         need = 4 * bucket_count(max_length, spec) + 8
@@ -128,9 +130,28 @@ class Compiler:
 
             def chunk(o, method, params, head, weight, h, y, s, u, lp, temperature, scale, vocab, want_hidden,
                       want_head, sorted_lp=None):
-                value, diagnostics, domains, log_q_y, kl, gh, gw = compiled(
-                    o, method, params, head, weight, h, y, s, u, lp, temperature, 1.0, vocab, want_hidden,
-                    want_head, sorted_lp=sorted_lp)
+                args = (o, method, params, head, weight, h, y, s, u)
+                rest = (temperature, 1.0, vocab, want_hidden, want_head)
+                if self._chunk_eager:
+                    value, diagnostics, domains, log_q_y, kl, gh, gw = chunk_terms(*args, lp, *rest,
+                                                                                   sorted_lp=sorted_lp)
+                else:
+                    # until one compiled call has gone through, keep the teacher's rows: a failed
+                    # compile must not lose them (one (C, V) array more, on the first chunk only)
+                    kept = list(lp) if isinstance(lp, list) and not self._chunk_ok else lp
+                    try:
+                        value, diagnostics, domains, log_q_y, kl, gh, gw = compiled(*args, lp, *rest,
+                                                                                    sorted_lp=sorted_lp)
+                        self._chunk_ok = True
+                    except Exception as e:  # noqa: BLE001 - dynamo and inductor raise many kinds
+                        if self.strict or (isinstance(kept, list) and not kept):
+                            raise
+                        print(f"warning: torch.compile failed for the chunked loss ({type(e).__name__}: "
+                              f"{str(e)[:200]}); it runs uncompiled (--compile off hides this)",
+                              file=sys.stderr, flush=True)
+                        self._chunk_eager = True
+                        value, diagnostics, domains, log_q_y, kl, gh, gw = chunk_terms(*args, kept, *rest,
+                                                                                       sorted_lp=sorted_lp)
                 return (value, diagnostics, domains, log_q_y, kl, None if gh is None else gh * scale,
                         None if gw is None else gw * scale)
 
