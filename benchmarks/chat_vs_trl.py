@@ -51,8 +51,9 @@ Why the issue's two short-shape numbers disagreed (TRL / hpd: an outside chat wo
    with 8% prompt, 1.42x with 38%, 1.55x with 75%; jsd 1.61x, 1.71x, 2.02x. The outside
    numbers (1.69x, 2.06x) sit between the chat and prompt-heavy shapes' trl-train ratios.
 3. Threads. With two torch threads per process on two cores shared with other processes,
-   OpenMP's spinning makes every step several times slower and the ratios swing with the
-   load (a jsd step went from 0.17 s to 1.4 s here); two benchmark processes side by side
+   OpenMP's spinning makes every step many times slower and moves the ratios: with
+   --threads 2 the chat fkl step took 1.6-5.6 s instead of 0.16-0.29 s, and trl-train /
+   hpd read 1.62x instead of 1.42x (jsd 1.72x); two benchmark processes side by side
    contend the same way. This script uses one thread and interleaves all paths in one
    process; compare only ratios measured side by side.
 4. What did not matter: padding (right padding, the same rows for all paths), TRL's beta
