@@ -3,7 +3,7 @@
 # download): tokens/s and peak GPU memory on one GPU (chunked and plain loss, packed rows,
 # a LoRA and a QLoRA student, a teacher store), then data-parallel on all GPUs of this machine with
 # torchrun (FSDP2, DDP, FSDP2 with a sharded teacher); the chunked run again under
-# --compile on, beside the eager one (tokens/s and MFU); a short run of the paper-math
+# --compile off, beside the default (--compile auto: compiled on CUDA) one (tokens/s and MFU); a short run of the paper-math
 # recipe scored by `hpd eval --recipe paper-math`; and benchmarks/cuda_check_issue23.py
 # (half-precision chunk logits; compiled against eager losses and gradients). Not part of CI.
 #
@@ -166,10 +166,28 @@ one() {  # name, extra flags...
         --out "$WORK/run-1-$name" "$@"
     throughput "$WORK/run-1-$name"
 }
-one compiled --compile on
 "$PYTHON" -c "import json, sys; r = [json.loads(l) for l in open(sys.argv[1])][-1]; \
-print('  compiled graphs:', {k: v for k, v in r.items() if k.startswith('compile/')})" \
-    "$WORK/run-1-compiled/metrics.jsonl" || true
+print('  compiled graphs (--compile auto):', {k: v for k, v in r.items() if k.startswith('compile/')})" \
+    "$WORK/run-1/metrics.jsonl" || true
+one eager --compile off
+echo "== the paper-math recipe, short: its models and data swapped for the ones above"
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --recipe paper-math \
+    --teacher "$WORK/teacher" --student "$WORK/student" --data "$WORK/math.jsonl" --steps "$STEPS" \
+    --batch-size "$BATCH" --grad-accum 1 --max-length "$LENGTH" --lr 1e-4 --device "$DEVICE" --no-progress \
+    --overwrite --out "$WORK/run-paper-math"
+throughput "$WORK/run-paper-math"
+for samples in 1 4; do
+    echo "   hpd eval --recipe paper-math --samples $samples"
+    "$PYTHON" "$WORK/hpd_with_memory.py" eval --recipe paper-math --model "$WORK/run-paper-math" \
+        --data "$WORK/math_held.jsonl" --samples "$samples" --max-new-tokens 32 --device "$DEVICE" --json \
+        --no-progress
+done
+
+if [[ "$DEVICE" == cuda && -z "${SKIP_ISSUE23:-}" ]]; then
+    echo "== benchmarks/cuda_check_issue23.py --skip-profile"
+    "$PYTHON" "$(dirname "$0")/cuda_check_issue23.py" --skip-profile || echo "cuda_check_issue23 failed"
+fi
+
 one plain --chunked off
 one packing --packing
 if "$PYTHON" -c "import peft" 2>/dev/null; then
@@ -190,24 +208,6 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" cache
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --backend torch \
     --teacher-cache "$WORK/store" "${REST[@]}" --out "$WORK/run-1-store"
 throughput "$WORK/run-1-store"
-
-echo "== the paper-math recipe, short: its models and data swapped for the ones above"
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --recipe paper-math \
-    --teacher "$WORK/teacher" --student "$WORK/student" --data "$WORK/math.jsonl" --steps "$STEPS" \
-    --batch-size "$BATCH" --grad-accum 1 --max-length "$LENGTH" --lr 1e-4 --device "$DEVICE" --no-progress \
-    --overwrite --out "$WORK/run-paper-math"
-throughput "$WORK/run-paper-math"
-for samples in 1 4; do
-    echo "   hpd eval --recipe paper-math --samples $samples"
-    "$PYTHON" "$WORK/hpd_with_memory.py" eval --recipe paper-math --model "$WORK/run-paper-math" \
-        --data "$WORK/math_held.jsonl" --samples "$samples" --max-new-tokens 32 --device "$DEVICE" --json \
-        --no-progress
-done
-
-if [[ "$DEVICE" == cuda && -z "${SKIP_ISSUE23:-}" ]]; then
-    echo "== benchmarks/cuda_check_issue23.py --skip-profile"
-    "$PYTHON" "$(dirname "$0")/cuda_check_issue23.py" --skip-profile || echo "cuda_check_issue23 failed"
-fi
 
 if [[ "$NPROC" -lt 2 ]]; then
     echo "one GPU only: skipping the torchrun runs"

@@ -111,3 +111,38 @@ def test_yaml_on_and_off_are_the_choices():
     cfg = DistillConfig.from_dict({"compile": True, "chunked": False})  # a recipe's `compile: on`, `chunked: off`
     assert (cfg.compile, cfg.chunked) == ("on", "off")
     cfg.validate(require_paths=False)
+
+
+class _Refuses:
+    """Stands in for torch.compile where the backend cannot generate a graph (as Inductor could
+    not for the chunked loss's vocabulary-wide cumulative sum with torch 2.11 on an H200)."""
+
+    def __init__(self, fn, **kw):
+        self.fn = fn
+
+    def __call__(self, *a, **kw):
+        if getattr(self.fn, "__name__", "") == "chunk_terms":
+            raise RuntimeError("InductorError: no code for this graph")
+        return self.fn(*a, **kw)
+
+
+@pytest.mark.parametrize("mode", ["auto", "on"])
+def test_a_chunked_loss_that_fails_to_compile_runs_uncompiled_under_auto(monkeypatch, capsys, mode):
+    """auto: the step goes on uncompiled, equal to --compile off, and says so once; on: the
+    failure is the run's error."""
+    batches = [batch(20, 0), batch(27, 1)]
+    monkeypatch.setattr(compiled, "enabled", lambda m, device: m in ("auto", "on"))  # as on CUDA
+    try:
+        ref, _ = steps("off", True, batches)
+        monkeypatch.setattr(torch, "compile", _Refuses)
+        if mode == "on":
+            with pytest.raises(RuntimeError, match="no code for this graph"):
+                steps(mode, True, batches)
+            return
+        got, _ = steps(mode, True, batches)
+    finally:
+        compiled.ACTIVE, Cfg.compile = None, "off"
+    for (v1, g1), (v2, g2) in zip(ref, got):  # the forwards still see bucket-padded lengths
+        assert abs(v1 - v2) <= 1e-5 * max(1.0, abs(v1))
+        assert all(torch.allclose(g1[k], g2[k], rtol=1e-5, atol=1e-6) for k in g1)
+    assert capsys.readouterr().err.count("torch.compile failed for the chunked loss") == 1

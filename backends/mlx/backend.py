@@ -250,12 +250,13 @@ class MlxBackend:
         return value, tree_unflatten(list(zip(names, grads)))
 
     def _compiles(self, model, loss_fn) -> bool:
-        """Whether this step runs compiled (backends/mlx/compiled.py): --compile on (or auto
-        on a GPU), a loss whose inputs are in view, and positions that fit one chunk."""
+        """Whether this step runs compiled (backends/mlx/compiled.py): --compile on, a loss
+        whose inputs are in view, and positions that fit one chunk. `auto` (the default, which
+        compiles torch on CUDA) stays uncompiled on mlx until the compiled step has been
+        measured on Apple silicon."""
         from hpd.backends.mlx import compiled
 
-        mode = getattr(self.config, "compile", "off")
-        if mode == "off" or (mode == "auto" and mx.default_device().type != mx.DeviceType.gpu):
+        if getattr(self.config, "compile", "off") != "on":
             return False
         if not (hasattr(loss_fn, "objectives") and hasattr(loss_fn, "teacher")):
             return False

@@ -116,7 +116,8 @@ class DistillConfig:
     compile: str = _f("auto", "torch: torch.compile the student's and the teacher's forwards (lengths padded to "
                       "--compile-buckets) and the chunked loss's per-chunk function, the graph count logged as "
                       "compile/graphs; mlx: run the student's step under mx.compile where a micro-batch's "
-                      "supervised positions fit one chunk. auto: on CUDA (torch) or a GPU (mlx) only",
+                      "supervised positions fit one chunk. auto: on CUDA for torch; off on mlx (not yet "
+                      "measured on Apple silicon)",
                       choices=("auto", "on", "off"))
     compile_buckets: str = _f("64", "torch --compile: pad each batch's length up to a multiple of this many "
                               "tokens, or pow2 (the next power of two), so a run compiles one graph per bucket")
