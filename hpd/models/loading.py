@@ -12,7 +12,7 @@ def asset_path(path: str) -> str:
     """`hpd:tiny/teacher` names a file shipped inside the package (hpd/assets/...);
     any other path is returned as it is."""
     if isinstance(path, str) and path.startswith(ASSET_PREFIX):
-        return str(Path(__file__).resolve().parent / "assets" / path[len(ASSET_PREFIX):])
+        return str(Path(__file__).resolve().parent.parent / "assets" / path[len(ASSET_PREFIX):])
     return path
 
 
