@@ -66,6 +66,8 @@ METHODS = {
     "trl gkd (on-policy)": {"trl": {"lmbda": 1.0, "beta": 0.5}, "lr_from": "jsd (on-policy)"},
 }
 STARTS = ("sft-init", "raw")
+CONTROL = "teacher-style"  # the control's start: SFT-initialized on the teacher's own answers
+CONTROL_METHODS = ("sft", "fkl", "jsd (off-policy)", "jsd (on-policy)")
 
 # Fine-tuning an SFT-initialized student wants smaller rates than training the raw one: at
 # 2e-3 every objective but sft's undid the initialization within 40 steps (docs/evidence.md).
@@ -149,15 +151,15 @@ class Bench:
             self.params.setdefault("student", sum(p.numel() for p in model.parameters()))
         return out
 
-    def sft_init(self) -> dict:
-        """The raw student fine-tuned on the data: the start of the first table's runs."""
-        folder = self.out / "sft-init-student"
+    def sft_init(self, start: str = "sft-init", data: str = "") -> dict:
+        """The raw student fine-tuned on the data (or on `data`): the start of a table's runs."""
+        folder = self.out / f"{start}-student"
         cfg = self.config("sft", self.base.student, self.plan["sft_init_lr"], 0, folder, curve=True,
-                          steps=self.plan["sft_init_steps"])
+                          steps=self.plan["sft_init_steps"], data=data)
         started = time.perf_counter()
         result = hpd.distill(cfg)
         seconds = time.perf_counter() - started
-        self.starts["sft-init"] = str(folder)
+        self.starts[start] = str(folder)
         student = result["student"]
         return {**test_scores(student, self.tok, self.plan, 0, self.backend, self.teacher),
                 "val_greedy": greedy(student, self.tok, "val", self.plan["val_rows"])["accuracy"],
@@ -180,8 +182,7 @@ class Bench:
     def run(self, name: str, start: str, lr: float, seed: int, phase: str, data: str = "") -> dict:
         """One run; phase "grid" scores the validation split, "final" and "control" the test split.
         `data` replaces the distillation data (the control's teacher-written answers)."""
-        out = self.out / "runs" / (start if phase != "control" else f"{start}-control") / \
-            f"{slug(name)}-lr{lr:g}-seed{seed}"
+        out = self.out / "runs" / start / f"{slug(name)}-lr{lr:g}-seed{seed}"
         curve = phase != "grid"
         started = time.perf_counter()
         if "trl" in METHODS[name]:
@@ -290,8 +291,9 @@ def main(argv=None) -> dict:
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=0, help=f"default: {FULL[key]}, "
                             f"quick {QUICK[key]}")
     parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                        help="also run sft and fkl from the raw student on the teacher's own answers "
-                        "(train_teacher.jsonl), at the rates chosen for the raw start (default: on; quick: off)")
+                        help="also run the known results' four methods (sft, fkl, jsd off- and on-policy) with the "
+                        "teacher's own answers as data (train_teacher.jsonl), from a student SFT-initialized on them, "
+                        "at the rates chosen for the sft-init start (default: on; quick: off)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default: 1: on 2 shared cores, faster than 2 for these models)")
     parser.add_argument("--out", default="runs/evidence", help="folder for the runs, the table and the figures")
@@ -348,21 +350,26 @@ def main(argv=None) -> dict:
                 runs.append(r)
                 print(f"[{start}] {name:22s} lr {r['lr']:g} seed {seed}: test greedy {r['greedy']:.3f} sampled "
                       f"{r['sampled']:.3f} KL {r['kl_teacher_text']:.3f} ({r['seconds']:.0f} s)", flush=True)
-    if plan["control"] and "raw" in chosen:
+    control_init = None
+    if plan["control"] and "sft-init" in chosen:
         from hpd.tasks import sums4
 
+        data = str(sums4.path("train_teacher"))
+        control_init = bench.sft_init(CONTROL, data)
+        print(f"control: SFT-initialized on the teacher's answers: test greedy {control_init['greedy']:.3f}", flush=True)
         for seed in plan["seeds"]:
-            for name in [m for m in ("sft", "fkl") if m in args.methods]:
-                r = bench.run(name, "raw", chosen["raw"][name], seed, "control", data=str(sums4.path("train_teacher")))
+            for name in [m for m in CONTROL_METHODS if m in args.methods]:
+                r = bench.run(name, CONTROL, chosen["sft-init"][name], seed, "control", data=data)
                 runs.append(r)
-                print(f"[control: the teacher's answers as data] {name} seed {seed}: test greedy {r['greedy']:.3f} "
+                print(f"[{CONTROL}] {name:22s} lr {r['lr']:g} seed {seed}: test greedy {r['greedy']:.3f} "
                       f"({r['seconds']:.0f} s)", flush=True)
     meta = {"command": " ".join(["python benchmarks/evidence.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": at_commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
             "torch": torch.__version__, "trl": trl_version(), "plan": plan, "params": bench.params,
             "prompt_tokens": bench.prompt_tokens, "total_seconds": time.perf_counter() - started}
-    results = {"meta": meta, "baselines": base, "sft_init": init, "chosen_lr": chosen, "runs": runs}
+    results = {"meta": meta, "baselines": base, "sft_init": init, "control_init": control_init, "chosen_lr": chosen,
+               "runs": runs}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return write_report(results, out)
 

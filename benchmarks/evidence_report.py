@@ -144,11 +144,13 @@ def markdown(results: dict, methods: list) -> str:
                          f"{ms(fl, 2) if fl else '-'} | {ms(eq) if eq else '-'} | {ms(end) if end else '-'} |")
         lines += ["", "#### Stability", "",
                   "| method | grad-norm CV (2nd half) | loss CV (2nd half) | final loss, sd across seeds | "
-                  "grad-norm spikes per run | largest grad norm |", "|---|---|---|---|---|---|"]
+                  "grad-norm spikes per run | more if offline and rollout steps are not told apart | "
+                  "largest grad norm |", "|---|---|---|---|---|---|---|"]
         for m, rs in by.items():
             s = stability(rs)
             lines.append(f"| {m} | {s['grad_cv']:.3f} | {s['loss_cv']:.3f} | {s['loss_seed_sd']:.4f} | "
-                         f"{s['spikes_same_kind']:.1f} | {s['max_grad']:.2f} |")
+                         f"{s['spikes_same_kind']:.1f} | {s['spikes'] - s['spikes_same_kind']:+.1f} | "
+                         f"{s['max_grad']:.2f} |")
         diag = []
         for m, rs in by.items():
             vals = {}
@@ -167,19 +169,22 @@ def markdown(results: dict, methods: list) -> str:
                       "|---|---|---|---|", *diag]
     control = [r for r in results["runs"] if r["phase"] == "control"]
     if control:
-        by = {m: sorted([r for r in control if r["method"] == m], key=lambda r: r["seed"]) for m in ("sft", "fkl")}
+        by = {}
+        for r in sorted(control, key=lambda r: r["seed"]):
+            by.setdefault(r["method"], []).append(r)
+        init = results["control_init"]
         lines += ["", "## Control: the teacher's own answers as data", "",
-                  "From the raw student, on `train_teacher.jsonl` (the teacher's sampled answers to the same "
-                  "prompts) instead of the pairs-style data, at the rates chosen for the raw start.", "",
+                  "The same protocol with `train_teacher.jsonl` (the teacher's sampled answers to the same prompts) "
+                  f"in place of the pairs-style data: the raw student SFT-initialized on it ({init['steps']} steps, "
+                  f"lr {init['lr']:g}: test greedy {init['greedy']:.3f}, first line "
+                  f"{_shares(init['openings'])}), then each method at the rate chosen for the sft-init start.", "",
                   "| method | lr | greedy exact match | sampled exact match (T=1) | KL to teacher, teacher's text | "
                   "greedy first line fwd / bwd / pairs / other |", "|---|---|---|---|---|---|"]
         for m, rs in by.items():
-            if rs:
-                lines.append(f"| {m} | {rs[0]['lr']:g} | {ms([r['greedy'] for r in rs])} | "
-                             f"{ms([r['sampled'] for r in rs])} | {ms([r['kl_teacher_text'] for r in rs])} | "
-                             f"{_shares(_mean_shares(rs, 'openings'))} |")
-        if by["sft"] and by["fkl"]:
-            lines += ["", *known_results({"fkl": by["fkl"], "sft": by["sft"]})[:3]]
+            lines.append(f"| {m} | {rs[0]['lr']:g} | {ms([r['greedy'] for r in rs])} | "
+                         f"{ms([r['sampled'] for r in rs])} | {ms([r['kl_teacher_text'] for r in rs])} | "
+                         f"{_shares(_mean_shares(rs, 'openings'))} |")
+        lines += ["", *known_results(by)[:4]]
     lines += ["", "Definitions: " + " ".join(base.__doc__.split("Definitions (also printed under the table):")[1].split()),
               " ".join(__doc__.split("Two additions:")[1].split())]
     return "\n".join(lines) + "\n"
