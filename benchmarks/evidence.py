@@ -232,6 +232,35 @@ class Bench:
         return got["model"], got["tokenizer"], series
 
 
+def teacher_on_data(n: int = 100) -> dict:
+    """The teacher's mean probability of the data token at each position of the pairs-style test
+    answers (position 0 is the answer's first token): where the data and the teacher disagree."""
+    import torch
+
+    from hpd.data.examples import encode_row
+    from hpd.tasks import sums4
+
+    base = DistillConfig.from_recipe(RECIPE)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher = AutoModelForCausalLM.from_pretrained(base.teacher, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(base.teacher)
+    sums, counts, tokens = {}, {}, {}
+    for row in sums4.load_rows("test")[:n]:
+        ex = encode_row(row, tok)
+        ids = torch.tensor([ex.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].float(), dim=-1)
+        p = logp.gather(-1, ids[0, 1:, None])[:, 0].exp()
+        for i in range(ex.prompt_len - 1, len(ex.input_ids) - 1):
+            k = i - ex.prompt_len + 1
+            sums[k] = sums.get(k, 0.0) + float(p[i])
+            counts[k] = counts.get(k, 0) + 1
+            tokens.setdefault(k, tok.convert_ids_to_tokens(ex.input_ids[i + 1]))
+    mean = {k: sums[k] / counts[k] for k in sorted(sums)}
+    return {"rows": n, "mean_p_data_token": mean, "tokens_of_first_row": tokens}
+
+
 def _records(folder: Path) -> list:
     return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
@@ -299,11 +328,18 @@ def main(argv=None) -> dict:
     parser.add_argument("--out", default="runs/evidence", help="folder for the runs, the table and the figures")
     parser.add_argument("--from-results", metavar="JSON", default="",
                         help="only rewrite the table and the figures from an earlier run's results.json")
+    parser.add_argument("--add-teacher-positions", action="store_true",
+                        help="with --from-results: first measure the teacher's probability of the data token per "
+                        "answer position (for results written before it was recorded)")
     args = parser.parse_args(argv)
     if args.from_results:
         if not Path(args.from_results).is_file():
             parser.error(f"--from-results: no file {args.from_results}")
-        return write_report(json.loads(Path(args.from_results).read_text()), Path(args.out))
+        results = json.loads(Path(args.from_results).read_text())
+        if args.add_teacher_positions:
+            results["teacher_on_data"] = teacher_on_data()
+            Path(args.from_results).write_text(json.dumps(results, indent=1) + "\n")
+        return write_report(results, Path(args.out))
     plan = json.loads(json.dumps(QUICK if args.quick else FULL))
     for key in ("steps", "sft_init_steps", "eval_every", "curve_rows", "val_rows", "test_rows", "samples",
                 "sample_rows"):
@@ -369,7 +405,7 @@ def main(argv=None) -> dict:
             "torch": torch.__version__, "trl": trl_version(), "plan": plan, "params": bench.params,
             "prompt_tokens": bench.prompt_tokens, "total_seconds": time.perf_counter() - started}
     results = {"meta": meta, "baselines": base, "sft_init": init, "control_init": control_init, "chosen_lr": chosen,
-               "runs": runs}
+               "teacher_on_data": teacher_on_data(), "runs": runs}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return write_report(results, out)
 

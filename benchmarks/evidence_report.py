@@ -101,6 +101,16 @@ def markdown(results: dict, methods: list) -> str:
     for name, b in starts.items():
         lines.append(f"| {name} | {b['greedy']:.3f} | {b['sampled']:.3f} | {b['kl_teacher_text']:.3f} | "
                      f"{b['kl_data_text']:.3f} | {b['val_greedy']:.3f} | {_shares(b['openings'])} |")
+    if results.get("teacher_on_data"):
+        t = results["teacher_on_data"]
+        mean = {int(k): v for k, v in t["mean_p_data_token"].items()}
+        names = {int(k): v for k, v in t["tokens_of_first_row"].items()}
+        low = [k for k, v in mean.items() if v < 0.9]
+        rest = [v for k, v in mean.items() if k not in low]
+        lines += ["", f"The teacher on the data (first {t['rows']} test answers, pairs style): mean probability of the "
+                  "data token below 0.9 at answer position(s) " + ", ".join(
+                      f"{k} (`{names.get(k, '?')}`: {mean[k]:.3f})" for k in low)
+                  + (f"; at the other {len(rest)} positions between {min(rest):.3f} and {max(rest):.3f}." if rest else ".")]
     for start, chosen in results["chosen_lr"].items():
         by = finals(results, start, methods)
         grid = [r for r in results["runs"] if r["phase"] == "grid" and r["start"] == start]

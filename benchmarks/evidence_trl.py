@@ -127,3 +127,42 @@ def run(*, student: str, teacher: str, rows: list, out: str, steps: int, lr: flo
     trainer.train()
     model.eval()
     return {"model": model, "tokenizer": tok, "records": records, "evals": evals}
+
+
+def loss_agreement(betas=(0.0, 0.1, 0.5, 0.9, 1.0), seed: int = 0) -> list:
+    """hpd's jsd against TRL's generalized_jsd_loss on random logits with masked positions:
+    (beta, largest loss difference, largest gradient difference) per beta. Both average over
+    the unmasked positions; TRL's mixture is beta * teacher + (1 - beta) * student, as hpd's."""
+    import torch
+
+    import hpd
+
+    _, GKDTrainer = gkd_classes()
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 3
+    teacher = torch.randn(3, 7, 50, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(0, 50, (3, 7), generator=g)
+    labels[0, :2] = -100
+    labels[2, 5:] = -100
+    out = []
+    for beta in betas:
+        grads = []
+        losses = []
+        for which in ("hpd", "trl"):
+            s = student.clone().requires_grad_(True)
+            if which == "hpd":
+                value, _ = hpd.loss("jsd", s, teacher, labels, beta=beta)
+            else:
+                value = GKDTrainer.generalized_jsd_loss(s, teacher, labels=labels, beta=beta)
+            value.backward()
+            losses.append(float(value.detach()))
+            grads.append(s.grad)
+        out.append((beta, abs(losses[0] - losses[1]), float((grads[0] - grads[1]).abs().max())))
+    return out
+
+
+if __name__ == "__main__":
+    print(f"TRL {version()}: hpd.loss('jsd') against GKDTrainer.generalized_jsd_loss (float64, 3 x 7 positions, "
+          "5 masked, vocabulary 50)")
+    for beta, dl, dg in loss_agreement():
+        print(f"beta {beta:.1f}: |loss difference| {dl:.2e}, largest |gradient difference| {dg:.2e}")
