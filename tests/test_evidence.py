@@ -61,7 +61,7 @@ def test_smoke_two_methods(tmp_path):
         results = bench.main(["--methods", "sft", "hpd", "--starts", "sft-init", "--steps", "4", "--seeds", "0",
                               "--grid-sft-init", "1e-4", "3e-4", "--sft-init-steps", "4", "--eval-every", "2",
                               "--curve-rows", "2", "--val-rows", "4", "--test-rows", "4", "--samples", "2",
-                              "--sample-rows", "2", "--out", str(tmp_path)])
+                              "--sample-rows", "2", "--no-control", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     grid = [r for r in results["runs"] if r["phase"] == "grid"]
