@@ -344,6 +344,9 @@ def main(argv=None) -> dict:
         parser.add_argument(f"--grid-{start}", type=float, nargs="+", default=None, metavar="LR",
                             help=f"learning rates tried per method from the {start} student on the validation split "
                             f"(default: {FULL['grid'][start]}; quick: {QUICK['grid'][start]}, nothing chosen)")
+    parser.add_argument("--rates-from", metavar="JSON", default="",
+                        help="take each method's rate from an earlier run's results.json instead of a grid "
+                        "(for a longer check of the chosen rates)")
     parser.add_argument("--sft-init-steps", type=int, default=0, help="steps of the SFT initialization (default: 150)")
     for key in ("eval_every", "curve_rows", "val_rows", "test_rows", "samples", "sample_rows"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=0, help=f"default: {FULL[key]}, "
@@ -374,6 +377,7 @@ def main(argv=None) -> dict:
     for start in STARTS:
         plan["grid"][start] = getattr(args, f"grid_{start.replace('-', '_')}") or plan["grid"][start]
     plan["seeds"] = args.seeds or plan["seeds"]
+    plan["rates_from"] = args.rates_from
     plan["eval_every"] = min(plan["eval_every"], plan["steps"])
     import torch
 
@@ -394,7 +398,9 @@ def main(argv=None) -> dict:
     runs, chosen = [], {}
     for start in args.starts:
         grid, grid_runs = plan["grid"][start], []
-        if len(grid) > 1:
+        if args.rates_from:
+            chosen[start] = json.loads(Path(args.rates_from).read_text())["chosen_lr"][start]
+        elif len(grid) > 1:
             for lr in grid:
                 for name in searched(args.methods):
                     r = bench.run(name, start, lr, plan["selection_seed"], "grid")
