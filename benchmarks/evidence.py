@@ -74,7 +74,7 @@ INITIALIZED = ("sft-init", "teacher-style")  # starts that are the raw student a
 # Fine-tuning an SFT-initialized student wants smaller rates than training the raw one: at
 # 2e-3 every objective but sft's undid the initialization within 40 steps (docs/evidence.md).
 FULL = dict(steps=100, grid={"sft-init": [1e-4, 3e-4, 1e-3], "raw": [3e-4, 1e-3, 3e-3],
-                             "teacher-style": [1e-4, 3e-4, 1e-3]},
+                             "teacher-style": [3e-4, 1e-3, 3e-3]},
             selection_seed=100, seeds=[0, 1, 2], sft_init_steps=150, sft_init_lr=3e-3, eval_every=25, curve_rows=48,
             val_rows=150, test_rows=300, samples=4, sample_rows=100)
 QUICK = dict(steps=20, grid={"sft-init": [3e-4], "raw": [1e-3], "teacher-style": [3e-4]}, selection_seed=100,
