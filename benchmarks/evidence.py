@@ -65,18 +65,21 @@ METHODS = {
     "trl gkd (off-policy)": {"trl": {"lmbda": 0.0, "beta": 0.5}, "lr_from": "jsd (off-policy)"},
     "trl gkd (on-policy)": {"trl": {"lmbda": 1.0, "beta": 0.5}, "lr_from": "jsd (on-policy)"},
 }
-STARTS = ("sft-init", "raw")
-CONTROL = "teacher-style"  # the control's start: SFT-initialized on the teacher's own answers
-CONTROL_METHODS = ("sft", "fkl", "jsd (off-policy)", "jsd (on-policy)")
+# Where every method of a table starts, and the data it trains on. "teacher-style" is a control,
+# not run by default: the same protocol with the teacher's own answers as the data.
+STARTS = {"sft-init": "train", "raw": "train", "teacher-style": "train_teacher"}
+DEFAULT_STARTS = ("sft-init", "raw")
+INITIALIZED = ("sft-init", "teacher-style")  # starts that are the raw student after SFT on their data
 
 # Fine-tuning an SFT-initialized student wants smaller rates than training the raw one: at
 # 2e-3 every objective but sft's undid the initialization within 40 steps (docs/evidence.md).
-FULL = dict(steps=100, grid={"sft-init": [1e-4, 3e-4, 1e-3], "raw": [3e-4, 1e-3, 3e-3]}, selection_seed=100,
-            seeds=[0, 1, 2], sft_init_steps=150, sft_init_lr=3e-3, eval_every=25, curve_rows=48, val_rows=150,
-            test_rows=300, samples=4, sample_rows=100, control=True)
-QUICK = dict(steps=20, grid={"sft-init": [3e-4], "raw": [1e-3]}, selection_seed=100, seeds=[0], sft_init_steps=150,
-             sft_init_lr=3e-3, eval_every=10, curve_rows=16, val_rows=40, test_rows=60, samples=2, sample_rows=20,
-             control=False)
+FULL = dict(steps=100, grid={"sft-init": [1e-4, 3e-4, 1e-3], "raw": [3e-4, 1e-3, 3e-3],
+                             "teacher-style": [3e-4, 1e-3, 3e-3]},
+            selection_seed=100, seeds=[0, 1, 2], sft_init_steps=150, sft_init_lr=3e-3, eval_every=25, curve_rows=48,
+            val_rows=150, test_rows=300, samples=4, sample_rows=100)
+QUICK = dict(steps=20, grid={"sft-init": [3e-4], "raw": [1e-3], "teacher-style": [3e-4]}, selection_seed=100,
+             seeds=[0], sft_init_steps=150, sft_init_lr=3e-3, eval_every=10, curve_rows=16, val_rows=40, test_rows=60,
+             samples=2, sample_rows=20)
 
 
 def slug(name: str) -> str:
@@ -156,11 +159,11 @@ class Bench:
             self.params.setdefault("student", sum(p.numel() for p in model.parameters()))
         return out
 
-    def sft_init(self, start: str = "sft-init", data: str = "") -> dict:
-        """The raw student fine-tuned on the data (or on `data`): the start of a table's runs."""
+    def sft_init(self, start: str) -> dict:
+        """The raw student fine-tuned on the start's data: where that start's runs begin."""
         folder = self.out / f"{start}-student"
         cfg = self.config("sft", self.base.student, self.plan["sft_init_lr"], 0, folder, curve=True,
-                          steps=self.plan["sft_init_steps"], data=data)
+                          steps=self.plan["sft_init_steps"], data=self.data(start))
         started = time.perf_counter()
         result = hpd.distill(cfg)
         seconds = time.perf_counter() - started
@@ -182,9 +185,15 @@ class Bench:
                                         "progress": False, "steps": steps or self.plan["steps"],
                                         **({"data": data} if data else {})})
 
-    def run(self, name: str, start: str, lr: float, seed: int, phase: str, data: str = "") -> dict:
-        """One run; phase "grid" scores the validation split, "final" and "control" the test split.
-        `data` replaces the distillation data (the control's teacher-written answers)."""
+    @staticmethod
+    def data(start: str) -> str:
+        from hpd.tasks import sums4
+
+        return str(sums4.path(STARTS[start]))
+
+    def run(self, name: str, start: str, lr: float, seed: int, phase: str) -> dict:
+        """One run; phase "grid" scores the validation split, "final" the test split."""
+        data = self.data(start)
         out = self.out / "runs" / start / f"{slug(name)}-lr{lr:g}-seed{seed}"
         curve = phase != "grid"
         started = time.perf_counter()
@@ -202,7 +211,7 @@ class Bench:
             flops = report.flops(records, self.params, self.prompt_tokens, cfg.batch_size)
         seconds = time.perf_counter() - started
         entry = {"method": name, "start": start, "lr": lr, "seed": seed, "phase": phase, "seconds": seconds,
-                 "series": series, "flops": flops, "out": str(out), "data": data or "train"}
+                 "series": series, "flops": flops, "out": str(out), "data": STARTS[start]}
         if on_policy is not None:
             entry["series"]["on_policy"] = [int(on_policy)] * len(series["steps"])
         if phase == "grid":
@@ -221,7 +230,7 @@ class Bench:
         def points(model):
             return greedy(model, self.tok, "test", plan["curve_rows"])["accuracy"]
 
-        got = evidence_trl.run(student=self.starts[start], teacher=base.teacher, rows=sums4.load_rows("train"),
+        got = evidence_trl.run(student=self.starts[start], teacher=base.teacher, rows=sums4.load_rows(STARTS[start]),
                                out=str(out), steps=plan["steps"], lr=lr, seed=seed, batch_size=base.batch_size,
                                lmbda=spec["lmbda"], beta=spec["beta"], temperature=base.rollout_temperature,
                                max_new_tokens=base.rollout_max_new_tokens, warmup_ratio=base.warmup_ratio,
@@ -235,33 +244,49 @@ class Bench:
         return got["model"], got["tokenizer"], series
 
 
-def teacher_on_data(n: int = 100) -> dict:
+def teacher_on_data(student: str = "", n: int = 100) -> dict:
     """The teacher's mean probability of the data token at each position of the pairs-style test
-    answers (position 0 is the answer's first token): where the data and the teacher disagree."""
+    answers (position 0 is the answer's first token): where the data and the teacher disagree.
+    With a `student` folder, also each position's share of the summed forward KL, reverse KL and
+    JSD(0.5) between teacher and student there: how much of each objective that disagreement is."""
+    import math
+
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hpd.data.examples import encode_row
     from hpd.tasks import sums4
 
     base = DistillConfig.from_recipe(RECIPE)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     teacher = AutoModelForCausalLM.from_pretrained(base.teacher, dtype=torch.float32).eval()
+    other = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval() if student else None
     tok = AutoTokenizer.from_pretrained(base.teacher)
-    sums, counts, tokens = {}, {}, {}
+    totals, counts, tokens = {}, {}, {}
     for row in sums4.load_rows("test")[:n]:
         ex = encode_row(row, tok)
         ids = torch.tensor([ex.input_ids])
         with torch.no_grad():
-            logp = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].float(), dim=-1)
-        p = logp.gather(-1, ids[0, 1:, None])[:, 0].exp()
+            lp = torch.log_softmax(teacher(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            values = {"p_data_token": lp.gather(-1, ids[0, 1:, None])[:, 0].exp()}
+            if other is not None:
+                lq = torch.log_softmax(other(input_ids=ids).logits[0, :-1].float(), dim=-1)
+                lm = torch.logaddexp(lp, lq) - math.log(2.0)
+                values["fkl"] = (lp.exp() * (lp - lq)).sum(-1)
+                values["rkl"] = (lq.exp() * (lq - lp)).sum(-1)
+                values["jsd"] = 0.5 * (lp.exp() * (lp - lm)).sum(-1) + 0.5 * (lq.exp() * (lq - lm)).sum(-1)
         for i in range(ex.prompt_len - 1, len(ex.input_ids) - 1):
             k = i - ex.prompt_len + 1
-            sums[k] = sums.get(k, 0.0) + float(p[i])
+            for name, v in values.items():
+                totals.setdefault(name, {})[k] = totals.get(name, {}).get(k, 0.0) + float(v[i])
             counts[k] = counts.get(k, 0) + 1
             tokens.setdefault(k, tok.convert_ids_to_tokens(ex.input_ids[i + 1]))
-    mean = {k: sums[k] / counts[k] for k in sorted(sums)}
-    return {"rows": n, "mean_p_data_token": mean, "tokens_of_first_row": tokens}
+    out = {"rows": n, "mean_p_data_token": {k: v / counts[k] for k, v in sorted(totals["p_data_token"].items())},
+           "tokens_of_first_row": tokens}
+    if other is not None:
+        out["student"] = student
+        out["share_by_position"] = {name: {k: v / sum(totals[name].values()) for k, v in sorted(totals[name].items())}
+                                    for name in ("fkl", "rkl", "jsd")}
+    return out
 
 
 def _records(folder: Path) -> list:
@@ -307,8 +332,9 @@ def trl_version() -> str:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"a short check (under 5 minutes on 2 CPU cores): {QUICK}")
-    parser.add_argument("--starts", nargs="+", default=list(STARTS), choices=STARTS,
-                        help="students every method starts from (default: both)")
+    parser.add_argument("--starts", nargs="+", default=list(DEFAULT_STARTS), choices=list(STARTS),
+                        help="students every method starts from (default: sft-init raw); teacher-style is the "
+                        "control: SFT-initialized on the teacher's own answers (train_teacher.jsonl), trained on them")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                         help=f"any of: {', '.join(repr(m) for m in METHODS)} (default: all)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="the table's seeds (default: 0 1 2, quick 0)")
@@ -318,14 +344,13 @@ def main(argv=None) -> dict:
         parser.add_argument(f"--grid-{start}", type=float, nargs="+", default=None, metavar="LR",
                             help=f"learning rates tried per method from the {start} student on the validation split "
                             f"(default: {FULL['grid'][start]}; quick: {QUICK['grid'][start]}, nothing chosen)")
+    parser.add_argument("--rates-from", metavar="JSON", default="",
+                        help="take each method's rate from an earlier run's results.json instead of a grid "
+                        "(for a longer check of the chosen rates)")
     parser.add_argument("--sft-init-steps", type=int, default=0, help="steps of the SFT initialization (default: 150)")
     for key in ("eval_every", "curve_rows", "val_rows", "test_rows", "samples", "sample_rows"):
         parser.add_argument("--" + key.replace("_", "-"), type=int, default=0, help=f"default: {FULL[key]}, "
                             f"quick {QUICK[key]}")
-    parser.add_argument("--control", action=argparse.BooleanOptionalAction, default=None,
-                        help="also run the known results' four methods (sft, fkl, jsd off- and on-policy) with the "
-                        "teacher's own answers as data (train_teacher.jsonl), from a student SFT-initialized on them, "
-                        "at the rates chosen for the sft-init start (default: on; quick: off)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default: 1: on 2 shared cores, faster than 2 for these models)")
     parser.add_argument("--out", default="runs/evidence", help="folder for the runs, the table and the figures")
@@ -340,7 +365,8 @@ def main(argv=None) -> dict:
             parser.error(f"--from-results: no file {args.from_results}")
         results = json.loads(Path(args.from_results).read_text())
         if args.add_teacher_positions:
-            results["teacher_on_data"] = teacher_on_data()
+            init = report.inits_of(results).get("sft-init", {})
+            results["teacher_on_data"] = teacher_on_data(init.get("out", ""))
             Path(args.from_results).write_text(json.dumps(results, indent=1) + "\n")
         return write_report(results, Path(args.out))
     plan = json.loads(json.dumps(QUICK if args.quick else FULL))
@@ -351,7 +377,7 @@ def main(argv=None) -> dict:
     for start in STARTS:
         plan["grid"][start] = getattr(args, f"grid_{start.replace('-', '_')}") or plan["grid"][start]
     plan["seeds"] = args.seeds or plan["seeds"]
-    plan["control"] = plan["control"] if args.control is None else args.control
+    plan["rates_from"] = args.rates_from
     plan["eval_every"] = min(plan["eval_every"], plan["steps"])
     import torch
 
@@ -363,16 +389,18 @@ def main(argv=None) -> dict:
     base = bench.baselines()
     print(f"teacher: test greedy {base['teacher']['greedy']:.3f}; raw student {base['raw student']['greedy']:.3f}",
           flush=True)
-    init = None
-    if "sft-init" in args.starts:
-        init = bench.sft_init()
-        print(f"SFT-initialized student ({plan['sft_init_steps']} steps, lr {plan['sft_init_lr']:g}): test greedy "
-              f"{init['greedy']:.3f} (teacher {base['teacher']['greedy']:.3f}), validation {init['val_greedy']:.3f}",
-              flush=True)
+    inits = {}
+    for start in [s for s in args.starts if s in INITIALIZED]:
+        inits[start] = init = bench.sft_init(start)
+        print(f"{start}: SFT-initialized student ({plan['sft_init_steps']} steps on {STARTS[start]}.jsonl, lr "
+              f"{plan['sft_init_lr']:g}): test greedy {init['greedy']:.3f} (teacher {base['teacher']['greedy']:.3f}), "
+              f"validation {init['val_greedy']:.3f}", flush=True)
     runs, chosen = [], {}
     for start in args.starts:
         grid, grid_runs = plan["grid"][start], []
-        if len(grid) > 1:
+        if args.rates_from:
+            chosen[start] = json.loads(Path(args.rates_from).read_text())["chosen_lr"][start]
+        elif len(grid) > 1:
             for lr in grid:
                 for name in searched(args.methods):
                     r = bench.run(name, start, lr, plan["selection_seed"], "grid")
@@ -389,26 +417,14 @@ def main(argv=None) -> dict:
                 runs.append(r)
                 print(f"[{start}] {name:22s} lr {r['lr']:g} seed {seed}: test greedy {r['greedy']:.3f} sampled "
                       f"{r['sampled']:.3f} KL {r['kl_teacher_text']:.3f} ({r['seconds']:.0f} s)", flush=True)
-    control_init = None
-    if plan["control"] and "sft-init" in chosen:
-        from hpd.tasks import sums4
-
-        data = str(sums4.path("train_teacher"))
-        control_init = bench.sft_init(CONTROL, data)
-        print(f"control: SFT-initialized on the teacher's answers: test greedy {control_init['greedy']:.3f}", flush=True)
-        for seed in plan["seeds"]:
-            for name in [m for m in CONTROL_METHODS if m in args.methods]:
-                r = bench.run(name, CONTROL, chosen["sft-init"][name], seed, "control", data=data)
-                runs.append(r)
-                print(f"[{CONTROL}] {name:22s} lr {r['lr']:g} seed {seed}: test greedy {r['greedy']:.3f} "
-                      f"({r['seconds']:.0f} s)", flush=True)
     meta = {"command": " ".join(["python benchmarks/evidence.py", *(argv if argv is not None else sys.argv[1:])]),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": at_commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
             "torch": torch.__version__, "trl": trl_version(), "plan": plan, "params": bench.params,
             "prompt_tokens": bench.prompt_tokens, "total_seconds": time.perf_counter() - started}
-    results = {"meta": meta, "baselines": base, "sft_init": init, "control_init": control_init, "chosen_lr": chosen,
-               "teacher_on_data": teacher_on_data(), "runs": runs}
+    results = {"meta": meta, "baselines": base, "inits": inits, "chosen_lr": chosen,
+               "teacher_on_data": teacher_on_data(inits["sft-init"]["out"] if "sft-init" in inits else ""),
+               "runs": runs}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     return write_report(results, out)
 

@@ -26,6 +26,15 @@ KNOWN = [
 AGREEMENT = [("jsd (off-policy)", "trl gkd (off-policy)"), ("jsd (on-policy)", "trl gkd (on-policy)")]
 
 
+TITLES = {"sft-init": "the SFT-initialized student", "raw": "the raw student",
+          "teacher-style": "the control: SFT-initialized on the teacher's own answers, and trained on them"}
+
+
+def inits_of(results: dict) -> dict:
+    """The SFT-initialized starts of a results file (an early one kept only "sft_init")."""
+    return results.get("inits") or ({"sft-init": results["sft_init"]} if results.get("sft_init") else {})
+
+
 def _shares(d: dict) -> str:
     if not d:
         return "-"
@@ -95,9 +104,9 @@ def markdown(results: dict, methods: list) -> str:
         "validation greedy | greedy first line fwd / bwd / pairs / other |", "|---|---|---|---|---|---|---|",
     ]
     starts = dict(results["baselines"])
-    if results.get("sft_init"):
-        init = results["sft_init"]
-        starts[f"SFT-initialized ({init['steps']} steps of sft, lr {init['lr']:g})"] = init
+    for start, init in inits_of(results).items():
+        data = "the teacher's own answers" if start == "teacher-style" else "the data"
+        starts[f"{start}: SFT-initialized on {data} ({init['steps']} steps of sft, lr {init['lr']:g})"] = init
     for name, b in starts.items():
         lines.append(f"| {name} | {b['greedy']:.3f} | {b['sampled']:.3f} | {b['kl_teacher_text']:.3f} | "
                      f"{b['kl_data_text']:.3f} | {b['val_greedy']:.3f} | {_shares(b['openings'])} |")
@@ -111,10 +120,15 @@ def markdown(results: dict, methods: list) -> str:
                   "data token below 0.9 at answer position(s) " + ", ".join(
                       f"{k} (`{names.get(k, '?')}`: {mean[k]:.3f})" for k in low)
                   + (f"; at the other {len(rest)} positions between {min(rest):.3f} and {max(rest):.3f}." if rest else ".")]
+        if t.get("share_by_position"):
+            shares = {m: {int(k): v for k, v in d.items()} for m, d in t["share_by_position"].items()}
+            lines[-1] += (" Between the teacher and the SFT-initialized student on the same text, the share of each "
+                          "objective's sum over positions that falls on position(s) " + ", ".join(map(str, low)) + ": "
+                          + ", ".join(f"{m} {sum(d.get(k, 0.0) for k in low):.2f}" for m, d in shares.items()) + ".")
     for start, chosen in results["chosen_lr"].items():
         by = finals(results, start, methods)
         grid = [r for r in results["runs"] if r["phase"] == "grid" and r["start"] == start]
-        title = "the SFT-initialized student" if start == "sft-init" else "the raw student"
+        title = TITLES.get(start, start)
         lines += ["", f"## Start: {title}", ""]
         if grid:
             rates = sorted({r["lr"] for r in grid})
@@ -183,11 +197,12 @@ def markdown(results: dict, methods: list) -> str:
         for r in sorted(control, key=lambda r: r["seed"]):
             by.setdefault(r["method"], []).append(r)
         init = results["control_init"]
-        lines += ["", "## Control: the teacher's own answers as data", "",
-                  "The same protocol with `train_teacher.jsonl` (the teacher's sampled answers to the same prompts) "
-                  f"in place of the pairs-style data: the raw student SFT-initialized on it ({init['steps']} steps, "
+        lines += ["", "## Control with borrowed rates: the teacher's own answers as data", "",
+                  "`train_teacher.jsonl` (the teacher's sampled answers to the same prompts) in place of the "
+                  f"pairs-style data: the raw student SFT-initialized on it ({init['steps']} steps, "
                   f"lr {init['lr']:g}: test greedy {init['greedy']:.3f}, first line "
-                  f"{_shares(init['openings'])}), then each method at the rate chosen for the sft-init start.", "",
+                  f"{_shares(init['openings'])}), then each method at the rate chosen for the sft-init start "
+                  "(not on this data: superseded by the `teacher-style` start, which has its own grid).", "",
                   "| method | lr | greedy exact match | sampled exact match (T=1) | KL to teacher, teacher's text | "
                   "greedy first line fwd / bwd / pairs / other |", "|---|---|---|---|---|---|"]
         for m, rs in by.items():

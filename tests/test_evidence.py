@@ -61,7 +61,7 @@ def test_smoke_two_methods(tmp_path):
         results = bench.main(["--methods", "sft", "hpd", "--starts", "sft-init", "--steps", "4", "--seeds", "0",
                               "--grid-sft-init", "1e-4", "3e-4", "--sft-init-steps", "4", "--eval-every", "2",
                               "--curve-rows", "2", "--val-rows", "4", "--test-rows", "4", "--samples", "2",
-                              "--sample-rows", "2", "--no-control", "--out", str(tmp_path)])
+                              "--sample-rows", "2", "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)
     grid = [r for r in results["runs"] if r["phase"] == "grid"]
@@ -73,7 +73,7 @@ def test_smoke_two_methods(tmp_path):
         assert r["lr"] == results["chosen_lr"]["sft-init"][r["method"]] and r["start"] == "sft-init"
         assert 0.0 <= r["greedy"] <= 1.0 and r["kl_teacher_text"] >= 0.0 and r["flops"] > 0
         assert r["series"]["steps"] == [1, 2, 3, 4] and [e["step"] for e in r["series"]["evals"]] == [0, 2, 4]
-    init = results["sft_init"]
+    init = results["inits"]["sft-init"]
     assert init["steps"] == 4 and 0.0 <= init["greedy"] <= 1.0 and Path(init["out"], "config.json").is_file()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["chosen_lr"] == results["chosen_lr"] and len(saved["runs"]) == 6
