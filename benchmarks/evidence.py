@@ -9,8 +9,9 @@ distillation), in the second the raw student itself. Each method gets its own le
 rate, the best greedy exact match on the validation split over a grid, trained at a
 selection seed that the table does not use; the table's seeds then run at that rate and
 read the test split only. TRL's GKDTrainer trains the same models on the same token ids,
-steps, batch, optimizer, learning-rate curve and grid, as two reference rows: lmbda 0
-(off-policy) and lmbda 1 (on-policy), beta 0.5 as hpd's jsd rows.
+steps, batch, optimizer, learning-rate curve and rate, as three reference rows: lmbda 0
+(off-policy) and lmbda 1 (on-policy) at beta 0.5 as hpd's jsd rows, and lmbda 0 at beta 0
+(TRL's forward KL) beside hpd's fkl row.
 
 Per run: test exact match (greedy; sampled at temperature 1, several samples per prompt),
 the style and first line of the greedy answers, KL(teacher || student) on the teacher's
@@ -63,6 +64,8 @@ METHODS = {
     # TRL's rows take the learning rate chosen for hpd's row of the same objective: one rate for
     # two implementations of one loss, so that a difference between them is not the grid's
     "trl gkd (off-policy)": {"trl": {"lmbda": 0.0, "beta": 0.5}, "lr_from": "jsd (off-policy)"},
+    # TRL's beta 0 is KL(teacher || student): hpd's fkl row computed by another implementation
+    "trl gkd fkl (off-policy)": {"trl": {"lmbda": 0.0, "beta": 0.0}, "lr_from": "fkl"},
     "trl gkd (on-policy)": {"trl": {"lmbda": 1.0, "beta": 0.5}, "lr_from": "jsd (on-policy)"},
 }
 # Where every method of a table starts, and the data it trains on. "teacher-style" is a control,

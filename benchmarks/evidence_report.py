@@ -20,10 +20,12 @@ from when_hpd_helps_report import flops, ms, series, stability  # noqa: F401  (s
 
 KNOWN = [
     ("(a) KD beats SFT on the same data", "fkl", "sft"),
+    ("(a) KD beats SFT on the same data (TRL's forward KL)", "trl gkd fkl (off-policy)", "sft"),
     ("(b) on-policy beats off-policy (hpd's jsd)", "jsd (on-policy)", "jsd (off-policy)"),
     ("(b) on-policy beats off-policy (TRL's GKD)", "trl gkd (on-policy)", "trl gkd (off-policy)"),
 ]
-AGREEMENT = [("jsd (off-policy)", "trl gkd (off-policy)"), ("jsd (on-policy)", "trl gkd (on-policy)")]
+AGREEMENT = [("jsd (off-policy)", "trl gkd (off-policy)"), ("jsd (on-policy)", "trl gkd (on-policy)"),
+             ("fkl", "trl gkd fkl (off-policy)")]
 
 
 TITLES = {"sft-init": "the SFT-initialized student", "raw": "the raw student",
@@ -151,7 +153,7 @@ def markdown(results: dict, methods: list) -> str:
                          f"{ms([r['kl_teacher_text'] for r in rs])} | {ms([r['kl_data_text'] for r in rs])} | "
                          f"{_shares(_mean_shares(rs, 'styles'))} | {_shares(_mean_shares(rs, 'openings'))} |")
         lines += ["", "#### Known results, paired by seed", "", *known_results(by), "",
-                  "#### hpd's jsd against TRL's GKDTrainer, paired by seed", "", *agreement(by)]
+                  "#### hpd's rows against TRL's GKDTrainer, paired by seed", "", *agreement(by)]
         budget = statistics.fmean(r["series"]["seconds"][-1] for r in by["sft"]) if "sft" in by else None
         lines += ["", "#### Efficiency", "",
                   "| method | training time (s) | wall time (s) | ms per step | rollout steps | FLOPs (1e12) | "
