@@ -1,5 +1,14 @@
 """LoRA students on mlx, through mlx-lm's tuner (linear_to_lora_layers, LoRALinear).
 
+The adapters are mlx-lm's (float32 A and B, the same names, fuse, save), but the layer's
+forward is our own (`branch_in_base_dtype`): mlx-lm's LoRALinear computes the branch in
+float32 and casts it down, keeping a float32 (tokens, out) product and its scaled copy
+alive for the backward, 12 bytes per output feature and token beside a bfloat16 base. Here
+A and scale * B are cast to the input's dtype first, so the branch is two products in the
+base's dtype and the step keeps 4 bytes per output feature and token (bfloat16). With a
+float32 base nothing is cast and the layer equals mlx-lm's up to where the scale is
+applied (tests/test_mlx_lora_branch.py).
+
 Mirrors `hpd.backends.torch.lora` function for function. Adapters cross this module as numpy
 pairs A (r, in), B (out, r) keyed by the layer's full name (model.layers.0.self_attn.q_proj),
 which is also the name transformers gives the layer; mlx-lm holds them transposed.
@@ -15,6 +24,29 @@ from mlx.utils import tree_flatten, tree_unflatten
 from hpd.models.lora import Attached, LoraSpec, initial_a, resolve_targets
 
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
+
+
+def branch_in_base_dtype(layer, x):
+    """A LoRA layer's forward with the low-rank branch in x's dtype: y + (x A) (scale B)."""
+    y = layer.linear(x)
+    a = layer.lora_a.astype(x.dtype)
+    b = (layer.scale * layer.lora_b).astype(x.dtype)
+    return y + (layer.dropout(x) @ a) @ b
+
+
+_BASE_DTYPE_CLASS = None
+
+
+def base_dtype_class():
+    """mlx-lm's LoRALinear with `branch_in_base_dtype` as its forward (built on first use, so
+    that importing this module does not import mlx-lm's tuner)."""
+    global _BASE_DTYPE_CLASS
+    if _BASE_DTYPE_CLASS is None:
+        from mlx_lm.tuner.lora import LoRALinear
+
+        _BASE_DTYPE_CLASS = type("BaseDtypeLoRALinear", (LoRALinear,), {"__call__": branch_in_base_dtype,
+                                                                       "__module__": __name__})
+    return _BASE_DTYPE_CLASS
 
 
 def check_supported(spec: LoraSpec, backend, path: str | None = None) -> None:
@@ -58,8 +90,10 @@ def apply(model, spec: LoraSpec, *, seed: int, base: dict, gradient_checkpointin
     linear_to_lora_layers(model, len(model.layers),
                           {"rank": spec.rank, "scale": spec.scale, "dropout": spec.dropout, "keys": keys})
     modules = dict(model.named_modules())
+    own = base_dtype_class()
     for name in names:
         layer = modules[name]
+        layer.__class__ = own  # the same module and weights; only the forward differs
         layer.lora_a = mx.array(initial_a(seed, name, spec.rank, layer.lora_a.shape[0]).T)
         layer.lora_b = mx.zeros_like(layer.lora_b)
     mx.eval(model.trainable_parameters())

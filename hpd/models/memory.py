@@ -121,26 +121,33 @@ def weight_bytes(shape: Shape, dtype_bytes: int, bits: int = 0, backend: str = "
 
 
 def block_activations(shape: Shape, tokens: int, dtype_bytes: int, lora_rank: int = 0,
-                      targets: str = "all-linear") -> int:
+                      targets: str = "all-linear", backend: str = "torch") -> int:
     """Bytes one block's forward keeps for the backward (every intermediate of the block:
     under autodiff mlx keeps a traced array's inputs alive, and torch saves the same ones).
 
     Per token: the two norms' outputs, q/k/v, rotated q/k, the attention output and its
     transposed copy, o_proj, the residual sums, gate, up, the SwiGLU product and down_proj.
-    A LoRA layer adds x @ A (rank), its product with B, the scaled copy and the sum (out
-    each). The attention's (heads, T, T) scores are not kept: its backward recomputes them
+    A LoRA layer adds x @ A (rank) and, per output feature, what its branch keeps:
+    - torch (peft) and a float32 base on mlx: the float32 product with B, the scaled copy,
+      and the cast and the sum (12 bytes per output feature and token either way);
+    - mlx beside a half-precision base: hpd.backends.mlx.lora computes the branch in the base's
+      dtype. benchmarks/mlx_lora_branch.py measures its step's peak 4.0-4.3 bytes per output
+      feature and token below mlx-lm's own LoRALinear (bfloat16, whole model); the plan
+      counts 8 bytes (4 x the dtype), the 12 above less what was measured.
+    The attention's (heads, T, T) scores are not kept: its backward recomputes them
     (see attention_scores).
     """
     h, i, d = shape.hidden, shape.intermediate, shape.head_dim
     per_token = (6 * h + (4 * shape.heads + 3 * shape.kv_heads) * d + 3 * i) * dtype_bytes
     if lora_rank:
-        # the float32 adapters' branch: x @ A and its product with B, scaled (float32), then
-        # cast to the base's dtype (no copy when it is float32) and added
         wanted = None if targets == "all-linear" else set(targets.split(","))
         outs = sum(out for name, _, out in shape.linears() if wanted is None or name in wanted)
         adapted = sum(1 for name, _, _ in shape.linears() if wanted is None or name in wanted)
-        per_out = 2 * 4 + (dtype_bytes if dtype_bytes == 4 else 2 * dtype_bytes)
-        per_token += adapted * lora_rank * 4 + outs * per_out
+        if backend == "mlx" and dtype_bytes < 4:
+            per_token += adapted * lora_rank * dtype_bytes + outs * 4 * dtype_bytes
+        else:
+            per_out = 2 * 4 + (dtype_bytes if dtype_bytes == 4 else 2 * dtype_bytes)
+            per_token += adapted * lora_rank * 4 + outs * per_out
     return per_token * tokens
 
 
@@ -178,7 +185,7 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
     vocab = min(teacher.vocab, student.vocab)
     trainable = student.lora_params(s.lora_rank, s.lora_targets) if s.lora_rank else student.params()
     act_dtype = s.student_dtype
-    block = block_activations(student, tokens, act_dtype, s.lora_rank, s.lora_targets)
+    block = block_activations(student, tokens, act_dtype, s.lora_rank, s.lora_targets, s.backend)
     # the backward of a block forms a cotangent beside each of its intermediates: one
     # block's worth more while it runs (with checkpointing, beside the recomputed block).
     # mlx checkpoints through a two-pass step (an untraced forward, then one vjp), so the
