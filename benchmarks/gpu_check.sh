@@ -2,7 +2,8 @@
 # A short distillation on CUDA in bfloat16 with random "tiny-ish" models (built here, no
 # download): tokens/s and peak GPU memory on one GPU (chunked and plain loss, packed rows,
 # a LoRA and a QLoRA student, a teacher store), then data-parallel on all GPUs of this machine with
-# torchrun (FSDP2, DDP, FSDP2 with a sharded teacher); the chunked run again under
+# torchrun (FSDP2, DDP, FSDP2 with a sharded teacher); the chunked run again at the CPU's
+# 64 MiB chunk budget (CUDA's default is 1 GiB) and under
 # --compile off, beside the default (--compile auto: compiled on CUDA) one (tokens/s and MFU); a short run of the paper-math
 # recipe scored by `hpd eval --recipe paper-math`; and benchmarks/cuda_check_issue23.py
 # (half-precision chunk logits; compiled against eager losses and gradients). Not part of CI.
@@ -170,6 +171,10 @@ one() {  # name, extra flags...
 print('  compiled graphs (--compile auto):', {k: v for k, v in r.items() if k.startswith('compile/')})" \
     "$WORK/run-1/metrics.jsonl" || true
 one eager --compile off
+# the chunk budget: the default run above resolves --chunk-budget-mb 0 to 1024 on CUDA; 64 is
+# the CPU default (~85 positions per chunk at this vocabulary), and the plain loss below is
+# the reference it should approach
+one budget-64 --chunk-budget-mb 64
 echo "== the paper-math recipe, short: its models and data swapped for the ones above"
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --recipe paper-math \
     --teacher "$WORK/teacher" --student "$WORK/student" --data "$WORK/math.jsonl" --steps "$STEPS" \

@@ -139,6 +139,7 @@ def child(args) -> None:
     import numpy as np
 
     from hpd.backends import get_backend
+    from hpd.objectives.chunked import resolve_chunk_budget
     from hpd.models.student import load_student
     from hpd.train.config import DistillConfig
     from hpd.train.loop import objective_loss_fn
@@ -174,7 +175,7 @@ def child(args) -> None:
         t_out = backend.forward(teacher, arrays, hidden=chunked)
         loss_fn = objective_loss_fn([Objective("hpd", 1.0, {})], t_out, arrays["targets"], sampled=None,
                                     num_tokens=float(args.length), temperature=1.0, chunk_size=cfg.chunk_size,
-                                    chunk_budget_mb=cfg.chunk_budget_mb)
+                                    chunk_budget_mb=resolve_chunk_budget(cfg.chunk_budget_mb, False))
         backend.forward_backward(student, arrays, loss_fn, hidden=chunked)
         backend.optimizer_step(student, optimizer, 1e-5, 1.0)
         del t_out, loss_fn, arrays

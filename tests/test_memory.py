@@ -97,10 +97,34 @@ def test_plan_sizes_chunks_as_a_default_run_does():
     from dataclasses import fields
 
     from hpd.models.memory import chunk_positions
-    from hpd.objectives.chunked import resolve_chunk_size
+    from hpd.objectives.chunked import resolve_chunk_budget, resolve_chunk_size
     from hpd.train.config import DistillConfig
 
-    default = next(f.default for f in fields(DistillConfig) if f.name == "chunk_budget_mb")
-    assert Setting().chunk_budget_mb == default
+    default = resolve_chunk_budget(next(f.default for f in fields(DistillConfig) if f.name == "chunk_budget_mb"),
+                                   accelerator=False)
+    assert Setting().chunk_budget_mb == default == 64
     for vocab in (320, 32000, 151936):
         assert chunk_positions(Setting(), vocab) == resolve_chunk_size("auto", vocab, budget_mb=default)
+
+
+def test_chunk_budget_default_is_larger_with_torch_on_cuda():
+    """--chunk-budget-mb 0 (the default) resolves to 64 MiB, and to 1 GiB where the student
+    runs on CUDA (the loop and the plan agree); a given budget is kept everywhere."""
+    from types import SimpleNamespace
+
+    from hpd.models.memory import setting_of
+    from hpd.objectives.chunked import resolve_chunk_budget
+    from hpd.train.config import DistillConfig
+    from hpd.train.loop import Loop
+
+    assert resolve_chunk_budget(0, accelerator=False) == 64
+    assert resolve_chunk_budget(0, accelerator=True) == 1024
+    assert resolve_chunk_budget(256, accelerator=True) == 256
+    for device, given, want in (("cuda", 0, 1024), ("cpu", 0, 64), ("cuda", 96, 96)):
+        cfg = DistillConfig.from_dict({"chunk_budget_mb": given, "device": device})
+        loop = SimpleNamespace(config=cfg, backend=SimpleNamespace(device=SimpleNamespace(type=device)))
+        assert Loop.chunk_budget_mb.fget(loop) == want
+        assert setting_of(cfg, "torch").chunk_budget_mb == want
+    assert setting_of(DistillConfig.from_dict({"device": "cuda"}), "mlx").chunk_budget_mb == 64
+    with pytest.raises(ValueError):
+        DistillConfig.from_dict({"chunk_budget_mb": -1}).validate(require_paths=False)

@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpd.objectives.chunked import DEFAULT_CHUNK_BUDGET_MB
+from hpd.objectives.chunked import DEFAULT_CHUNK_BUDGET_MB, resolve_chunk_budget
 
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # float32 (chunk, V) arrays alive at once in one chunk of the chunked loss (counted in
@@ -329,7 +329,8 @@ def setting_of(cfg, backend: str | None = None) -> Setting:
                    teacher_bits=cfg.teacher_quantize, student_bits=cfg.student_quantize,
                    lora_rank=cfg.lora_rank, lora_targets=cfg.lora_targets,
                    gradient_checkpointing=cfg.gradient_checkpointing, chunked=cfg.chunked != "off",
-                   chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb,
+                   chunk_size=cfg.chunk_size,
+                   chunk_budget_mb=resolve_chunk_budget(cfg.chunk_budget_mb, backend == "torch" and _cuda(cfg.device)),
                    half_logits=backend == "torch" and _cuda(cfg.device))
 
 

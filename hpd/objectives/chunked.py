@@ -54,6 +54,20 @@ CHUNK_BUFFERS = 6
 # page-faulted afresh every chunk: on a 3-step 64k-vocabulary run (benchmarks/memory_peak.py)
 # 4.5x fewer minor faults and a third of the system time of 256 MiB, at the same peak RSS.
 DEFAULT_CHUNK_BUDGET_MB = 64
+# On CUDA a 64 MiB chunk is ~85 positions at a 32k vocabulary: ~50 chunks per 4096-token
+# micro-batch, each a handful of small kernels, and the step waits on their launches (one
+# H200 run: the chunked step at 2.2% MFU against 10.1% for the plain loss,
+# benchmarks/results/gpu). A GiB per chunk is ~1400 positions there, at 0.7% of an H200's
+# memory; benchmarks/gpu_check.sh compares the budgets when a device is lent.
+ACCELERATOR_CHUNK_BUDGET_MB = 1024
+
+
+def resolve_chunk_budget(budget_mb: float, accelerator: bool) -> float:
+    """--chunk-budget-mb: as given, or (0, the default) 64 MiB, and 1 GiB on an accelerator
+    whose kernels are small enough to make launches the cost (torch on CUDA)."""
+    if budget_mb and budget_mb > 0:
+        return float(budget_mb)
+    return float(ACCELERATOR_CHUNK_BUDGET_MB if accelerator else DEFAULT_CHUNK_BUDGET_MB)
 
 
 @dataclass(frozen=True)

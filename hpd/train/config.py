@@ -111,8 +111,9 @@ class DistillConfig:
                       choices=("auto", "on", "off"))
     chunk_size: str = _f("auto", "supervised positions per chunk on the chunked path, or auto: as many as "
                          "fit --chunk-budget-mb")
-    chunk_budget_mb: float = _f(64.0, "auto chunks: MiB for one chunk's (chunk x vocabulary) buffers, "
-                                "about 6 float32 arrays", low=0.0, low_open=True)
+    chunk_budget_mb: float = _f(0.0, "auto chunks: MiB for one chunk's (chunk x vocabulary) buffers, about 6 "
+                                "float32 arrays; 0 (default): 64, and 1024 with torch on CUDA, where small "
+                                "chunks leave the GPU waiting on kernel launches", low=0.0)
     compile: str = _f("auto", "torch: torch.compile the student's and the teacher's forwards (lengths padded to "
                       "--compile-buckets) and the chunked loss's per-chunk function, the graph count logged as "
                       "compile/graphs; mlx: run the student's step under mx.compile where a micro-batch's "

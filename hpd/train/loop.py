@@ -17,7 +17,7 @@ import numpy as np
 from hpd.data.batches import Batches
 from hpd.data.examples import IGNORE_INDEX
 from hpd.models.backend import Backend, Outputs
-from hpd.objectives.chunked import DEFAULT_CHUNK_BUDGET_MB, chunked_loss
+from hpd.objectives.chunked import DEFAULT_CHUNK_BUDGET_MB, chunked_loss, resolve_chunk_budget
 from hpd.objectives.losses import loss, metric_names
 from hpd.objectives.uniforms import batch_uniforms, has_row_keys
 from hpd.report.evaluate import MetricMeans
@@ -144,6 +144,12 @@ class Loop:
     # asked before each step: True ends run() there (a signal asked the run to stop)
     should_stop: Callable[[], bool] = lambda: False
 
+    @property
+    def chunk_budget_mb(self) -> float:
+        """--chunk-budget-mb, its default resolved for where the student runs."""
+        device = getattr(self.backend, "device", None)
+        return resolve_chunk_budget(self.config.chunk_budget_mb, getattr(device, "type", "") == "cuda")
+
     def run(self) -> dict[str, float]:
         cfg = self.config
         last: dict[str, float] = {}
@@ -191,7 +197,7 @@ class Loop:
             teacher = self.teacher_source(self, mb, arrays, plan)
             loss_fn = objective_loss_fn(plan.objectives, teacher, arrays["targets"], sampled=sampled,
                                         num_tokens=max(global_tokens, 1.0), temperature=cfg.temperature,
-                                        chunk_size=cfg.chunk_size, chunk_budget_mb=cfg.chunk_budget_mb,
+                                        chunk_size=cfg.chunk_size, chunk_budget_mb=self.chunk_budget_mb,
                                         uniforms=uniforms)
             del teacher  # loss_fn holds it, and may release it before the backward
             value, metrics = backend.forward_backward(self.student, arrays, loss_fn, hidden=self.chunked)
