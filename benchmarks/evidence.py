@@ -5,7 +5,8 @@
 
 Every method starts from the same student: in the first table the SFT-initialized one (the
 raw student fine-tuned on the data by this script, as published recipes start
-distillation), in the second the raw student itself. Each method gets its own learning
+distillation), in the second the raw student itself, in the third (the control) the raw
+student fine-tuned on the teacher's own answers, which are then its data. Each method gets its own learning
 rate, the best greedy exact match on the validation split over a grid, trained at a
 selection seed that the table does not use; the table's seeds then run at that rate and
 read the test split only. TRL's GKDTrainer trains the same models on the same token ids,
@@ -68,10 +69,10 @@ METHODS = {
     "trl gkd fkl (off-policy)": {"trl": {"lmbda": 0.0, "beta": 0.0}, "lr_from": "fkl"},
     "trl gkd (on-policy)": {"trl": {"lmbda": 1.0, "beta": 0.5}, "lr_from": "jsd (on-policy)"},
 }
-# Where every method of a table starts, and the data it trains on. "teacher-style" is a control,
-# not run by default: the same protocol with the teacher's own answers as the data.
+# Where every method of a table starts, and the data it trains on. "teacher-style" is the control:
+# the same protocol with the teacher's own answers as the data.
 STARTS = {"sft-init": "train", "raw": "train", "teacher-style": "train_teacher"}
-DEFAULT_STARTS = ("sft-init", "raw")
+DEFAULT_STARTS = ("sft-init", "raw", "teacher-style")
 INITIALIZED = ("sft-init", "teacher-style")  # starts that are the raw student after SFT on their data
 
 # Fine-tuning an SFT-initialized student wants smaller rates than training the raw one: at
@@ -159,7 +160,8 @@ class Bench:
             out[name] = {**test_scores(model, self.tok, self.plan, 0, self.backend,
                                        None if name == "teacher" else self.teacher),
                          "val_greedy": greedy(model, self.tok, "val", self.plan["val_rows"])["accuracy"]}
-            self.params.setdefault("student", sum(p.numel() for p in model.parameters()))
+            if name == "raw student":
+                self.params["student"] = sum(p.numel() for p in model.parameters())
         return out
 
     def sft_init(self, start: str) -> dict:
@@ -336,7 +338,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"a short check (under 5 minutes on 2 CPU cores): {QUICK}")
     parser.add_argument("--starts", nargs="+", default=list(DEFAULT_STARTS), choices=list(STARTS),
-                        help="students every method starts from (default: sft-init raw); teacher-style is the "
+                        help="students every method starts from (default: all three); teacher-style is the "
                         "control: SFT-initialized on the teacher's own answers (train_teacher.jsonl), trained on them")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
                         help=f"any of: {', '.join(repr(m) for m in METHODS)} (default: all)")

@@ -101,6 +101,7 @@ def markdown(results: dict, methods: list) -> str:
         f"prompts at seed {plan['selection_seed']} from the grids {plan['grid']}; the table's seeds {plan['seeds']}, "
         f"mean ± standard deviation over them. Greedy exact match on {plan['test_rows']} test prompts; sampled: "
         f"temperature 1, {plan['samples']} samples on each of the first {plan['sample_rows']}.",
+        *([f"Note: {meta['note']}."] if meta.get("note") else []),
         "", "### Starting points", "",
         "| student | test greedy | test sampled (T=1) | KL to teacher, teacher's text | KL to teacher, data's text | "
         "validation greedy | greedy first line fwd / bwd / pairs / other |", "|---|---|---|---|---|---|---|",
