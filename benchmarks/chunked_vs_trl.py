@@ -51,6 +51,7 @@ import statistics
 import subprocess
 import sys
 import time
+from operator import itemgetter
 from pathlib import Path
 
 PATHS = ("plain", "chunked", "trl")
@@ -344,8 +345,8 @@ def header(args) -> str:
 
 def report(results, args) -> str:
     out = [header(args), ""]
-    out.append("| seq | batch | objective | path | round | step s (median) | timed steps s | target tok/s | peak RSS MiB | "
-               "step Δ RSS MiB | loss, first step | load |")
+    out.append("| seq | batch | objective | path | round | step s (median) | timed steps s | target tok/s | "
+               "peak RSS MiB | step Δ RSS MiB | loss, first step | load |")
     out.append("|---:|---:|---|---|---:|---:|---|---:|---:|---:|---:|---|")
     for r in results:
         head = f"| {r['seq']} | {r['batch']} | {_objective(r)} | {_label(r, args)} | {r.get('round', 0)} |"
@@ -388,9 +389,7 @@ def report(results, args) -> str:
                "time | plain/TRL tok/s | chunked/TRL tok/s |")
     out.append("|---:|---:|---|---:|---:|---:|---:|---:|")
     goals = []
-    pk = (lambda r: r["peak_rss_mib"])
-    tm = (lambda r: r["median_s"])
-    tps = (lambda r: r["tokens_per_s"])
+    pk, tm, tps = itemgetter("peak_rss_mib"), itemgetter("median_s"), itemgetter("tokens_per_s")
     for batch in args.batch:
         for seq in args.seq:
             for method in args.methods:

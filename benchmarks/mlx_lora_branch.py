@@ -22,10 +22,10 @@ import argparse
 def measure(dtype_name: str, args) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
+    from hpd.backends.mlx import lora
     from mlx_lm.models import llama
     from mlx_lm.tuner.lora import LoRALinear
 
-    from hpd.backends.mlx import lora
     from hpd.models.lora import LoraSpec
 
     dtype = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}[dtype_name]

@@ -97,10 +97,10 @@ def test_half_precision_branch_keeps_less():
 def test_apply_uses_the_layer(tmp_path):
     """hpd's LoRA students run this layer, and it is still mlx-lm's class for fuse and export."""
     import mlx.nn as nn
+    from hpd.backends.mlx import lora
     from mlx_lm.models import llama
     from mlx_lm.tuner.lora import LoRALinear
 
-    from hpd.backends.mlx import lora
     from hpd.models.lora import LoraSpec
 
     args = llama.ModelArgs(model_type="llama", hidden_size=32, num_hidden_layers=1, intermediate_size=64,
