@@ -41,27 +41,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import evidence_report as report  # noqa: E402
+import when_hpd_helps  # noqa: E402
 
 import hpd  # noqa: E402
-from hpd.train.config import DistillConfig, resolve_recipe  # noqa: E402
+from hpd.train.config import DistillConfig  # noqa: E402
 
 RECIPE = "sums4"
 
 
-def _hybrid_schedule() -> dict:
-    import yaml
-
-    return yaml.safe_load(resolve_recipe("on-policy-mix").read_text())["schedule"]
-
-
+# the seven hpd rows of the sums comparison (when_hpd_helps.py), then TRL's reference rows
 METHODS = {
-    "sft": {"method": "sft"},
-    "fkl": {"method": "fkl"},
-    "rkl": {"method": "rkl"},
-    "jsd (off-policy)": {"method": "jsd", "method_params": {"beta": 0.5}},
-    "jsd (on-policy)": {"method": "jsd", "method_params": {"beta": 0.5}, "schedule": {"lambda_start": 1.0}},
-    "hpd": {"method": "hpd"},
-    "hpd (hybrid)": {"method": "hpd", "schedule": _hybrid_schedule()},
+    **when_hpd_helps.METHODS,
     # TRL's rows take the learning rate chosen for hpd's row of the same objective: one rate for
     # two implementations of one loss, so that a difference between them is not the grid's
     "trl gkd (off-policy)": {"trl": {"lmbda": 0.0, "beta": 0.5}, "lr_from": "jsd (off-policy)"},
