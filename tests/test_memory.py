@@ -122,7 +122,7 @@ def test_chunk_budget_default_is_larger_with_torch_on_cuda():
     assert resolve_chunk_budget(256, accelerator=True) == 256
     for device, given, want in (("cuda", 0, 1024), ("cpu", 0, 64), ("cuda", 96, 96)):
         cfg = DistillConfig.from_dict({"chunk_budget_mb": given, "device": device})
-        loop = SimpleNamespace(config=cfg, backend=SimpleNamespace(device=SimpleNamespace(type=device)))
+        loop = SimpleNamespace(config=cfg, backend=SimpleNamespace(device_type=device))
         assert Loop.chunk_budget_mb.fget(loop) == want
         assert setting_of(cfg, "torch").chunk_budget_mb == want
     assert setting_of(DistillConfig.from_dict({"device": "cuda"}), "mlx").chunk_budget_mb == 64

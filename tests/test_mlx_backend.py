@@ -243,7 +243,7 @@ def test_quantized_teacher(assets, tmp_path):
         assert q.hpd_info.layers_quantized == 16  # 2 x 7 linears, the embedding and the head
         assert q.hpd_info.bytes_before_quantize == param_bytes(full)
         sizes[bits] = param_bytes(q)
-        assert backend.supports_chunked(q)  # the quantized head runs through the quantized matmul
+        assert backend.chunked_blocker(q) is None  # the quantized head runs through the quantized matmul
         assert backend.head_of(q).bits == bits
         logits = np.array(q(mx.array(IDS)))
         assert np.isfinite(logits).all() and logits.shape == (1, len(IDS[0]), backend.vocab_size(q))

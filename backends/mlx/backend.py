@@ -47,6 +47,8 @@ _STATE_FORMAT = "hpd-mlx-optimizer-1"
 
 class MlxBackend:
     name = "mlx"
+    collective_checkpoint = False  # rank 0 saves alone: every rank holds the whole model
+    chunk_fn = None  # the chunked loss's chunks run uncompiled (--compile compiles the whole step)
 
     def __init__(self, config=None):
         self.config = config
@@ -55,6 +57,11 @@ class MlxBackend:
         self.world_size = self.group.size() if self.group is not None else 1
         self._grads: dict[int, dict] = {}  # id(model) -> gradients accumulated since the last step
         self._steps: dict[int, object] = {}  # id(model) -> its compiled step (compiled.CompiledStep)
+
+    @property
+    def device_type(self) -> str:
+        """"gpu" (Metal, or a CUDA build of mlx) or "cpu"."""
+        return "gpu" if mx.default_device().type == mx.DeviceType.gpu else "cpu"
 
     @property
     def lora(self):
@@ -85,8 +92,7 @@ class MlxBackend:
 
     def dtype_for(self, name: str, *, trainable: bool):
         if name == "auto":
-            on_gpu = mx.default_device().type == mx.DeviceType.gpu  # Metal (or CUDA builds of mlx)
-            return mx.bfloat16 if on_gpu and not trainable else mx.float32
+            return mx.bfloat16 if self.device_type == "gpu" and not trainable else mx.float32
         return DTYPES[name]
 
     def load_model(self, path: str, *, trainable: bool, dtype: str = "auto", quantize: int = 0):
@@ -138,17 +144,10 @@ class MlxBackend:
         frozen = "weight" not in dict(tree_flatten(module.trainable_parameters()))
         return Head(weight=module.weight, frozen=frozen, **transform)
 
-    def supports_chunked(self, model) -> bool:
-        """A linear head without bias, dense or quantized, with any logit scaling or
-        soft-capping of the family: the chunked loss computes exactly what the model does."""
-        return self.chunked_blocker(model) is None
-
     def chunked_blocker(self, model) -> str | None:
         """Why the chunked loss cannot compute this model's logits exactly, or None."""
-        try:
-            import hpd.backends.mlx.chunked  # noqa: F401
-        except ImportError as e:
-            return f"the mlx chunked loss is unavailable ({e})"
+        if not hasattr(mx, "custom_function"):
+            return f"mlx {mx.__version__} has no custom_function (the chunked loss needs mlx >= 0.22)"
         if (reason := family.chunked_blocker(model)) is not None:
             return reason
         head = head_module(model)
@@ -177,7 +176,9 @@ class MlxBackend:
             out["block_mask"] = mx.array(block_causal_mask(np.asarray(batch["position_ids"])))
         return out
 
-    def _run(self, model, batch, hidden: bool) -> Outputs:
+    def run_model(self, model, batch, hidden: bool) -> Outputs:
+        """The model's outputs on `batch`, traced where the caller differentiates: logits,
+        or final hidden states with the head."""
         family.check_length(model, batch["input_ids"])
         cache = packed_cache(model, batch["block_mask"]) if "block_mask" in batch else None
         if hidden:
@@ -185,7 +186,7 @@ class MlxBackend:
         return Outputs(logits=model(batch["input_ids"], cache=cache))
 
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
-        out = self._run(model, batch, hidden)
+        out = self.run_model(model, batch, hidden)
         if hidden:
             out.hidden = mx.stop_gradient(out.hidden)
             mx.eval(out.hidden)  # keep the teacher out of the student's graph
@@ -202,7 +203,7 @@ class MlxBackend:
             value, grads = self._checkpointed_value_and_grad(model, batch, loss_fn, metrics)
         else:
             def objective():
-                value, found = loss_fn(self._run(model, batch, hidden))
+                value, found = loss_fn(self.run_model(model, batch, hidden))
                 metrics.update(found)  # Python floats: returned aside, not through the transform
                 return value
 
@@ -224,7 +225,7 @@ class MlxBackend:
         and one vjp of the forward with that cotangent gives the parameters' gradients:
         nothing is evaluated inside that trace, so the checkpointed blocks keep only their
         inputs. The price is a second forward of the student."""
-        out = self._run(model, batch, True)
+        out = self.run_model(model, batch, True)
         hidden, head = mx.stop_gradient(out.hidden), out.head
         mx.eval(hidden)
         trains_head = not (head.quantized or head.frozen)
@@ -242,7 +243,7 @@ class MlxBackend:
 
         def forward(*params):
             model.update(tree_unflatten(list(zip(names, params))))
-            again = self._run(model, batch, True)
+            again = self.run_model(model, batch, True)
             return (again.hidden, again.head.weight) if trains_head else (again.hidden,)
 
         _, grads = mx.vjp(forward, list(arrays), list(cotangents))
@@ -263,6 +264,9 @@ class MlxBackend:
         targets = np.asarray(loss_fn.targets)
         vocab = self.vocab_size(model)
         return compiled.fits(loss_fn, int(((targets >= 0) & (targets < vocab)).sum()), vocab)
+
+    def step_metrics(self) -> dict[str, float]:
+        return {}
 
     def _compiled_forward_backward(self, model, batch, loss_fn):
         from hpd.backends.mlx.compiled import CompiledStep, metrics_of

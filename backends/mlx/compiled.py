@@ -33,12 +33,7 @@ import numpy as np
 
 from hpd.objectives.chunked import CHUNK_BUFFERS
 from hpd.objectives.heads import project
-from hpd.objectives.losses import (
-    MetricTally,
-    objective_terms,
-    sample_tokens,
-    sample_with_uniforms,
-)
+from hpd.objectives.losses import MetricTally, objective_terms, student_sample, weighted_objectives
 from hpd.objectives.ops import ops_for
 from hpd.objectives.rules import get_method, resolve_params
 from hpd.objectives.teacher import LiveTeacher, LogitsTeacher
@@ -110,15 +105,14 @@ class CompiledStep:
 
     def _build(self, loss, teacher_head):
         backend, model = self.backend, self.model
-        objectives = [(get_method(o.method), o.weight, o.params) for o in loss.objectives]
         temperature = float(loss.temperature)
         state = [model.state, mx.random.state]
         layout: list = []  # (objective, tally part, name) of each stacked metric, set when traced
 
         def objective(inputs):
             o = ops_for(inputs["num_tokens"])
-            out = backend._run(model, {k: v for k, v in inputs.items() if k in ("input_ids", "block_mask")},
-                               hidden=True)
+            out = backend.run_model(model, {k: v for k, v in inputs.items() if k in ("input_ids", "block_mask")},
+                                    hidden=True)
             hidden = out.hidden.reshape((-1, out.hidden.shape[-1]))[inputs["index"]]  # (N, H)
             head = out.head
             vocab = head.vocab
@@ -134,24 +128,18 @@ class CompiledStep:
             zs, _ = project(o, head, hidden, vocab, temperature, dtype=mx.float32)  # (N, V), tempered
             lp = lp_source.log_probs(o, slice(None), vocab, temperature, mx.float32)
             y, valid = inputs["targets"], inputs["valid"]
-            total, raw = None, []
-            for i, (m, weight, params) in enumerate(objectives):
-                s = None
-                if m.needs_sample:
-                    if "sampled" in inputs:
-                        s = inputs["sampled"]
-                    elif "uniforms" in inputs:
-                        s = sample_with_uniforms(o, mx.stop_gradient(o.log_softmax(zs)), inputs["uniforms"])
-                    else:
-                        s = sample_tokens(o, zs)
-                per_pos, w, lq_y, kl = objective_terms(o, m, zs, lp, y, s, resolve_params(m, params))
-                value = mx.sum(mx.where(valid, per_pos, 0.0)) / inputs["num_tokens"]
-                total = value * weight if total is None else total + value * weight
+
+            def term(obj):
+                m = get_method(obj.method)
+                s = student_sample(o, m, zs, inputs.get("sampled"), inputs.get("uniforms"))
+                per_pos, w, lq_y, kl = objective_terms(o, m, zs, lp, y, s, resolve_params(m, obj.params))
                 tally = MetricTally(o, m, mx.float32, zs)
                 tally.add(w, lq_y, valid, kl)
-                for part in ("sums", "counts", "lows", "highs"):
-                    for name, x in getattr(tally, part).items():
-                        raw.append(((i, part, name), x))
+                return mx.sum(mx.where(valid, per_pos, 0.0)) / inputs["num_tokens"], tally
+
+            total, tallies = weighted_objectives(loss.objectives, term)
+            raw = [((i, part, name), x) for i, tally in enumerate(tallies)
+                   for part in ("sums", "counts", "lows", "highs") for name, x in getattr(tally, part).items()]
             # one stacked output: separate outputs that compile's common-subexpression pass
             # merges (each objective's nll, say) would be one array returned twice
             layout[:] = [key for key, _ in raw]

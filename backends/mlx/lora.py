@@ -21,7 +21,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten, tree_unflatten
 
-from hpd.models.lora import Attached, LoraSpec, initial_a, resolve_targets
+from hpd.models.lora import Attached, LoraSpec, block_linear_names, initial_a, layer_prefix, resolve_targets
 
 _LINEAR = (nn.Linear, nn.QuantizedLinear)
 
@@ -53,21 +53,10 @@ def check_supported(spec: LoraSpec, backend, path: str | None = None) -> None:
     """Everything a LoRA spec asks for runs on mlx (quantized bases included)."""
 
 
-def _layer_prefix(model) -> str:
-    """The name of the decoder blocks' list (model.layers for every mlx-lm family we load)."""
-    first = model.layers[0]
-    for name, module in model.named_modules():
-        if module is first:
-            return name.rsplit(".", 1)[0]
-    raise ValueError("cannot find the decoder blocks of this model")
-
-
 def linear_names(model) -> list[str]:
-    """Full names of the linear layers inside the decoder blocks (the head and embeddings are
-    left alone, as peft's all-linear does)."""
-    prefix = _layer_prefix(model)
-    return [f"{prefix}.{i}.{name}" for i, layer in enumerate(model.layers)
-            for name, module in layer.named_modules() if isinstance(module, _LINEAR)]
+    """Full names of the linear layers inside the decoder blocks (model.layers for every
+    mlx-lm family we load)."""
+    return block_linear_names(model, model.layers, _LINEAR)
 
 
 def linear_names_at(path: str) -> list[str]:
@@ -84,7 +73,7 @@ def apply(model, spec: LoraSpec, *, seed: int, base: dict, gradient_checkpointin
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
     names = resolve_targets(linear_names(model), spec.targets)
-    prefix = _layer_prefix(model) + "."
+    prefix = layer_prefix(model, model.layers) + "."
     keys = sorted({n[len(prefix):].split(".", 1)[1] for n in names})  # relative to a block
     model.freeze()
     linear_to_lora_layers(model, len(model.layers),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +66,7 @@ def model_from_pretrained(path: str, **kwargs):
 
 class TorchBackend:
     name = "torch"
+    collective_checkpoint = False  # one process saves alone (the torchrun subclass: every rank)
 
     def __new__(cls, config=None):
         # under torchrun (WORLD_SIZE > 1) the data-parallel subclass in distributed.py;
@@ -91,6 +93,15 @@ class TorchBackend:
         self.compiler = compiled.Compiler(str(getattr(config, "compile_buckets", "64")),
                                           int(getattr(config, "max_length", 1024)), strict=mode == "on") \
             if compiled.enabled(mode, self.device) else None
+
+    @property
+    def device_type(self) -> str:
+        return self.device.type
+
+    @property
+    def chunk_fn(self):
+        """The chunked loss's per-chunk function compiled under --compile, else None."""
+        return None if self.compiler is None else self.compiler.chunk_fn()
 
     @property
     def lora(self):
@@ -140,11 +151,6 @@ class TorchBackend:
         module = family.head_module(model)
         return Head(weight=module.weight if weight is None else weight, **family.logit_transform(model))
 
-    def supports_chunked(self, model) -> bool:
-        """A linear head without bias (logits = hidden @ W.T, then any logit scaling or
-        soft-capping of the family): the chunked loss computes exactly what the model does."""
-        return self.chunked_blocker(model) is None
-
     def chunked_blocker(self, model) -> str | None:
         """Why the chunked loss cannot compute this model's logits exactly, or None."""
         if (reason := family.chunked_blocker(model)) is not None:
@@ -160,7 +166,9 @@ class TorchBackend:
     def to_arrays(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(np.asarray(v)).to(self.device) for k, v in batch.items()}
 
-    def _run(self, model, batch, hidden: bool) -> Outputs:
+    def run_model(self, model, batch, hidden: bool) -> Outputs:
+        """The model's outputs on `batch` (in the caller's grad mode): logits, or final
+        hidden states with the head; compiled under --compile."""
         if self.compiler is not None:
             x = self.compiler.run(model, model_inputs(batch), hidden)
             return Outputs(hidden=x, head=self.head_of(model)) if hidden else Outputs(logits=x)
@@ -173,20 +181,18 @@ class TorchBackend:
     def forward(self, model, batch, *, hidden: bool = False) -> Outputs:
         """No gradient and no autograd bookkeeping (inference mode: the outputs can never
         enter a graph), no KV cache (model_inputs)."""
-        from hpd.backends.torch import compiled
-
-        compiled.ACTIVE = self.compiler
         with torch.inference_mode():
-            return self._run(model, batch, hidden)
+            return self.run_model(model, batch, hidden)
+
+    def autocast(self, model):
+        """bfloat16 autocast for a float32 student on CUDA (its weights and AdamW stay float32)."""
+        if self.device.type == "cuda" and next(model.parameters()).dtype == torch.float32:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
 
     def forward_backward(self, model, batch, loss_fn, *, hidden: bool = False):
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
-            and next(model.parameters()).dtype == torch.float32 else _null()
-        with autocast:
-            out = self._run(model, batch, hidden)
-        from hpd.backends.torch import compiled
-
-        compiled.ACTIVE = self.compiler  # the chunked loss's chunk function: compiled or not, per backend
+        with self.autocast(model):
+            out = self.run_model(model, batch, hidden)
         loss, metrics = loss_fn(out)
         if hasattr(loss_fn, "release"):  # the teacher's outputs are not needed by the backward
             loss_fn.release()
@@ -328,14 +334,6 @@ class TorchBackend:
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(torch.from_numpy(np.asarray(state["cuda"], dtype=np.uint8)))
         set_host_rng_state(state)
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _json_default(v):

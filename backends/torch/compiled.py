@@ -30,11 +30,6 @@ import math
 import sys
 from collections import Counter
 
-# the compiler of the backend whose step is running (TorchBackend sets it in forward and
-# forward_backward); backends/torch/chunked.py asks it for the chunk function
-ACTIVE: "Compiler | None" = None
-
-
 def enabled(mode: str, device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 
@@ -180,9 +175,4 @@ def _eager(model, inputs: dict, hidden: bool):
     return family.hidden_states(model, **inputs) if hidden else model(**inputs).logits
 
 
-def chunk_fn():
-    """The active compiler's per-chunk function, or None (uncompiled)."""
-    return None if ACTIVE is None else ACTIVE.chunk_fn()
-
-
-__all__ = ["Compiler", "bucket", "chunk_fn", "enabled", "pad_to", "ACTIVE"]
+__all__ = ["Compiler", "bucket", "enabled", "pad_to"]

@@ -42,7 +42,6 @@ import torch
 import torch.distributed as dist
 from hpd.backends.torch.backend import (
     TorchBackend,
-    _null,
     model_from_pretrained,
     model_inputs,
 )
@@ -205,11 +204,11 @@ class DistributedTorchBackend(TorchBackend):
         self._ddp[id(model)] = ddp
 
     # ------------------------------------------------------------------ compute
-    def _run(self, model, batch, hidden: bool) -> Outputs:
+    def run_model(self, model, batch, hidden: bool) -> Outputs:
         if hidden and hasattr(model, "hpd_hidden"):  # sharded: through the root's FSDP hooks
             h, head = model.hpd_hidden(model_inputs(batch))
             return Outputs(hidden=h, head=self.head_of(model, weight=head))
-        return super()._run(model, batch, hidden)
+        return super().run_model(model, batch, hidden)
 
     def forward_backward(self, model, batch, loss_fn, *, hidden: bool = False):
         self._micro += 1
@@ -217,10 +216,8 @@ class DistributedTorchBackend(TorchBackend):
         if ddp is None:  # FSDP2 reduce-scatters every micro-batch's gradients into the shards
             return super().forward_backward(model, batch, loss_fn, hidden=hidden)
         sync = self._micro >= self.grad_accum
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" \
-            and next(model.parameters()).dtype == torch.float32 else _null()
         with nullcontext() if sync else ddp.no_sync():
-            with autocast:
+            with self.autocast(model):
                 out = ddp(model_inputs(batch), hidden)
             outputs = Outputs(hidden=out[0], head=self.head_of(model, weight=out[1])) if hidden \
                 else Outputs(logits=out[0])

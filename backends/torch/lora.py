@@ -14,7 +14,7 @@ import warnings
 import numpy as np
 import torch
 
-from hpd.models.lora import Attached, LoraSpec, initial_a, resolve_targets
+from hpd.models.lora import Attached, LoraSpec, block_linear_names, initial_a, resolve_targets
 
 _ADAPTER = "default"
 _BNB_BLOCK = 64  # bitsandbytes' 4-bit block size
@@ -89,19 +89,8 @@ def _check_widths_for_cpu(path: str) -> None:
                          f"{_bitsandbytes_alternative(4)}")
 
 
-def _layer_prefix(model) -> str:
-    first = model.get_decoder().layers[0]
-    for name, module in model.named_modules():
-        if module is first:
-            return name.rsplit(".", 1)[0]
-    raise ValueError("cannot find the decoder blocks of this model")
-
-
 def linear_names(model) -> list[str]:
-    """Full names of the linear layers inside the decoder blocks (the head and embeddings are
-    left alone, as peft's all-linear does)."""
-    prefix = _layer_prefix(model)
-    layers = model.get_decoder().layers
+    """Full names of the linear layers inside the decoder blocks (dense or bitsandbytes)."""
     linear = (torch.nn.Linear,)
     try:
         import bitsandbytes as bnb
@@ -109,8 +98,7 @@ def linear_names(model) -> list[str]:
         linear = (torch.nn.Linear, bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
     except ImportError:
         pass
-    return [f"{prefix}.{i}.{name}" for i, layer in enumerate(layers)
-            for name, module in layer.named_modules() if isinstance(module, linear)]
+    return block_linear_names(model, model.get_decoder().layers, linear)
 
 
 def _skeleton(path: str):

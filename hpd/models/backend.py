@@ -31,6 +31,20 @@ class Backend(Protocol):
     name: str
     rank: int
     world_size: int
+    # every rank takes part in a checkpoint's save and load (torch under torchrun: FSDP
+    # shards gather collectively); False: rank 0 saves alone
+    collective_checkpoint: bool
+    # where the student runs: "cuda", "cpu", "mps" (torch), "gpu", "cpu" (mlx)
+    device_type: str
+    # the chunked loss's per-chunk function with `hpd.objectives.chunked.chunk_terms`'s
+    # signature (a compiled version of it), or None for chunk_terms itself
+    chunk_fn: Callable | None
+
+    @property
+    def lora(self) -> Any:
+        """This backend's LoRA module: apply, set_adapters, adapters, counts, save_merged,
+        check_supported, linear_names_at, load_quantized_base (hpd.backends.<name>.lora)."""
+        ...
 
     def seed(self, seed: int) -> None: ...
 
@@ -39,8 +53,6 @@ class Backend(Protocol):
     def load_model(self, path: str, *, trainable: bool, dtype: str, quantize: int = 0) -> Any: ...
 
     def vocab_size(self, model) -> int: ...
-
-    def supports_chunked(self, model) -> bool: ...
 
     def chunked_blocker(self, model) -> str | None:
         """Why the chunked loss cannot compute this model's logits exactly, or None."""
@@ -62,6 +74,10 @@ class Backend(Protocol):
         ...
 
     def make_optimizer(self, model, config) -> Any: ...
+
+    def step_metrics(self) -> dict[str, float]:
+        """What the loop adds to each step's record (torch: the graphs torch.compile built)."""
+        ...
 
     def optimizer_step(self, model, optimizer, lr: float, max_grad_norm: float) -> float:
         """Clip, step, zero the gradients; returns the pre-clip global gradient norm. A NaN or

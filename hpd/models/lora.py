@@ -110,6 +110,22 @@ def resolve_targets(linear: list[str], targets: str) -> list[str]:
     return [name for name in linear if name.rsplit(".", 1)[-1] in wanted]
 
 
+def block_linear_names(model, layers, linear) -> list[str]:
+    """Full names of the linear layers (instances of `linear`) inside the decoder blocks
+    `layers` of `model`; the head and embeddings are left alone, as peft's all-linear does.
+    Any module tree with `named_modules()` (torch's and mlx's alike)."""
+    return [f"{layer_prefix(model, layers)}.{i}.{name}" for i, layer in enumerate(layers)
+            for name, module in layer.named_modules() if isinstance(module, linear)]
+
+
+def layer_prefix(model, layers) -> str:
+    """The name of the decoder blocks' list `layers` inside `model` (e.g. model.layers)."""
+    for name, module in model.named_modules():
+        if module is layers[0]:
+            return name.rsplit(".", 1)[0]
+    raise ValueError("cannot find the decoder blocks of this model")
+
+
 def initial_a(seed: int, name: str, rank: int, in_features: int) -> np.ndarray:
     """A (r, in) for layer `name`: uniform in +-1/sqrt(in) (mlx-lm's range), from a generator
     keyed by (seed, name) so that neither the backend nor the order of layers changes it."""

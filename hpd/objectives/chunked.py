@@ -28,37 +28,33 @@ backward (evaluation) still forms the gradients unless the wrapper says they are
 wanted: the torch wrapper knows (needs_input_grad, grad mode), mlx's custom_function
 cannot, so there evaluation should call `hpd.loss` on small batches or accept the cost.
 
-The framework wrappers (`hpd.backends.<name>.chunked`) hand these gradients to autograd;
-this module imports neither torch nor mlx.
+The ops shim hands these gradients to the array's framework (`ops.fused_loss`,
+hpd.objectives.autograd); this module imports neither torch nor mlx.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from hpd.objectives.heads import Head, as_head, half_logits, project, pullback
-from hpd.objectives.losses import (MetricTally, _check_sampled, active_positions, sample_tokens, sample_with_uniforms,
-                                   token_kl)
+from hpd.objectives.losses import MetricTally, Supervised, student_sample, supervised, token_kl
 from hpd.objectives.ops import ops_for
-from hpd.objectives.rules import LOG_FLOOR, TEMPERATURE, Method, Weights, get_method, resolve_params
+from hpd.objectives.rules import LOG_FLOOR, Method, Weights
 from hpd.objectives.teacher import LiveTeacher, TeacherSource, sorted_log_probs
 
 # What one chunk holds at its peak, in (chunk, V) arrays of the compute dtype, counted
 # from the loop below: the student's log-probs (and floored copy), the teacher's
 # log-probs, the rule's weights and the logit gradient with its temporaries.
 CHUNK_BUFFERS = 6
-# 64 MiB keeps each (chunk, V) float32 buffer near 11 MiB, under glibc's 32 MiB mmap
-# ceiling, so on CPU the buffers are reused from the heap rather than mapped and
-# page-faulted afresh every chunk: on a 3-step 64k-vocabulary run (benchmarks/memory_peak.py)
-# 4.5x fewer minor faults and a third of the system time of 256 MiB, at the same peak RSS.
+# 64 MiB keeps each (chunk, V) float32 buffer under glibc's 32 MiB mmap ceiling, so on CPU
+# the buffers are reused from the heap rather than mapped afresh every chunk
+# (benchmarks/results/ has the measurements).
 DEFAULT_CHUNK_BUDGET_MB = 64
-# On CUDA a 64 MiB chunk is ~85 positions at a 32k vocabulary: ~50 chunks per 4096-token
-# micro-batch, each a handful of small kernels, and the step waits on their launches (one
-# H200 run: the chunked step at 2.2% MFU against 10.1% for the plain loss,
-# benchmarks/results/gpu). A GiB per chunk is ~1400 positions there, at 0.7% of an H200's
-# memory; benchmarks/gpu_check.sh compares the budgets when a device is lent.
+# On CUDA a 64 MiB chunk is ~85 positions at a 32k vocabulary, and the step waits on the
+# launches of many small kernels; a GiB per chunk is ~1400 positions there
+# (benchmarks/results/gpu, benchmarks/gpu_check.sh).
 ACCELERATOR_CHUNK_BUDGET_MB = 1024
 
 
@@ -72,23 +68,16 @@ def resolve_chunk_budget(budget_mb: float, accelerator: bool) -> float:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Everything about one chunked loss except the student's differentiable inputs.
+    """Everything about one chunked loss except the student's differentiable inputs: the
+    supervised positions (`hpd.objectives.losses.Supervised`), the teacher selected to
+    them, the student's head and the chunking."""
 
-    Every array here is over the active positions only (those whose target counts),
-    in row-major order of the targets."""
-
-    method: Method
-    params: dict[str, float]
-    temperature: float
+    supervised: Supervised
     chunk_size: int
-    vocab: int  # shared prefix of the two vocabularies
     teacher: TeacherSource  # selected to the active positions, constant
     student_head: Head  # its weight is replaced by the wrapper's differentiable input
-    targets: Any  # (N,)
-    sampled: Any  # (N,) given student samples, or None
-    uniforms: Any  # (N,) uniforms for inverse-CDF samples, or None: drawn per chunk
-    count: float  # active positions here
-    denom: float  # what the summed objective is divided by
+    # one chunk's vocabulary-sized work: chunk_terms, or a backend's compiled version of it
+    chunk_fn: Any = None
 
 
 def chunked_loss(
@@ -107,6 +96,7 @@ def chunked_loss(
     temperature: float = 1.0,
     chunk_size: int | str = "auto",
     chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB,
+    chunk_fn=None,
     **params: Any,
 ):
     """`hpd.loss` of `method`, computed a chunk of supervised positions at a time.
@@ -123,12 +113,10 @@ def chunked_loss(
     student sample of methods that need one by inverse CDF with these instead of the
     framework's RNG. Gradients reach student_hidden and a dense student head (whatever
     tensor is passed, so a tied embedding gets them); a quantized head and the teacher
-    are constant. The other arguments, the returned loss and the metrics are as in
+    are constant. chunk_fn: a stand-in for `chunk_terms` with its signature (a backend's
+    compiled version). The other arguments, the returned loss and the metrics are as in
     `hpd.loss`. Computes in float32 (float64 when student_hidden is float64).
     """
-    m = get_method(method)
-    temperature = TEMPERATURE.check(method, "temperature", temperature)
-    params = resolve_params(m, params)
     o = ops_for(student_hidden)
     head = as_head(student_head)
     if teacher is None:
@@ -136,6 +124,31 @@ def chunked_loss(
             raise ValueError("chunked_loss needs teacher_hidden and teacher_head, or teacher=")
         _check_teacher_shapes(teacher_hidden, as_head(teacher_head), targets)
         teacher = LiveTeacher(teacher_hidden, teacher_head)
+    _check_frameworks(o, teacher, head, targets)
+    vocab = _check_shapes(student_hidden, head, targets, teacher.vocab)
+    sup = supervised(method, o, targets, vocab, like=student_hidden, sampled=sampled, uniforms=uniforms,
+                     ignore_index=ignore_index, num_tokens=num_tokens, temperature=temperature, params=params)
+    plan = ChunkPlan(
+        supervised=sup,
+        # a source whose rows pass through a wider vocabulary of its own (a teacher of another
+        # tokenizer: `width`) sizes the chunks by it, so one chunk stays within the budget
+        chunk_size=resolve_chunk_size(chunk_size, max(vocab, int(getattr(teacher, "width", 0))),
+                                      o.itemsize(o.compute_dtype(student_hidden)), chunk_budget_mb),
+        teacher=teacher.select(o, sup.index),
+        student_head=head,
+        chunk_fn=chunk_fn,
+    )
+    width = student_hidden.shape[-1]
+    hidden = o.rows(student_hidden.reshape((-1, width)), sup.index)  # (N, H_s), differentiable
+    weight = None if head.quantized or head.frozen else head.weight
+    return o.fused_loss(partial(_forward_and_grads, o, plan), hidden, weight)
+
+
+def _forward_and_grads(o, plan, hidden, head_weight, want_hidden, want_head):
+    return forward_and_grads(o, plan, hidden, head_weight, want_hidden=want_hidden, want_head=want_head)
+
+
+def _check_frameworks(o, teacher, head: Head, targets) -> None:
     arrays = {"student_head": head.weight, "targets": targets}
     if isinstance(teacher, LiveTeacher):
         arrays.update(teacher_hidden=teacher.hidden, teacher_head=teacher.head.weight)
@@ -145,80 +158,37 @@ def chunked_loss(
                 f"{name} is a {ops_for(x).name} array but student_hidden is a {o.name} one; "
                 "pass every array from one framework"
             )
-    vocab = _check_shapes(student_hidden, head, targets, teacher.vocab)
-    mask, y = active_positions(o, targets, vocab, ignore_index)
-    index = o.nonzero(mask)
-    s = None
-    if m.needs_sample and sampled is not None:
-        s = o.rows(_check_sampled(o, sampled, targets, vocab).reshape((-1,)), index)
-    u = None
-    if m.needs_sample and s is None and uniforms is not None:
-        u = o.rows(_check_uniforms(o, uniforms, targets, student_hidden), index)
-    count = float(index.shape[0])
-    width = student_hidden.shape[-1]
-    plan = ChunkPlan(
-        method=m,
-        params=params,
-        temperature=temperature,
-        # a source whose rows pass through a wider vocabulary of its own (a teacher of another
-        # tokenizer: `width`) sizes the chunks by it, so one chunk stays within the budget
-        chunk_size=resolve_chunk_size(chunk_size, max(vocab, int(getattr(teacher, "width", 0))),
-                                      o.itemsize(o.compute_dtype(student_hidden)), chunk_budget_mb),
-        vocab=vocab,
-        teacher=teacher.select(o, index),
-        student_head=head,
-        targets=o.rows(y.reshape((-1,)), index),
-        sampled=s,
-        uniforms=u,
-        count=count,
-        denom=float(num_tokens) if num_tokens is not None else max(count, 1.0),
-    )
-    hidden = o.rows(student_hidden.reshape((-1, width)), index)  # (N, H_s), differentiable
-    backend = importlib.import_module(f"hpd.backends.{o.name}.chunked")
-    return backend.chunked_loss(plan, hidden, None if head.quantized or head.frozen else head.weight)
 
 
-def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=True, want_head=True,
-                      chunk_fn=None):
+def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=True, want_head=True):
     """(loss, grad w.r.t. hidden (N, H), grad w.r.t. the dense head weight, metrics).
 
     `hidden` holds the active positions only. The gradients are those of the returned
     loss, in the compute dtype (None when not wanted, and for a quantized head's
-    weight); the framework wrappers hand them to autograd.
+    weight); `ops.fused_loss` hands them to autodiff.
     """
+    sup = plan.supervised
     with o.no_grad():
         dtype = o.compute_dtype(hidden)
         n, width = hidden.shape[0], hidden.shape[-1]
         hidden = o.stop_gradient(hidden)
-        head = plan.student_head
+        head, weight = _head_for_chunks(o, plan.student_head, head_weight, sup.vocab, dtype)
         want_head = want_head and not head.quantized and head_weight is not None
-        weight = None
-        if not head.quantized:
-            if head_weight is not None:  # else frozen: the head's own weight, no gradient
-                head = head.with_weight(head_weight)
-            # cast once, not per chunk: a head-sized copy, like the head's gradient (none
-            # for a half-precision head that forms float32 logits as stored: hpd.objectives.heads.half_logits)
-            weight = o.stop_gradient(head.weight)[: plan.vocab]  # (V, H_s)
-            if not half_logits(o, weight, dtype):
-                weight = o.astype(weight, dtype)
-        T, scale = plan.temperature, 1.0 / plan.denom
         total = o.zeros((), dtype, hidden)
-        tally = MetricTally(o, plan.method, dtype, hidden)
+        tally = MetricTally(o, sup.method, dtype, hidden)
         grad_hidden = []
-        grad_head = o.zeros((plan.vocab, width), dtype, hidden) if want_head else None
-        chunk = chunk_fn or chunk_terms
+        grad_head = o.zeros((sup.vocab, width), dtype, hidden) if want_head else None
+        chunk = plan.chunk_fn or chunk_terms
         for start in range(0, n, plan.chunk_size):
             rows = slice(start, min(start + plan.chunk_size, n))
-            h = o.astype(hidden[rows], dtype)  # (C, H_s)
-            s = plan.sampled[rows] if plan.method.needs_sample and plan.sampled is not None else None
-            u = plan.uniforms[rows] if plan.method.needs_sample and s is None and plan.uniforms is not None else None
-            lp = plan.teacher.log_probs(o, rows, plan.vocab, T, dtype)  # (C, V)
-            sorted_lp = (sorted_log_probs(o, plan.teacher, rows, plan.vocab, T, dtype, lp)
-                         if plan.method.sorted_teacher else None)
+            lp = plan.teacher.log_probs(o, rows, sup.vocab, sup.temperature, dtype)  # (C, V)
+            sorted_lp = (sorted_log_probs(o, plan.teacher, rows, sup.vocab, sup.temperature, dtype, lp)
+                         if sup.method.sorted_teacher else None)
             lp = [lp]  # handed over: see chunk_terms
             value, diagnostics, domains, log_q_y, kl, gh, gw = chunk(
-                o, plan.method, plan.params, head, weight, h, plan.targets[rows], s, u, lp, T, scale, plan.vocab,
-                want_hidden, want_head, sorted_lp=sorted_lp)
+                o, sup.method, sup.params, head, weight, o.astype(hidden[rows], dtype), sup.targets[rows],
+                _part(sup.sampled, rows), _part(sup.uniforms, rows), lp, sup.temperature, 1.0 / sup.denom,
+                sup.vocab, want_hidden, want_head, sorted_lp=sorted_lp)
             del sorted_lp
             total = total + o.sum(value)
             tally.add(Weights(value=value, diagnostics=diagnostics, domains=domains), log_q_y, None, kl)
@@ -234,10 +204,27 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
             grad_hidden = o.concat(grad_hidden, axis=0) if grad_hidden else o.zeros((0, width), dtype, hidden)
         else:
             grad_hidden = None
-        if want_head and head.vocab > plan.vocab:
-            rest = o.zeros((head.vocab - plan.vocab, width), dtype, hidden)
+        if want_head and head.vocab > sup.vocab:
+            rest = o.zeros((head.vocab - sup.vocab, width), dtype, hidden)
             grad_head = o.concat([grad_head, rest], axis=0)
-        return total / plan.denom, grad_hidden, grad_head, tally.metrics(plan.count)
+        return total / sup.denom, grad_hidden, grad_head, tally.metrics(sup.count)
+
+
+def _head_for_chunks(o, head: Head, head_weight, vocab: int, dtype):
+    """(the head with its differentiable weight in place, its weight over the shared
+    vocabulary in the compute dtype, or None for a quantized head). Cast once, not per
+    chunk: a head-sized copy, like the head's gradient (none for a half-precision head
+    that forms float32 logits as stored: hpd.objectives.heads.half_logits)."""
+    if head.quantized:
+        return head, None
+    if head_weight is not None:  # else frozen: the head's own weight, no gradient
+        head = head.with_weight(head_weight)
+    weight = o.stop_gradient(head.weight)[:vocab]  # (V, H_s)
+    return head, weight if half_logits(o, weight, dtype) else o.astype(weight, dtype)
+
+
+def _part(x, rows: slice):
+    return None if x is None else x[rows]
 
 
 def chunk_terms(o, method: Method, params: dict, head: Head, weight, h, y, s, u, lp, temperature: float,
@@ -257,12 +244,9 @@ def chunk_terms(o, method: Method, params: dict, head: Head, weight, h, y, s, u,
         lp = lp.pop()
     dtype = o.float_dtype(h)
     zs, tanh = project(o, head, h, vocab, temperature, dtype=dtype, weight=weight)  # (C, V)
-    if method.needs_sample and s is None and u is None:
-        s = sample_tokens(o, zs)
     log_q = o.log_softmax(zs)
+    s = student_sample(o, method, zs, s, u, log_probs=log_q)
     del zs  # (C, V), not needed past here: kept out of the chunk's peak
-    if s is None and method.needs_sample:
-        s = sample_with_uniforms(o, log_q, u)
     lq = o.maximum(log_q, LOG_FLOOR)
     lp = o.maximum(lp, LOG_FLOOR)
     extra = {} if sorted_lp is None else {"sorted_lp": o.maximum(sorted_lp, LOG_FLOOR)}
@@ -324,13 +308,6 @@ def _check_chunk_size(chunk_size) -> int:
         raise ValueError(f"chunk_size must be a positive integer (positions per chunk) or 'auto'; "
                          f"got {chunk_size!r}")
     return chunk_size
-
-
-def _check_uniforms(o, uniforms, targets, like):
-    if tuple(uniforms.shape) != tuple(targets.shape):
-        raise ValueError(f"uniforms has shape {tuple(uniforms.shape)}, targets {tuple(targets.shape)}; "
-                         "they must match")
-    return o.uniforms(uniforms, like).reshape((-1,))
 
 
 def _check_shapes(student_hidden, head: Head, targets, teacher_vocab: int) -> int:

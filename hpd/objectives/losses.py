@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from hpd.objectives.ops import ops_for
@@ -14,6 +15,75 @@ from hpd.objectives.rules import (
     resolve_params,
 )
 from hpd.objectives.teacher import LogitsTeacher, as_source, sorted_log_probs
+
+
+@dataclass(frozen=True)
+class Supervised:
+    """One loss call's settings and the positions whose target counts, set up alike for
+    the plain loss (`loss`) and the chunked one (`hpd.objectives.chunked`).
+
+    Every array is over the active positions only, in row-major order of the targets."""
+
+    method: Method
+    params: dict[str, float]
+    temperature: float
+    vocab: int  # the shared prefix of the two vocabularies
+    index: Any  # (N,) flat positions of the active targets
+    targets: Any  # (N,)
+    sampled: Any  # (N,) given student samples, or None
+    uniforms: Any  # (N,) uniforms for inverse-CDF samples, or None (and None when sampled is given)
+    count: float  # N
+    denom: float  # what the summed objective is divided by
+
+
+def supervised(method: str, o, targets, vocab: int, *, like, sampled=None, uniforms=None, ignore_index: int = -100,
+               num_tokens: float | None = None, temperature: float = 1.0, params: dict | None = None) -> Supervised:
+    """The method, its checked parameters and temperature, and the active positions with
+    their targets and (for a method that samples) the given samples or uniforms.
+
+    `like`: an array of the student's (uniforms are placed beside it). A target outside
+    the shared vocabulary that is not `ignore_index` is an error (`active_positions`)."""
+    m = get_method(method)
+    temperature = TEMPERATURE.check(method, "temperature", temperature)
+    params = resolve_params(m, dict(params or {}))
+    mask, y = active_positions(o, targets, vocab, ignore_index)
+    index = o.nonzero(mask)
+    s = u = None
+    if m.needs_sample and sampled is not None:
+        s = o.rows(_check_sampled(o, sampled, targets, vocab).reshape((-1,)), index)
+    elif m.needs_sample and uniforms is not None:
+        u = o.rows(_check_uniforms(o, uniforms, targets, like), index)
+    count = float(index.shape[0])
+    return Supervised(method=m, params=params, temperature=temperature, vocab=vocab, index=index,
+                      targets=o.rows(y.reshape((-1,)), index), sampled=s, uniforms=u, count=count,
+                      denom=float(num_tokens) if num_tokens is not None else max(count, 1.0))
+
+
+def student_sample(o, method: Method, logits, sampled=None, uniforms=None, log_probs=None):
+    """The student's token per position for a method that takes one (None otherwise): the
+    given samples, else one drawn by inverse CDF with `uniforms` from `log_probs` (the
+    log-softmax of `logits` when not given), else by Gumbel-max with the framework's RNG."""
+    if not method.needs_sample:
+        return None
+    if sampled is not None:
+        return sampled
+    if uniforms is not None:
+        if log_probs is None:
+            log_probs = o.log_softmax(o.stop_gradient(logits))
+        return sample_with_uniforms(o, log_probs, uniforms)
+    return sample_tokens(o, logits)
+
+
+def weighted_objectives(objectives, term):
+    """(sum of weight * value, [each objective's other output]) over a step's objectives
+    (anything with .method, .weight and .params), where term(objective) -> (value, other)."""
+    total, others = None, []
+    for obj in objectives:
+        value, other = term(obj)
+        value = value * obj.weight if obj.weight != 1.0 else value
+        total = value if total is None else total + value
+        others.append(other)
+    return total, others
 
 
 def loss(
@@ -43,40 +113,26 @@ def loss(
 
     Returns (loss, metrics): a differentiable scalar and a dict of Python floats.
     """
-    m = get_method(method)
-    temperature = TEMPERATURE.check(method, "temperature", temperature)
-    params = resolve_params(m, params)
     o = ops_for(student_logits)
     teacher = as_source(teacher_logits)
     vocab = _shared_vocab(student_logits, teacher, targets)
-    mask, y = active_positions(o, targets, vocab, ignore_index)
-    index = o.nonzero(mask)
-    count = float(index.shape[0])
+    sup = supervised(method, o, targets, vocab, like=student_logits, sampled=sampled, uniforms=uniforms,
+                     ignore_index=ignore_index, num_tokens=num_tokens, temperature=temperature, params=params)
+    m = sup.method
     dtype = o.compute_dtype(student_logits)
-    zs = o.rows(student_logits.reshape((-1, student_logits.shape[-1])), index)  # (N, V_s)
+    zs = o.rows(student_logits.reshape((-1, student_logits.shape[-1])), sup.index)  # (N, V_s)
     zs = o.astype(zs[:, :vocab], dtype)
-    if temperature != 1.0:
-        zs = zs / temperature
-    denom = float(num_tokens) if num_tokens is not None else max(count, 1.0)
-    if count == 0:  # nothing counts: a zero that still reaches the graph
-        return o.sum(zs) / denom, MetricTally(o, m, dtype, zs).metrics(0.0)
-    selected = teacher.select(o, index)
-    lp = selected.log_probs(o, slice(None), vocab, temperature, dtype)
-    sorted_lp = sorted_log_probs(o, selected, slice(None), vocab, temperature, dtype, lp) if m.sorted_teacher else None
-    y = o.rows(y.reshape((-1,)), index)
-    s = None
-    if m.needs_sample:
-        if sampled is not None:
-            s = o.rows(_check_sampled(o, sampled, targets, vocab).reshape((-1,)), index)
-        elif uniforms is not None:
-            u = o.rows(o.uniforms(uniforms, zs).reshape((-1,)), index)
-            s = sample_with_uniforms(o, o.log_softmax(o.stop_gradient(zs)), u)
-        else:
-            s = sample_tokens(o, zs)
-    per_pos, weights, log_q_y, kl = objective_terms(o, m, zs, lp, y, s, params, sorted_lp=sorted_lp)
-    value = o.sum(per_pos) / denom
-    metrics = summarize(o, m, weights, log_q_y, count, kl)
-    return value, metrics
+    if sup.temperature != 1.0:
+        zs = zs / sup.temperature
+    if sup.count == 0:  # nothing counts: a zero that still reaches the graph
+        return o.sum(zs) / sup.denom, MetricTally(o, m, dtype, zs).metrics(0.0)
+    selected = teacher.select(o, sup.index)
+    lp = selected.log_probs(o, slice(None), vocab, sup.temperature, dtype)
+    sorted_lp = (sorted_log_probs(o, selected, slice(None), vocab, sup.temperature, dtype, lp)
+                 if m.sorted_teacher else None)
+    s = student_sample(o, m, zs, sup.sampled, sup.uniforms)
+    per_pos, weights, log_q_y, kl = objective_terms(o, m, zs, lp, sup.targets, s, sup.params, sorted_lp=sorted_lp)
+    return o.sum(per_pos) / sup.denom, summarize(o, m, weights, log_q_y, sup.count, kl)
 
 
 def token_kl(o, m: Method, w: Weights, lq, lp):
@@ -265,6 +321,13 @@ def _check_sampled(o, sampled, targets, vocab: int):
     if lo < 0 or hi >= vocab:
         raise ValueError(f"sampled tokens must lie in [0, {vocab}); got values in [{lo:.0f}, {hi:.0f}]")
     return sampled
+
+
+def _check_uniforms(o, uniforms, targets, like):
+    if tuple(uniforms.shape) != tuple(targets.shape):
+        raise ValueError(f"uniforms has shape {tuple(uniforms.shape)}, targets {tuple(targets.shape)}; "
+                         "they must match")
+    return o.uniforms(uniforms, like).reshape((-1,))
 
 
 def metric_names(metrics: dict, method: str, objectives: int) -> dict:

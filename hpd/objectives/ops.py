@@ -197,6 +197,13 @@ class TorchOps:
     def evaluate(self, *xs):
         """Force pending computation (lazy frameworks only); torch computes eagerly."""
 
+    def fused_loss(self, forward, hidden, head):
+        """(loss, metrics) of a scalar loss whose forward forms its own gradients
+        (hpd.objectives.autograd: torch's autograd.Function)."""
+        from hpd.objectives.autograd import torch_fused_loss
+
+        return torch_fused_loss(forward, hidden, head)
+
 
 _OUT_DTYPE: dict = {}
 
@@ -355,6 +362,13 @@ class MlxOps:
         # mlx is lazy: evaluating per chunk keeps a chunked loop from building one
         # graph whose scheduling could hold every chunk's intermediates at once.
         self.mx.eval(*xs)
+
+    def fused_loss(self, forward, hidden, head):
+        """(loss, metrics) of a scalar loss whose forward forms its own gradients
+        (hpd.objectives.autograd: mlx's custom_function)."""
+        from hpd.objectives.autograd import mlx_fused_loss
+
+        return mlx_fused_loss(forward, hidden, head)
 
     def tanh(self, x):
         return self.mx.tanh(x)

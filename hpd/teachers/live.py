@@ -12,3 +12,9 @@ def teacher_source_of(teacher):
     if isinstance(teacher, Outputs):
         return LiveTeacher(teacher.hidden, teacher.head) if teacher.logits is None else LogitsTeacher(teacher.logits)
     return teacher
+
+
+def live_teacher(loop, micro_batch: dict, arrays: dict, plan):
+    """The default `teacher_source` of a Loop: the teacher model's forward on the batch
+    (plan None: an evaluation batch, scored from logits)."""
+    return loop.backend.forward(loop.teacher, arrays, hidden=loop.chunked and plan is not None)

@@ -54,7 +54,7 @@ def temp_folder(run_dir: Path, step: int, collective: bool = False) -> Path:
 
 def save_checkpoint(run_dir: Path, step: int, backend, model, tokenizer, optimizer, state: dict,
                     keep: int = 2) -> Path:
-    collective = getattr(backend, "collective_checkpoint", False)
+    collective = backend.collective_checkpoint
     finite = backend.weights_finite(model)
     if collective:  # every rank saves its shards: all must agree to write
         finite = backend.all_reduce_sum(0.0 if finite else 1.0) == 0
@@ -109,7 +109,7 @@ def _save_single(run_dir: Path, step: int, backend, model, tokenizer, optimizer,
 
 def load_state(folder: Path, backend, model, optimizer) -> dict:
     folder = Path(folder)
-    if getattr(backend, "collective_checkpoint", False):
+    if backend.collective_checkpoint:
         return _load_collective(folder, backend, model, optimizer)
     if (folder / DIST_DIR).exists():
         raise ValueError(f"{folder} was written by a run of several processes; resume it with torchrun "

@@ -18,10 +18,10 @@ from hpd.data.batches import Batches
 from hpd.data.examples import IGNORE_INDEX
 from hpd.models.backend import Backend, Outputs
 from hpd.objectives.chunked import DEFAULT_CHUNK_BUDGET_MB, chunked_loss, resolve_chunk_budget
-from hpd.objectives.losses import loss, metric_names
+from hpd.objectives.losses import loss, metric_names, weighted_objectives
 from hpd.objectives.uniforms import batch_uniforms, has_row_keys
 from hpd.report.evaluate import MetricMeans
-from hpd.teachers.live import teacher_source_of
+from hpd.teachers.live import live_teacher, teacher_source_of
 
 
 def learning_rate(step: int, total: int, peak: float, *, kind: str = "cosine",
@@ -45,13 +45,13 @@ def target_count(targets: np.ndarray, vocab: int) -> int:
 
 
 def objective_loss_fn(objectives, teacher, targets, *, sampled, num_tokens: float, temperature: float,
-                      chunk_size, chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB, uniforms=None):
+                      chunk_size, chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB, uniforms=None, chunk_fn=None):
     """loss_fn(student_out) for the step's weighted objectives, averaged over num_tokens.
 
     `teacher`: the teacher model's `Outputs` for the batch, or any `TeacherSource`."""
     return ObjectiveLoss(tuple(objectives), teacher_source_of(teacher), targets, sampled=sampled,
                          uniforms=uniforms, num_tokens=num_tokens, temperature=temperature,
-                         chunk_size=chunk_size, chunk_budget_mb=chunk_budget_mb)
+                         chunk_size=chunk_size, chunk_budget_mb=chunk_budget_mb, chunk_fn=chunk_fn)
 
 
 @dataclass
@@ -69,6 +69,7 @@ class ObjectiveLoss:
     temperature: float = 1.0
     chunk_size: Any = "auto"
     chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB
+    chunk_fn: Any = None  # the backend's per-chunk function (Backend.chunk_fn)
 
     def release(self) -> None:
         """Drop the teacher's outputs once the loss is formed (a backend whose backward
@@ -76,29 +77,25 @@ class ObjectiveLoss:
         self.teacher = None
 
     def __call__(self, student_out: Outputs):
-        total, metrics = None, {}
-        for obj in self.objectives:
-            common = dict(sampled=self.sampled, uniforms=self.uniforms, num_tokens=self.num_tokens,
-                          temperature=self.temperature, **obj.params)
+        common = dict(sampled=self.sampled, uniforms=self.uniforms, num_tokens=self.num_tokens,
+                      temperature=self.temperature)
+
+        def term(obj):
             if student_out.logits is not None:
-                value, m = loss(obj.method, student_out.logits, self.teacher, self.targets, **common)
-            else:
-                value, m = chunked_loss(obj.method, student_out.hidden, student_out.head, targets=self.targets,
-                                            teacher=self.teacher, chunk_size=self.chunk_size,
-                                            chunk_budget_mb=self.chunk_budget_mb, **common)
-            term = value * obj.weight if obj.weight != 1.0 else value
-            total = term if total is None else total + term
+                return loss(obj.method, student_out.logits, self.teacher, self.targets, **common, **obj.params)
+            return chunked_loss(obj.method, student_out.hidden, student_out.head, targets=self.targets,
+                                teacher=self.teacher, chunk_size=self.chunk_size,
+                                chunk_budget_mb=self.chunk_budget_mb, chunk_fn=self.chunk_fn, **common,
+                                **obj.params)
+
+        total, found = weighted_objectives(self.objectives, term)
+        metrics = {}
+        for obj, m in zip(self.objectives, found):
             metrics.update(metric_names(m, obj.method, len(self.objectives)))
         report = getattr(self.teacher, "metrics", None)  # a source's own figures (hpd.teachers.cross)
         if report is not None:
             metrics.update(report())
         return total, metrics
-
-
-def live_teacher(loop: "Loop", micro_batch: dict, arrays: dict, plan):
-    """The default teacher of a step: the teacher model's forward on the batch (plan None:
-    an evaluation batch, scored from logits)."""
-    return loop.backend.forward(loop.teacher, arrays, hidden=loop.chunked and plan is not None)
 
 
 @dataclass
@@ -113,6 +110,12 @@ class LoopState:
 
 class NonFiniteLoss(RuntimeError):
     pass
+
+
+def finite_or_none(value: float) -> float | None:
+    """A metrics.jsonl value: the number, or None (JSON null) for NaN and infinities, which
+    JSON cannot hold (runs before this wrote them as the strings "nan", "inf")."""
+    return value if math.isfinite(value) else None
 
 
 @dataclass
@@ -147,8 +150,7 @@ class Loop:
     @property
     def chunk_budget_mb(self) -> float:
         """--chunk-budget-mb, its default resolved for where the student runs."""
-        device = getattr(self.backend, "device", None)
-        return resolve_chunk_budget(self.config.chunk_budget_mb, getattr(device, "type", "") == "cuda")
+        return resolve_chunk_budget(self.config.chunk_budget_mb, self.backend.device_type == "cuda")
 
     def run(self) -> dict[str, float]:
         cfg = self.config
@@ -198,7 +200,7 @@ class Loop:
             loss_fn = objective_loss_fn(plan.objectives, teacher, arrays["targets"], sampled=sampled,
                                         num_tokens=max(global_tokens, 1.0), temperature=cfg.temperature,
                                         chunk_size=cfg.chunk_size, chunk_budget_mb=self.chunk_budget_mb,
-                                        uniforms=uniforms)
+                                        uniforms=uniforms, chunk_fn=backend.chunk_fn)
             del teacher  # loss_fn holds it, and may release it before the backward
             value, metrics = backend.forward_backward(self.student, arrays, loss_fn, hidden=self.chunked)
             loss_total += value
@@ -220,8 +222,7 @@ class Loop:
         record.update({k: v for k, v in means.result().items() if k != "tokens"})
         record.update(plan.as_metrics())
         record.update(extra)
-        if hasattr(backend, "step_metrics"):  # e.g. torch.compile's graph count
-            record.update(backend.step_metrics())
+        record.update(backend.step_metrics())  # e.g. torch.compile's graph count
         return record
 
     def _skip(self, step: int, loss_value: float, grad_norm: float | None = None):
@@ -229,11 +230,11 @@ class Loop:
         self.state.bad_steps += 1
         self.state.skipped_steps += 1
         what = f"loss ({loss_value})" if grad_norm is None else f"gradient norm ({grad_norm})"
-        if self.backend.rank == 0:
-            record = {"step": step + 1, "skipped": 1, "loss": str(loss_value),
+        if self.backend.rank == 0:  # JSON numbers, or null where the value is not finite
+            record = {"step": step + 1, "skipped": True, "loss": finite_or_none(loss_value),
                       "skipped_steps": self.state.skipped_steps}
             if grad_norm is not None:
-                record["grad_norm"] = str(grad_norm)
+                record["grad_norm"] = finite_or_none(grad_norm)
             self.log(record)
         if self.state.bad_steps >= self.config.max_bad_steps:
             self.save(self)
