@@ -173,6 +173,9 @@ class DistillConfig:
 
         for name in ("teacher", "student", "data", "eval_data", "teacher_cache"):
             setattr(self, name, asset_path(getattr(self, name)))
+        # warnings about the combination of a recipe and its overrides (hpd.train.advice),
+        # said at the run's start; not a field: never saved, compared or set by a flag
+        self.notes: list[str] = []
 
     @classmethod
     def from_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "DistillConfig":

@@ -1,4 +1,10 @@
-"""`hpd.distill(config)`: set up a run, train it with the loop, export the student."""
+"""`hpd.distill(config)`: set up a run, train it with the loop, export the student.
+
+`distill` holds the output folder's lock and the signal handlers around a `Run`, whose
+steps read in order: `setup` (where to resume, the inputs, the models, the training
+state, the output files, the loop), `train` (the baseline, the loop, the final
+evaluation) and `export`.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+from hpd.backends import get_backend
 from hpd.data.batches import Batches, collate, load_dataset
 from hpd.data.examples import pad_id_of
 from hpd.data.sources import fingerprint
@@ -24,15 +31,15 @@ from hpd.files.outdir import (
     remove_if_untouched,
 )
 from hpd.models import student as student_kind
-from hpd.backends import get_backend
 from hpd.models.export import finalize
 from hpd.report.evaluate import EVAL_SPLITS, eval_source
-from hpd.teachers.cross import choose_mode, cross_source, prepare_for_run
+from hpd.teachers import setup as teacher_setup
 from hpd.train import checkpoint as ckpt
 from hpd.train import resume as resume_check
 from hpd.train.config import DistillConfig
 from hpd.train.interrupt import Interrupted, StopOnSignal, signal_name
-from hpd.train.loop import Loop, LoopState, live_teacher
+from hpd.train.loop import Loop, LoopState
+from hpd.train.metrics_log import MetricsLog
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -51,50 +58,6 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> Path | None:
         return latest
     check_writable(out, overwrite)  # cleared once the inputs load (a bad input loses nothing)
     return None
-
-
-def _record_key(record: dict) -> tuple:
-    """What makes a record unique: its step and kind (a skipped step also by its count)."""
-    if record.get("skipped"):
-        return record.get("step"), "skipped", record.get("skipped_steps")
-    return record.get("step"), "train" if "loss" in record else "eval"
-
-
-class MetricsLog:
-    """metrics.jsonl: one JSON object per line, each record once whatever the kills and
-    resumes: on resume, lines past the checkpoint (and a line torn by a kill) are dropped,
-    and a record already there (the final evaluation of a finished run) is not repeated."""
-
-    def __init__(self, path: Path, resume_step: int | None, sinks=()):
-        self.path = path
-        self.seen: set[tuple] = set()
-        self.sinks = list(sinks)  # each record also goes to these (hpd.report.reporters, hpd.report.console)
-        if resume_step is not None and path.exists():
-            kept = []
-            for ln in path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    record = json.loads(ln)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
-                    kept.append(record)
-            self.seen = {_record_key(r) for r in kept}
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-
-    def __call__(self, record: dict) -> None:
-        key = _record_key(record)
-        if key in self.seen:
-            return
-        self.seen.add(key)
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        for sink in self.sinks:
-            sink(record)
-
-    def close(self) -> None:
-        sinks, self.sinks = self.sinks, []  # once: a failed run closes them on its way out
-        for sink in sinks:
-            sink.close()
 
 
 def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_hooks: Any) -> dict:
@@ -118,7 +81,12 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
         lock = OutputLock(make_dir(out)).acquire()
     try:
         with StopOnSignal() as stop:
-            return _distill(cfg, backend, stop, command=command, **loop_hooks)
+            run = Run(cfg, backend, stop, command, loop_hooks)
+            run.setup()
+            final = run.train()
+            run.export(final)
+            return {"out": str(out), "steps": run.loop.state.step, "metrics": final, "student": run.student,
+                    "tokenizer": run.tokenizer, "backend": backend}
     except BaseException:
         if lock is not None:
             lock.release()
@@ -131,176 +99,226 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
             lock.release()
 
 
-def _distill(cfg: DistillConfig, backend, stop: StopOnSignal, *, command: str | None, **loop_hooks: Any) -> dict:
-    rank = backend.rank
-    out = Path(cfg.out)
-    resume_from = prepare_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite) if rank == 0 else None
-    if rank != 0 and cfg.resume:
-        resume_from = ckpt.latest_checkpoint(out)
-    backend.barrier()
-    backend.seed(cfg.seed)
-    for note in getattr(cfg, "notes", []):
-        say(f"warning: {note}", rank)
+class Run:
+    """One run's parts, built by `setup` in the order the checks need: nothing is loaded
+    before the inputs are valid, and nothing is written before the models load."""
 
-    tokenizer = backend.load_tokenizer(cfg.student)
-    teacher_tokenizer, tokens_line, mode = None, "", "same"
-    if cfg.teacher:  # one tokenizer, or another one (hpd.teachers.cross), chosen here and said on the start line
-        teacher_tokenizer = backend.load_tokenizer(cfg.teacher)
-        try:
-            mode, why = choose_mode(cfg.teacher_tokenizer, tokenizer, teacher_tokenizer)
-        except ValueError as e:
-            raise ValueError(f"--teacher-tokenizer {cfg.teacher_tokenizer}: {e}; pass --teacher-tokenizer cross "
-                             "(or auto) to distil across tokenizers") from None
-        tokens_line = f"; teacher tokenizer: {mode} ({why})"
-    data = load_dataset(cfg.data, tokenizer, cfg.max_length, split=cfg.data_split, columns=cfg.data_columns)
-    cross = None
-    if mode == "cross":  # every row paired before any model loads: a bad row stops here
-        cross = prepare_for_run(cfg, tokenizer, teacher_tokenizer, eval_source(cfg) | {"default_splits": EVAL_SPLITS})
-        say(f"teacher tokenizer: cross: {cross.describe()}", rank)
-    store = None
-    if cfg.teacher_cache:  # checked against this data, tokenizer and settings before any model loads
-        from hpd.teachers.stored import open_for_run
+    def __init__(self, cfg: DistillConfig, backend, stop: StopOnSignal, command: str | None, hooks: dict):
+        self.cfg, self.backend, self.stop, self.command, self.hooks = cfg, backend, stop, command, hooks
+        self.rank, self.out = backend.rank, Path(cfg.out)
+        self.saved_at: int | None = None  # the step of the latest checkpoint
 
-        store = open_for_run(cfg, tokenizer, data)
-    say(f"data: {data.rows} rows from {cfg.data}, {len(data)} usable, {data.truncated} truncated "
-        f"to {cfg.max_length} tokens, {data.target_tokens} target tokens", rank)
-    eval_batches = None
-    if cfg.eval_data:
-        held = load_dataset(cfg.eval_data, tokenizer, cfg.max_length, **eval_source(cfg))
-        ex = held.examples
-        eval_batches = [collate(ex[i:i + cfg.batch_size], pad_id_of(tokenizer))
-                        for i in range(0, len(ex), cfg.batch_size)]
+    def say(self, message: str) -> None:
+        say(message, self.rank)
 
-    student = student_kind.load_student(backend, cfg, resume_from, say=lambda m: say(m, rank))
-    teacher = None
-    if cfg.teacher:
-        teacher = backend.load_model(cfg.teacher, trainable=False, dtype=cfg.dtype, quantize=cfg.teacher_quantize)
-    vocab = min(backend.vocab_size(student), store.vocab if teacher is None else
-                backend.vocab_size(student if cross else teacher))
-    if len(tokenizer) > vocab:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens but a model's vocabulary only {vocab}")
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        self.resume_from = self._resume_point()
+        for note in self.cfg.notes:
+            self.say(f"warning: {note}")
+        self._load_inputs()
+        self._load_models()
+        self._training_state()
+        self._open_outputs()
+        self._build_loop()
 
-    batches = Batches(data, cfg.batch_size, pad_id_of(tokenizer), seed=cfg.seed,
-                      group_by_length=cfg.group_by_length, rank=rank, world_size=backend.world_size,
-                      packing=cfg.packing)
-    total = cfg.steps or max(1, math.ceil(cfg.epochs * batches.batches_per_epoch / cfg.grad_accum))
-    from hpd.train.schedule import Schedule
+    def _resume_point(self) -> Path | None:
+        cfg, out = self.cfg, self.out
+        if self.rank == 0:
+            found = prepare_out_dir(out, resume=cfg.resume, overwrite=cfg.overwrite)
+        else:
+            found = ckpt.latest_checkpoint(out) if cfg.resume else None
+        self.backend.barrier()
+        self.backend.seed(cfg.seed)
+        return found
 
-    schedule = Schedule(cfg.schedule_config(), method=cfg.method, method_params=dict(cfg.method_params),
-                        total_steps=total, seed=cfg.seed, uld_weight=cfg.uld_weight)
-    optimizer = backend.make_optimizer(student, cfg)
-    state = LoopState()
-    if resume_from is not None:
-        saved = ckpt.load_state(resume_from, backend, student, optimizer)
-        batches.load_state_dict(saved["data"])
-        schedule.load_state_dict(saved["schedule"])
-        state = LoopState(**saved["loop"])
-        say(f"resuming from {resume_from} (step {state.step} of {total})", rank)
-    changes: dict = {}
-    if resume_from is not None:  # every rank checks, so that all stop together on a refusal
-        before = resume_check.saved_config(saved, out)
-        changes = resume_check.check_resume(
-            before, cfg.to_dict(), allow=cfg.allow_config_change, step=state.step,
-            same_start=lambda: resume_check.same_start(before, cfg, saved.get("total_steps", total), total,
-                                                       state.step))
+    def _load_inputs(self) -> None:
+        """The tokenizers, the data and the teacher's sources, every row checked."""
+        cfg, backend = self.cfg, self.backend
+        self.tokenizer = backend.load_tokenizer(cfg.student)
+        self.teacher = teacher_setup.prepare(cfg, backend, self.tokenizer)
+        self.data = load_dataset(cfg.data, self.tokenizer, cfg.max_length, split=cfg.data_split,
+                                 columns=cfg.data_columns)
+        self.teacher.check_data(cfg, self.tokenizer, self.data, eval_source(cfg) | {"default_splits": EVAL_SPLITS},
+                                self.say)
+        data = self.data
+        self.say(f"data: {data.rows} rows from {cfg.data}, {len(data)} usable, {data.truncated} truncated "
+                 f"to {cfg.max_length} tokens, {data.target_tokens} target tokens")
+        self.eval_batches = None
+        if cfg.eval_data:
+            held = load_dataset(cfg.eval_data, self.tokenizer, cfg.max_length, **eval_source(cfg)).examples
+            self.eval_batches = [collate(held[i:i + cfg.batch_size], pad_id_of(self.tokenizer))
+                                 for i in range(0, len(held), cfg.batch_size)]
 
-    chunked, loss_path = choose_loss_path(cfg.chunked, backend, student=student, teacher=teacher)
-    live = live_teacher if cross is None else cross_source(cross)
-    if store is not None:
-        from hpd.teachers.stored import store_source
+    def _load_models(self) -> None:
+        backend = self.backend
+        self.student = student_kind.load_student(backend, self.cfg, self.resume_from, say=self.say)
+        self.teacher.load(backend, self.cfg)
+        self.vocab = self.teacher.vocab(backend, self.student)
+        if len(self.tokenizer) > self.vocab:
+            raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but a model's vocabulary only "
+                             f"{self.vocab}")
 
-        loop_hooks.setdefault("teacher_source", store_source(store, live))
-    elif cross is not None:
-        loop_hooks.setdefault("teacher_source", live)
-    run_info = {
-        "name": out.name, "backend": cfg.backend, "student": cfg.student,
-        "teacher": cfg.teacher or store.provenance["teacher"], "teacher_cache": cfg.teacher_cache,
-        "method": cfg.method, "method_params": dict(cfg.method_params), "temperature": cfg.temperature,
-        "data": cfg.data, "data_sha256": fingerprint(cfg.data), "schedule": dict(cfg.schedule),
-        "command": command or "hpd.distill(...)",
-    }
-    manifest = None  # what this run writes, for a later --overwrite
-    if rank == 0:
-        # the inputs are valid: only now is an earlier run cleared
-        manifest = ensure_writable(out, cfg.overwrite) if resume_from is None else Manifest(out)
-        with manifest.recording():
-            if resume_from is None:
-                (out / "config.yaml").write_text(cfg.to_yaml())
-            elif changes:  # config.yaml stays the first run's; each change is kept in the history
-                history = resume_check.record_history(out, state.step, changes, command or "hpd.distill(...)")
-                say(f"resuming with a changed config: {resume_check.describe(changes)} (recorded in "
-                    f"{history.name})", rank)
-            (out / "metrics.jsonl").touch()
-    # only rank 0 writes metrics.jsonl (and trims it on resume)
-    metrics_log = MetricsLog(out / "metrics.jsonl", state.step if resume_from and rank == 0 else None,
-                             sinks=_sinks(cfg, out, total, state.step) if rank == 0 else ())
-    # a backend with collective_checkpoint (torch under torchrun) needs every rank in saves
-    collective = getattr(backend, "collective_checkpoint", False)
-    saved_at = [state.step if resume_from is not None else None]
+    def _training_state(self) -> None:
+        """The batches, the schedule, the optimizer and the loop's counters, restored from a
+        checkpoint on resume (after checking what the resumed config changes)."""
+        cfg, backend = self.cfg, self.backend
+        self.batches = Batches(self.data, cfg.batch_size, pad_id_of(self.tokenizer), seed=cfg.seed,
+                               group_by_length=cfg.group_by_length, rank=self.rank,
+                               world_size=backend.world_size, packing=cfg.packing)
+        self.total = cfg.steps or max(1, math.ceil(cfg.epochs * self.batches.batches_per_epoch / cfg.grad_accum))
+        from hpd.train.schedule import Schedule
 
-    def save(loop: Loop) -> None:
-        if rank != 0 and not collective:
+        self.schedule = Schedule(cfg.schedule_config(), method=cfg.method, method_params=dict(cfg.method_params),
+                                 total_steps=self.total, seed=cfg.seed, uld_weight=cfg.uld_weight)
+        self.optimizer = backend.make_optimizer(self.student, cfg)
+        self.state, self.changes = LoopState(), {}
+        if self.resume_from is None:
+            return
+        saved = ckpt.load_state(self.resume_from, backend, self.student, self.optimizer)
+        self.batches.load_state_dict(saved["data"])
+        self.schedule.load_state_dict(saved["schedule"])
+        self.state = LoopState(**saved["loop"])
+        self.saved_at = self.state.step
+        self.say(f"resuming from {self.resume_from} (step {self.state.step} of {self.total})")
+        before = resume_check.saved_config(saved, self.out)  # every rank checks: all stop together
+        self.changes = resume_check.check_resume(
+            before, cfg.to_dict(), allow=cfg.allow_config_change, step=self.state.step,
+            same_start=lambda: resume_check.same_start(before, cfg, saved.get("total_steps", self.total),
+                                                       self.total, self.state.step))
+
+    def _open_outputs(self) -> None:
+        """config.yaml and metrics.jsonl, once the inputs are valid: only now is an earlier
+        run's output cleared. Only rank 0 writes metrics.jsonl (and trims it on resume)."""
+        cfg, out = self.cfg, self.out
+        self.run_info = {
+            "name": out.name, "backend": cfg.backend, "student": cfg.student, "teacher": self.teacher.name,
+            "teacher_cache": cfg.teacher_cache, "method": cfg.method, "method_params": dict(cfg.method_params),
+            "temperature": cfg.temperature, "data": cfg.data, "data_sha256": fingerprint(cfg.data),
+            "schedule": dict(cfg.schedule), "command": self.command or "hpd.distill(...)",
+        }
+        self.manifest = None  # what this run writes, for a later --overwrite
+        if self.rank == 0:
+            self.manifest = ensure_writable(out, cfg.overwrite) if self.resume_from is None else Manifest(out)
+            with self.manifest.recording():
+                if self.resume_from is None:
+                    (out / "config.yaml").write_text(cfg.to_yaml())
+                elif self.changes:  # config.yaml stays the first run's; each change is kept in the history
+                    history = resume_check.record_history(out, self.state.step, self.changes,
+                                                          self.command or "hpd.distill(...)")
+                    self.say(f"resuming with a changed config: {resume_check.describe(self.changes)} "
+                             f"(recorded in {history.name})")
+                (out / "metrics.jsonl").touch()
+        resumed = self.state.step if self.resume_from and self.rank == 0 else None
+        self.metrics_log = MetricsLog(out / "metrics.jsonl", resumed,
+                                      sinks=_sinks(cfg, out, self.total, self.state.step) if self.rank == 0 else ())
+
+    def _build_loop(self) -> None:
+        cfg, backend, hooks = self.cfg, self.backend, self.hooks
+        self.chunked, self.loss_path = choose_loss_path(cfg.chunked, backend, student=self.student,
+                                                        teacher=self.teacher.model)
+        hooks.setdefault("teacher_source", self.teacher.hook())
+        from hpd.train.rollout import Sampling, make_rollout
+
+        hooks.setdefault("rollout", make_rollout(Sampling(
+            cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_top_k)))
+        self.loop = Loop(backend=backend, config=cfg, student=self.student, teacher=self.teacher.model,
+                         tokenizer=self.tokenizer, optimizer=self.optimizer, batches=self.batches,
+                         schedule=self.schedule, total_steps=self.total, vocab=self.vocab, chunked=self.chunked,
+                         state=self.state, eval_batches=self.eval_batches, log=self.metrics_log, save=self.save,
+                         should_stop=lambda: backend.all_reduce_sum(float(self.stop.requested)) > 0, **hooks)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, loop: Loop) -> None:
+        """A checkpoint of the loop's step (every rank takes part where the backend saves
+        collectively)."""
+        backend = self.backend
+        if self.rank != 0 and not backend.collective_checkpoint:
             return
         step = loop.state.step
-        if rank == 0:
-            manifest.own_folder(ckpt.temp_folder(out, step, collective))
-            manifest.own_folder(ckpt.checkpoint_root(out) / f"step-{step}")
-        ckpt.save_checkpoint(out, step, backend, student, tokenizer, optimizer, {
-            "data": batches.state_dict(), "schedule": schedule.state_dict(), "loop": loop.state.to_dict(),
-            "total_steps": total, "run_info": run_info, "config": cfg.to_dict()}, keep=cfg.keep_checkpoints)
-        saved_at[0] = step
+        if self.rank == 0:
+            self.manifest.own_folder(ckpt.temp_folder(self.out, step, backend.collective_checkpoint))
+            self.manifest.own_folder(ckpt.checkpoint_root(self.out) / f"step-{step}")
+        ckpt.save_checkpoint(self.out, step, backend, self.student, self.tokenizer, self.optimizer, {
+            "data": self.batches.state_dict(), "schedule": self.schedule.state_dict(),
+            "loop": loop.state.to_dict(), "total_steps": self.total, "run_info": self.run_info,
+            "config": self.cfg.to_dict()}, keep=self.cfg.keep_checkpoints)
+        self.saved_at = step
 
-    from hpd.train.rollout import Sampling, make_rollout
+    # ------------------------------------------------------------------ training
+    def train(self) -> dict:
+        """The loop's steps between the before and after measures; the final metrics."""
+        cfg, backend = self.cfg, self.backend
+        per_step = cfg.batch_size * cfg.grad_accum * backend.world_size
+        processes = f"{backend.world_size} process{'es' if backend.world_size > 1 else ''}"
+        self.say(f"distilling {cfg.teacher or cfg.teacher_cache} -> {cfg.student} with {cfg.method} on "
+                 f"{cfg.backend}: {self.total} steps of {per_step} sequences ({cfg.batch_size} per batch x "
+                 f"{cfg.grad_accum} accumulated x {processes}); {self.loss_path}{self.teacher.describe()}")
+        baseline = self._baseline()
+        try:
+            last = self.loop.run()
+            if self.loop.state.step < self.total:  # a signal stopped the loop: checkpoint, then say how to go on
+                self._stop_with_checkpoint()
+        except BaseException:
+            self.metrics_log.close()
+            raise
+        final = {k: v for k, v in last.items() if not k.startswith("schedule/")}
+        final.update({f"eval/{k}_accuracy_before": v for k, v in baseline.items()})
+        if self.eval_batches:
+            evaluation = self.loop.evaluate()
+            final.update(evaluation)
+            if self.rank == 0:
+                self.metrics_log({"step": self.loop.state.step, **evaluation})
+        return final
 
-    loop_hooks.setdefault("rollout", make_rollout(Sampling(
-        cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_top_k)))
-    loop = Loop(backend=backend, config=cfg, student=student, teacher=teacher, tokenizer=tokenizer,
-                optimizer=optimizer, batches=batches, schedule=schedule, total_steps=total, vocab=vocab,
-                chunked=chunked, state=state, eval_batches=eval_batches, log=metrics_log, save=save,
-                should_stop=lambda: backend.all_reduce_sum(float(stop.requested)) > 0, **loop_hooks)
-    per_step = cfg.batch_size * cfg.grad_accum * backend.world_size
-    say(f"distilling {cfg.teacher or cfg.teacher_cache} -> {cfg.student} with {cfg.method} on {cfg.backend}: "
-        f"{total} steps of {per_step} sequences ({cfg.batch_size} per batch x {cfg.grad_accum} accumulated "
-        f"x {backend.world_size} process{'es' if backend.world_size > 1 else ''}); {loss_path}{tokens_line}", rank)
-    baseline = {}
-    if cfg.eval_generate and eval_batches and resume_from is not None:  # measured before the first run
-        baseline = _logged_baseline(out / "metrics.jsonl")
-    if cfg.eval_generate and eval_batches and resume_from is None:
-        baseline = _accuracy_baseline(backend, student, teacher, tokenizer, cfg, teacher_tokenizer)
-        say("held-out exact match before distilling: " + ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()),
-            rank)
-        if rank == 0:
-            metrics_log({"step": 0, "eval/accuracy": baseline["student"],
-                         **({"eval/teacher_accuracy": baseline["teacher"]} if "teacher" in baseline else {})})
-    try:
-        last = loop.run()
-        if loop.state.step < total:  # a signal stopped the loop: checkpoint, then say how to go on
-            _stop_with_checkpoint(loop, save, saved_at[0], stop, out, total, command)
-    except BaseException:
-        metrics_log.close()
-        raise
-    final = {k: v for k, v in last.items() if not k.startswith("schedule/")}
-    final.update({f"eval/{k}_accuracy_before": v for k, v in baseline.items()})
-    if eval_batches:
-        evaluation = loop.evaluate()
-        final.update(evaluation)
-        if rank == 0:
-            metrics_log({"step": loop.state.step, **evaluation})
-    save(loop)
-    started = time.perf_counter()
-    with manifest.recording() if rank == 0 else nullcontext():
-        if rank == 0 or collective:
-            student_kind.export(backend, student, tokenizer, out, adapter_only=cfg.adapter_only,
-                                quantized=cfg.export_quantized)
-        if rank == 0:
-            finalize(out, tokenizer, {**run_info, "steps": loop.state.step, "final_metrics": final,
-                                      **student_kind.card_info(student, cfg.adapter_only, cfg.export_quantized)})
-            metrics_log.close()
-            _own_report_folders(manifest, out)
-    say(f"exported the student to {out} ({time.perf_counter() - started:.1f} s)", rank)
-    backend.barrier()
-    return {"out": str(out), "steps": loop.state.step, "metrics": final, "student": student,
-            "tokenizer": tokenizer, "backend": backend}
+    def _baseline(self) -> dict[str, float]:
+        """Held-out exact match before distilling (measured by a run's first part, read
+        back on resume)."""
+        cfg = self.cfg
+        if not (cfg.eval_generate and self.eval_batches):
+            return {}
+        if self.resume_from is not None:
+            return _logged_baseline(self.out / "metrics.jsonl")
+        baseline = _accuracy_baseline(self.backend, self.student, self.teacher.model, self.tokenizer, cfg,
+                                      self.teacher.tokenizer)
+        self.say("held-out exact match before distilling: " + ", ".join(f"{k} {v:.3f}" for k, v in baseline.items()))
+        if self.rank == 0:
+            self.metrics_log({"step": 0, "eval/accuracy": baseline["student"],
+                              **({"eval/teacher_accuracy": baseline["teacher"]} if "teacher" in baseline else {})})
+        return baseline
+
+    def _stop_with_checkpoint(self) -> None:
+        loop = self.loop
+        if self.saved_at != loop.state.step:
+            self.save(loop)
+        signum = self.stop.signum or signal.SIGTERM  # another rank may have received it
+        command = self.command
+        if command:
+            again = command if "--resume" in command.split() else f"{command} --resume"
+        else:
+            again = "hpd.distill(..., resume=True)"
+        where = ckpt.checkpoint_root(self.out) / f"step-{loop.state.step}"
+        raise Interrupted(f"{signal_name(signum)} at step {loop.state.step} of {self.total}: checkpoint written "
+                          f"to {where}; resume with: {again}", signum)
+
+    # ------------------------------------------------------------------ export
+    def export(self, final: dict) -> None:
+        """The last checkpoint, then the student at the top of the output folder with its card."""
+        cfg, backend, out = self.cfg, self.backend, self.out
+        self.save(self.loop)
+        started = time.perf_counter()
+        with self.manifest.recording() if self.rank == 0 else nullcontext():
+            if self.rank == 0 or backend.collective_checkpoint:
+                student_kind.export(backend, self.student, self.tokenizer, out, adapter_only=cfg.adapter_only,
+                                    quantized=cfg.export_quantized)
+            if self.rank == 0:
+                finalize(out, self.tokenizer, {
+                    **self.run_info, "steps": self.loop.state.step, "final_metrics": final,
+                    **student_kind.card_info(self.student, cfg.adapter_only, cfg.export_quantized)})
+                self.metrics_log.close()
+                _own_report_folders(self.manifest, out)
+        self.say(f"exported the student to {out} ({time.perf_counter() - started:.1f} s)")
+        backend.barrier()
 
 
 def choose_loss_path(mode: str, backend, **models) -> tuple[bool, str]:
@@ -318,20 +336,6 @@ def choose_loss_path(mode: str, backend, **models) -> tuple[bool, str]:
         return False, f"plain loss (the chunked path cannot serve {reasons})"
     heads = ", ".join(f"{name} head {backend.head_of(m).describe()}" for name, m in models.items() if m is not None)
     return True, f"chunked loss over supervised positions ({heads})"
-
-
-def _stop_with_checkpoint(loop: Loop, save, saved_at, stop: StopOnSignal, out: Path, total: int,
-                          command: str | None) -> None:
-    if saved_at != loop.state.step:
-        save(loop)
-    signum = stop.signum or signal.SIGTERM  # another rank may have received it
-    if command:
-        again = command if "--resume" in command.split() else f"{command} --resume"
-    else:
-        again = "hpd.distill(..., resume=True)"
-    where = ckpt.checkpoint_root(out) / f"step-{loop.state.step}"
-    raise Interrupted(f"{signal_name(signum)} at step {loop.state.step} of {total}: checkpoint written to "
-                      f"{where}; resume with: {again}", signum)
 
 
 def _logged_baseline(path: Path) -> dict[str, float]:
