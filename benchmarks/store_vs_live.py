@@ -36,12 +36,13 @@ ALL_METHODS = ["sft", "fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl",
 
 
 def make_store(backend, teacher, tok, data: str, out: Path, k: int, max_length: int, bits: int) -> Path:
-    from hpd.teachers.cache import cache_teacher
+    from hpd.teachers.cache import CacheOptions, cache_teacher
 
     if not (out / "index.json").exists() or not json.loads((out / "index.json").read_text()).get("complete"):
-        cache_teacher(backend, teacher, tok, data, out, teacher_name=DistillConfig.from_recipe("tiny").teacher,
-                      top_k=k, max_length=max_length, batch_size=64, logprob_bits=bits, overwrite=True,
-                      progress=False)
+        cache_teacher(backend, teacher, tok, data, out,
+                      CacheOptions(top_k=k, max_length=max_length, batch_size=64, logprob_bits=bits, overwrite=True,
+                                   progress=False),
+                      teacher_name=DistillConfig.from_recipe("tiny").teacher)
     return out
 
 

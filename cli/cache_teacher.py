@@ -62,6 +62,7 @@ def cache_teacher(backend, teacher, data, student, teacher_tokenizer, out, top_k
     from hpd.data.examples import DataError
     from hpd.backends import get_backend
     from hpd.models.loading import asset_path
+    from hpd.teachers.cache import CacheOptions
     from hpd.teachers.cache import cache_teacher as run
 
     if resume and overwrite:
@@ -72,12 +73,12 @@ def cache_teacher(backend, teacher, data, student, teacher_tokenizer, out, top_k
         tokenizer = be.load_tokenizer(teacher)
         student_tok = be.load_tokenizer(asset_path(student)) if student else None
         model = be.load_model(teacher, trainable=False, dtype=dtype, quantize=int(teacher_quantize))
-        index = run(be, model, tokenizer, data, out, teacher_name=teacher, top_k=top_k, max_length=max_length,
-                    student_tokenizer=student_tok, tokenizer_mode=teacher_tokenizer,
-                    batch_size=batch_size, temperature=temperature, logprob_bits=logprob_bits,
-                    examples_per_shard=examples_per_shard, chunk_size=chunk_size,
-                    teacher_quantize=int(teacher_quantize), resume=resume, overwrite=overwrite,
-                    progress=progress)
+        options = CacheOptions(top_k=top_k, max_length=max_length, batch_size=batch_size, temperature=temperature,
+                               logprob_bits=logprob_bits, examples_per_shard=examples_per_shard,
+                               chunk_size=chunk_size, teacher_quantize=int(teacher_quantize), resume=resume,
+                               overwrite=overwrite, progress=progress)
+        index = run(be, model, tokenizer, data, out, options, teacher_name=teacher, student_tokenizer=student_tok,
+                    tokenizer_mode=teacher_tokenizer)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         fail(str(e))
     size = sum(s["bytes"] for s in index["shards"])

@@ -86,12 +86,14 @@ def _load(backend_name, folder):
 
 
 def _write(assets, out, backend_name="torch", **kw):
-    from hpd.teachers.cache import cache_teacher
+    from hpd.teachers.cache import CacheOptions, cache_teacher
 
     be, model, tok = _load(backend_name, assets["teacher"])
+    after_shard = kw.pop("after_shard", None)
     settings = dict(top_k=16, max_length=64, batch_size=8, examples_per_shard=16, progress=False)
     settings.update(kw)
-    return cache_teacher(be, model, tok, str(assets["data"]), out, teacher_name=str(assets["teacher"]), **settings)
+    return cache_teacher(be, model, tok, str(assets["data"]), out, CacheOptions(**settings),
+                         teacher_name=str(assets["teacher"]), after_shard=after_shard)
 
 
 def _live_logprobs(assets, examples):
@@ -155,12 +157,13 @@ def test_large_vocabulary_store(assets, tmp_path):
 
     from hpd.data.batches import load_dataset
     from hpd.backends import get_backend
-    from hpd.teachers.cache import cache_teacher
+    from hpd.teachers.cache import CacheOptions, cache_teacher
 
     folder = build_model(tmp_path / "big", assets["tokenizer"], hidden=16, layers=1, vocab=70000, seed=5)
     be, model, tok = _load("torch", folder)
-    cache_teacher(be, model, tok, str(assets["data"]), tmp_path / "s", teacher_name=str(folder), top_k=32,
-                  max_length=64, batch_size=16, examples_per_shard=64, progress=False)
+    cache_teacher(be, model, tok, str(assets["data"]), tmp_path / "s",
+                  CacheOptions(top_k=32, max_length=64, batch_size=16, examples_per_shard=64, progress=False),
+                  teacher_name=str(folder))
     store = Store(tmp_path / "s")
     assert store.index["id_bytes"] == 3 and store.index["logprob_bits"] == 12
     assert store.index["bytes_per_position"] == 156

@@ -21,7 +21,7 @@ METHODS = ["sft", "fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl", "to
 
 def _store(assets, folder, backend="torch", **kw):
     from hpd.backends import get_backend
-    from hpd.teachers.cache import cache_teacher
+    from hpd.teachers.cache import CacheOptions, cache_teacher
 
     if not (folder / "index.json").exists():
         be = get_backend(backend)
@@ -30,7 +30,8 @@ def _store(assets, folder, backend="torch", **kw):
         settings = dict(top_k=be.vocab_size(teacher), max_length=64, batch_size=16, examples_per_shard=32,
                         logprob_bits=32, progress=False)
         settings.update(kw)
-        cache_teacher(be, teacher, tok, str(assets["data"]), folder, teacher_name=str(assets["teacher"]), **settings)
+        cache_teacher(be, teacher, tok, str(assets["data"]), folder, CacheOptions(**settings),
+                      teacher_name=str(assets["teacher"]))
     return Store(folder)
 
 

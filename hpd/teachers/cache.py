@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -173,71 +174,65 @@ def selected_dtype(o, source):
     return o.compute_dtype(x)
 
 
-def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, teacher_name: str,
-                  top_k: int = 32, max_length: int = 1024, batch_size: int = 8, temperature: float = 1.0,
-                  logprob_bits: int | str = "auto", examples_per_shard: int = 1024, chunk_size: int = 1024,
-                  teacher_quantize: int = 0, resume: bool = False, overwrite: bool = False,
-                  progress: bool = True, after_shard: Callable[[dict], None] | None = None,
-                  student_tokenizer=None, tokenizer_mode: str = "auto") -> dict:
-    """Write (or continue) the teacher store for `data` in `out`; returns the final index.
+@dataclass(frozen=True)
+class CacheOptions:
+    """How `cache_teacher` writes a store (the `hpd cache-teacher` flags of the same names)."""
 
-    `tokenizer` is the teacher's. With `student_tokenizer` the store is laid out on that
-    tokenizer's encoding of the data (the student's, which training must then use); when
-    it is another tokenizer (`tokenizer_mode` auto or cross), the teacher's rows are
-    paired with its targets and moved to its vocabulary (`hpd.teachers.cross`), and the
-    store records the teacher's tokenizer and the alignment's digest."""
-    if getattr(backend, "world_size", 1) > 1:  # every process would write the same shards
-        raise StoreError("hpd cache-teacher runs in one process; start it without torchrun or mlx.launch")
-    data_tok, cross, across = tokenizer if student_tokenizer is None else student_tokenizer, None, {}
-    if student_tokenizer is not None and choose_mode(tokenizer_mode, student_tokenizer, tokenizer)[0] == "cross":
-        cross = prepare([(data, {})], student_tokenizer, tokenizer, max_length)
-        across = {"teacher_tokenizer": "cross", "alignment_sha256": cross.digest(), "aligned_share": cross.share,
-                  "teacher_tokenizer_vocab_sha256": tokenizer_fingerprint(tokenizer)["tokenizer_vocab_sha256"]}
-    vocab = len(data_tok) if cross else backend.vocab_size(teacher)  # the ids the rows are over
-    if top_k > vocab:
-        raise StoreError(f"--top-k {top_k} is larger than the {'student' if cross else 'teacher'}'s vocabulary "
-                         f"({vocab} tokens)")
-    quantizer = Quantizer(default_bits(vocab) if logprob_bits == "auto" else int(logprob_bits))
-    dataset = load_dataset(data, data_tok, max_length)
-    provenance = {**data_provenance(data, data_tok, dataset, max_length), "temperature": float(temperature),
-                  "top_k": int(top_k), "teacher": teacher_name, "teacher_sha256": teacher_fingerprint(teacher_name),
-                  "teacher_quantize": int(teacher_quantize), "backend": backend.name, **across}
-    fresh = {"format": FORMAT, "version": VERSION, "provenance": provenance, "top_k": int(top_k),
-             "vocab": int(vocab), "id_bytes": id_bytes(vocab), "logprob_bits": quantizer.bits,
-             "logprob_span": quantizer.span if quantizer.bits < 32 else None, "logprob_error_bound": quantizer.bound,
-             "bytes_per_position": bytes_per_position(top_k, vocab, quantizer.bits),
-             "examples": len(dataset), "positions": 0, "shards": [], "complete": False}
-    index = open_store(Path(out), fresh, resume=resume, overwrite=overwrite)
-    start = covered(index)
-    chunked = backend.chunked_blocker(teacher) is None  # else the model's own logits, a batch at a time
-    pad = pad_id_of(data_tok)
-    shared: dict = {}  # the cross teacher's vocabulary map, built once
+    top_k: int = 32  # log-probs kept per position
+    max_length: int = 1024  # rows truncated as `hpd distill --max-length` will
+    batch_size: int = 8  # sequences per teacher pass
+    temperature: float = 1.0
+    logprob_bits: int | str = "auto"  # 8, 12, 16, 32, or auto (by the vocabulary's size)
+    examples_per_shard: int = 1024  # the unit a resume continues from
+    chunk_size: int = 1024  # positions projected through the teacher's head at a time
+    teacher_quantize: int = 0  # recorded in the provenance (the model is loaded quantized)
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+
+def new_index(data: str, data_tok, dataset: Dataset, options: CacheOptions, *, vocab: int, teacher_name: str,
+              backend_name: str, quantizer: Quantizer, extra: dict | None = None) -> dict:
+    """A fresh store's index: what it was written from (its provenance) and its layout."""
+    top_k = int(options.top_k)
+    provenance = {**data_provenance(data, data_tok, dataset, options.max_length),
+                  "temperature": float(options.temperature), "top_k": top_k, "teacher": teacher_name,
+                  "teacher_sha256": teacher_fingerprint(teacher_name),
+                  "teacher_quantize": int(options.teacher_quantize), "backend": backend_name, **(extra or {})}
+    return {"format": FORMAT, "version": VERSION, "provenance": provenance, "top_k": top_k,
+            "vocab": int(vocab), "id_bytes": id_bytes(vocab), "logprob_bits": quantizer.bits,
+            "logprob_span": quantizer.span if quantizer.bits < 32 else None, "logprob_error_bound": quantizer.bound,
+            "bytes_per_position": bytes_per_position(top_k, vocab, quantizer.bits),
+            "examples": len(dataset), "positions": 0, "shards": [], "complete": False}
+
+
+def quantizer_for(options: CacheOptions, vocab: int) -> Quantizer:
+    return Quantizer(default_bits(vocab) if options.logprob_bits == "auto" else int(options.logprob_bits))
+
+
+def write_store(out: Path, dataset: Dataset, index: dict, quantizer: Quantizer, options: CacheOptions,
+                teacher_pass: Callable[[dict], dict[str, np.ndarray]], pad_id: int,
+                after_shard: Callable[[dict], None] | None = None) -> dict:
+    """Run `teacher_pass` (a collated batch -> its rows at every target position, row-major:
+    ids, logprobs, data_logprob, rest_mass) over the examples the store does not hold yet,
+    writing a shard every `examples_per_shard` examples; returns the final index."""
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(dataset), initial=start, desc="cache-teacher", unit="example", disable=not progress)
+    start = covered(index)
+    bar = tqdm(total=len(dataset), initial=start, desc="cache-teacher", unit="example", disable=not options.progress)
     rows: list[dict] = []
     shard_start, a = start, start
-    to_array = lambda x: backend.to_arrays({"x": np.asarray(x, dtype=np.int64)})["x"]  # noqa: E731
     while a < len(dataset):
-        b = min(a + batch_size, len(dataset), shard_start + examples_per_shard)  # a shard ends a batch
-        batch = collate(dataset.examples[a:b], pad)
-        if cross is not None:
-            targets = backend.to_arrays({"t": batch["targets"]})["t"]
-            source = batch_teacher(backend, teacher, cross, batch, targets, vocab=vocab, hidden=chunked, cache=shared)
-            o = ops_for(targets)
-        else:
-            found = backend.forward(teacher, backend.to_arrays(batch), hidden=chunked)
-            source = teacher_source_of(found)
-            o = ops_for(found.hidden if found.hidden is not None else found.logits)
-        got = teacher_rows(o, source, batch["targets"], vocab=vocab, top_k=top_k, temperature=temperature,
-                           chunk=chunk_size, to_array=to_array)
+        b = min(a + options.batch_size, len(dataset), shard_start + options.examples_per_shard)  # a shard ends a batch
+        batch = collate(dataset.examples[a:b], pad_id)
+        got = teacher_pass(batch)
         counts = (batch["targets"] != IGNORE_INDEX).sum(axis=1)
         for end, count in zip(np.cumsum(counts), counts):
             rows.append({name: x[end - count:end] for name, x in got.items()})
         bar.update(b - a)
         a = b
-        if len(rows) >= examples_per_shard or b == len(dataset):
-            index = write_shard(Path(out), index, shard_start, rows, quantizer)
+        if len(rows) >= options.examples_per_shard or b == len(dataset):
+            index = write_shard(out, index, shard_start, rows, quantizer)
             shard_start, rows = b, []
             bar.set_postfix(shards=len(index["shards"]), positions=index["positions"], refresh=False)
             if after_shard is not None:
@@ -246,5 +241,59 @@ def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, *, te
     return index
 
 
-__all__ = ["cache_teacher", "teacher_rows", "data_provenance", "tokenizer_fingerprint", "tokens_sha256",
+def cache_teacher(backend, teacher, tokenizer, data: str, out: str | Path, options: CacheOptions = CacheOptions(),
+                  *, teacher_name: str, student_tokenizer=None, tokenizer_mode: str = "auto",
+                  after_shard: Callable[[dict], None] | None = None) -> dict:
+    """Write (or continue) the teacher store for `data` in `out`; returns the final index.
+
+    `tokenizer` is the teacher's. With `student_tokenizer` the store is laid out on that
+    tokenizer's encoding of the data (the student's, which training must then use); when
+    it is another tokenizer (`tokenizer_mode` auto or cross), the teacher's rows are
+    paired with its targets and moved to its vocabulary (`hpd.teachers.cross`), and the
+    store records the teacher's tokenizer and the alignment's digest."""
+    if backend.world_size > 1:  # every process would write the same shards
+        raise StoreError("hpd cache-teacher runs in one process; start it without torchrun or mlx.launch")
+    data_tok, cross, across = tokenizer if student_tokenizer is None else student_tokenizer, None, {}
+    if student_tokenizer is not None and choose_mode(tokenizer_mode, student_tokenizer, tokenizer)[0] == "cross":
+        cross = prepare([(data, {})], student_tokenizer, tokenizer, options.max_length)
+        across = {"teacher_tokenizer": "cross", "alignment_sha256": cross.digest(), "aligned_share": cross.share,
+                  "teacher_tokenizer_vocab_sha256": tokenizer_fingerprint(tokenizer)["tokenizer_vocab_sha256"]}
+    vocab = len(data_tok) if cross else backend.vocab_size(teacher)  # the ids the rows are over
+    if options.top_k > vocab:
+        raise StoreError(f"--top-k {options.top_k} is larger than the {'student' if cross else 'teacher'}'s "
+                         f"vocabulary ({vocab} tokens)")
+    quantizer = quantizer_for(options, vocab)
+    dataset = load_dataset(data, data_tok, options.max_length)
+    fresh = new_index(data, data_tok, dataset, options, vocab=vocab, teacher_name=teacher_name,
+                      backend_name=backend.name, quantizer=quantizer, extra=across)
+    index = open_store(Path(out), fresh, resume=options.resume, overwrite=options.overwrite)
+    teacher_pass = _model_pass(backend, teacher, cross, vocab, options)
+    return write_store(Path(out), dataset, index, quantizer, options, teacher_pass, pad_id_of(data_tok), after_shard)
+
+
+def _model_pass(backend, teacher, cross, vocab: int, options: CacheOptions) -> Callable[[dict], dict]:
+    """A collated batch -> the teacher model's rows at its target positions (its own
+    tokens of the batch, aligned back, for a teacher of another tokenizer)."""
+    chunked = backend.chunked_blocker(teacher) is None  # else the model's own logits, a batch at a time
+    shared: dict = {}  # the cross teacher's vocabulary map, built once
+
+    def to_array(x):
+        return backend.to_arrays({"x": np.asarray(x, dtype=np.int64)})["x"]
+
+    def teacher_pass(batch: dict) -> dict:
+        if cross is not None:
+            targets = backend.to_arrays({"t": batch["targets"]})["t"]
+            source = batch_teacher(backend, teacher, cross, batch, targets, vocab=vocab, hidden=chunked, cache=shared)
+            o = ops_for(targets)
+        else:
+            found = backend.forward(teacher, backend.to_arrays(batch), hidden=chunked)
+            source = teacher_source_of(found)
+            o = ops_for(found.hidden if found.hidden is not None else found.logits)
+        return teacher_rows(o, source, batch["targets"], vocab=vocab, top_k=options.top_k,
+                            temperature=options.temperature, chunk=options.chunk_size, to_array=to_array)
+
+    return teacher_pass
+
+
+__all__ = ["CacheOptions", "cache_teacher", "new_index", "quantizer_for", "write_store", "teacher_rows", "data_provenance", "tokenizer_fingerprint", "tokens_sha256",
            "teacher_fingerprint", "first_difference", "open_store", "RESUME_FIELDS"]
