@@ -145,3 +145,34 @@ def test_log_every_over_a_real_pipe(assets, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert len(re.findall(r"^step \d/3  loss", done.stderr, re.M)) == 3
     assert "\r" not in done.stderr
+
+
+@pytest.mark.parametrize("form", ["old", "new"])
+def test_skipped_steps_are_read_in_both_forms(tmp_path, form):
+    """metrics.jsonl wrote a skipped step's values as the strings "nan" (skipped: 1); it now
+    writes numbers or null (skipped: true). The plot and the reporters read both, and draw or
+    send nothing of a step that was not taken."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    from hpd.report.plot import plot_runs
+    from hpd.report.reporters import numbers
+
+    skipped = ({"step": 3, "skipped": 1, "loss": "nan", "grad_norm": "inf", "skipped_steps": 1} if form == "old"
+               else {"step": 3, "skipped": True, "loss": 2.5, "grad_norm": None, "skipped_steps": 1})
+    rows = [{"step": 1, "loss": 1.0, "kl": 0.5}, {"step": 2, "loss": 0.8, "kl": 0.4}, skipped,
+            {"step": 3, "loss": 0.7, "kl": 0.3}]
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert numbers(skipped) == {"skipped_steps": 1.0}
+    assert numbers(rows[1]) == {"loss": 0.8, "kl": 0.4}
+    captured, real = {}, plt.close
+    plt.close = lambda fig: captured.setdefault("fig", fig) and real(fig)
+    try:
+        plot_runs([run], tmp_path / "c.png")
+    finally:
+        plt.close = real
+    by_title = {ax.get_title(): ax for ax in captured["fig"].axes}
+    xs, ys = by_title["training loss"].get_lines()[0].get_data()
+    assert list(xs) == [1, 2, 3] and list(ys) == [1.0, 0.8, 0.7]

@@ -15,15 +15,9 @@ PANELS = (("loss", "training loss"), ("kl", "KL(teacher || student), training ba
 STYLES = ("-", "--", "-.", ":")  # lines that coincide stay visible
 
 
-def read_run(run_dir: str | Path) -> tuple[str, list[dict]]:
-    """(label, records) of a run folder; the label is the method, with the folder's name
-    when that name says something else."""
-    label, records, _ = _read(run_dir)
-    return label, records
-
-
 def _read(run_dir):
-    """(label, records, method) of a run folder."""
+    """(label, records, method) of a run folder; the label is the method, with the folder's
+    name when that name says something else."""
     run_dir = Path(run_dir)
     path = run_dir / "metrics.jsonl"
     if not path.exists():
@@ -63,7 +57,10 @@ def plot_runs(run_dirs, out: str | Path, *, labels: list[str] | None = None,
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
     for ax, (key, title) in zip(axes[0], panels):
         for i, (label, recs) in enumerate(runs):
-            points = [(r["step"], r[key]) for r in recs if key in r and isinstance(r[key], (int, float))]
+            # a skipped step (skipped: true, its values null, or the strings "nan" of older
+            # runs) was not taken: no point
+            points = [(r["step"], r[key]) for r in recs
+                      if not r.get("skipped") and isinstance(r.get(key), (int, float))]
             if points:
                 xs, ys = zip(*points)
                 ax.plot(xs, ys, label=label, linestyle=STYLES[i % len(STYLES)],

@@ -17,7 +17,10 @@ REPORTERS = ("none", "tensorboard", "wandb")
 
 
 def numbers(record: dict) -> dict[str, float]:
-    """The record's numeric values (strings such as a skipped step's 'nan' stay in the JSON only)."""
+    """The record's numeric values: a skipped step's null (or, in older runs, its string
+    "nan") stays in the JSON only, as do flags such as `skipped: true`."""
+    if record.get("skipped"):  # not a step taken: only the running count of skipped ones
+        record = {"skipped_steps": record.get("skipped_steps", 0)}
     return {k: float(v) for k, v in record.items()
             if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
 
