@@ -1,7 +1,9 @@
 """The package map of docs/architecture.md, held by the imports themselves.
 
 Every import in hpd/ and backends/ is read with `ast`, at module level and inside
-functions alike (a lazy import is still a dependency). Two rules:
+functions alike (a lazy import is still a dependency), and so are dynamic imports:
+`importlib.import_module` and `__import__` with a constant name, or an f-string whose
+constant start names a package (f"hpd.backends.{name}" imports from hpd.backends). Two rules:
 - no import circle between modules of hpd/;
 - a package imports only the packages below it (LAYERS): the objectives import nothing
   else of hpd, the data imports no models, nothing below training imports training.
@@ -58,6 +60,8 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            elif isinstance(node, ast.Call) and (name := dynamic_import(node)) is not None:
+                names = [name]
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
@@ -69,6 +73,22 @@ def imports(mods: dict[str, Path]) -> dict[str, set[str]]:
             edges |= {t for t in map(known, names) if t and t != mod}
         graph[mod] = edges
     return graph
+
+
+def dynamic_import(call: ast.Call) -> str | None:
+    """The module an `importlib.import_module(...)` or `__import__(...)` call names: its
+    constant argument, or an f-string's constant start up to its last dot; else None."""
+    func = call.func
+    name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    if name not in ("import_module", "__import__") or not call.args:
+        return None
+    arg = call.args[0]
+    if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+        return arg.value
+    if isinstance(arg, ast.JoinedStr) and arg.values and isinstance(arg.values[0], ast.Constant):
+        start = str(arg.values[0].value)
+        return start.rpartition(".")[0] or None
+    return None
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -154,8 +174,39 @@ def test_the_checks_catch_a_circle_and_an_upward_import(tmp_path):
     (pkg / "train" / "loop.py").write_text("from hpd.objectives import rules\nfrom . import plan\n")
     (pkg / "train" / "plan.py").write_text("import hpd.train.loop\n")
     (pkg / "data" / "rows.py").write_text("from hpd.objectives.rules import f\n")
+    # dynamic imports: a constant name, and an f-string that picks a module of a package
+    (pkg / "objectives" / "chunks.py").write_text(
+        "import importlib\n"
+        "def wrapper(name):\n    return importlib.import_module(f'hpd.train.{name}')\n")
+    (pkg / "data" / "late.py").write_text("def f():\n    return __import__('hpd.objectives.rules')\n")
     graph = imports(modules(tmp_path, {"hpd": "hpd"}))
     assert graph["hpd.train.loop"] == {"hpd.objectives.rules", "hpd.train.plan"}
+    assert graph["hpd.objectives.chunks"] == {"hpd.train"}
     assert sorted(map(tuple, circles(graph))) == [("hpd.objectives.rules", "hpd.train.loop", "hpd.train.plan")]
-    assert layer_violations(graph) == ["hpd.data.rows imports hpd.objectives.rules",
+    assert layer_violations(graph) == ["hpd.data.late imports hpd.objectives.rules",
+                                       "hpd.data.rows imports hpd.objectives.rules",
+                                       "hpd.objectives.chunks imports hpd.train",
                                        "hpd.objectives.rules imports hpd.train.loop"]
+
+
+LONGEST_FUNCTION = 80  # lines, in hpd/ and backends/: a longer one is split into named steps
+
+
+def long_functions(root: Path, folders=("hpd", "backends")) -> list[str]:
+    found = []
+    for folder in folders:
+        for path in sorted((root / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    length = node.end_lineno - node.lineno + 1
+                    if length > LONGEST_FUNCTION:
+                        found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({length} lines)")
+    return found
+
+
+def test_no_function_is_longer_than_80_lines(tmp_path):
+    assert long_functions(ROOT) == []
+    (tmp_path / "hpd").mkdir()
+    body = "".join(f"    x{i} = {i}\n" for i in range(LONGEST_FUNCTION))
+    (tmp_path / "hpd" / "long.py").write_text(f"def short():\n    pass\n\n\ndef long():\n{body}")
+    assert long_functions(tmp_path) == [f"hpd{__import__('os').sep}long.py:5 long (81 lines)"]
