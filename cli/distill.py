@@ -24,6 +24,9 @@ def _options(func):
             decl = f"{flag}/--no-{f.name.replace('_', '-')}"
             func = click.option(decl, f.name, default=None, help=help_text)(func)
             continue
+        if str(f.metadata.get("cli")).startswith("named:"):  # one VALUE, or NAME=VALUE pairs (repeatable)
+            func = click.option(flag, f.name, multiple=True, help=help_text, metavar="[NAME=]VALUE")(func)
+            continue
         if f.metadata.get("cli") == "multiple":  # repeatable; a list, or NAME=VALUE pairs for a dict
             metavar = "NAME=COLUMN" if f.type == "dict" else "NAME"
             func = click.option(flag, f.name, multiple=True, help=help_text, metavar=metavar)(func)
@@ -32,6 +35,26 @@ def _options(func):
         kind = click.Choice([str(c) for c in choices]) if choices else _TYPES[f.type]
         func = click.option(flag, f.name, type=kind, default=None, help=help_text)(func)
     return func
+
+
+def _named(field: str, target: str, values) -> dict:
+    """--teacher SOURCE, or --teacher NAME=SOURCE repeated: {field: SOURCE} or {target: {NAME: SOURCE}}."""
+    from hpd.train.config import TEACHER_NAME
+
+    flag = "--" + field.replace("_", "-")
+    named, plain = {}, []
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if sep and TEACHER_NAME.match(name) and rest:
+            if name in named:
+                raise click.BadParameter(f"{name!r} is named twice", param_hint=flag)
+            named[name] = rest
+        else:
+            plain.append(value)
+    if plain and (named or len(plain) > 1):
+        raise click.BadParameter(f"{', '.join(map(repr, plain))}: with several values, name each as NAME=VALUE",
+                                 param_hint=flag)
+    return {target: named} if named else {field: plain[0]}
 
 
 @click.command(context_settings={"max_content_width": 100},
@@ -66,6 +89,10 @@ def distill(recipe, params, **flags):
     """
     overrides = {k: (int(v) if k in ("teacher_quantize", "student_quantize") else v) for k, v in flags.items()
                  if v is not None and v != ()}
+    for f in dataclasses.fields(DistillConfig):
+        target = str(f.metadata.get("cli"))
+        if target.startswith("named:") and f.name in overrides:
+            overrides.update(_named(f.name, target.split(":", 1)[1], overrides.pop(f.name)))
     if params:
         method_params = {}
         for item in params:

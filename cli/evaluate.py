@@ -22,7 +22,13 @@ import click
 @click.option("--recipe", default=None, metavar="NAME|FILE",
               help="take --metric, --extractor, --data (its eval_data) and --temperature from a training "
                    "recipe (a shipped name such as paper-math, or a YAML file); flags you give win")
-@click.option("--teacher", default=None, help="teacher folder: also report token-level KL(teacher || model)")
+@click.option("--teacher", "teachers", multiple=True, metavar="[NAME=]MODEL",
+              help="teacher folder: also report token-level KL(teacher || model); several as NAME=MODEL "
+                   "(repeatable): each held-out row's KL to the teacher its --teacher-column names, reported "
+                   "per teacher")
+@click.option("--teacher-column", default="teacher", show_default=True,
+              help="with named teachers: the row field naming the row's teacher")
+@click.option("--default-teacher", default="", help="with named teachers: the teacher of a row that names none")
 @click.option("--data", default=None, type=str,
               help="held-out data with reference answers: prompt/completion, messages, ShareGPT or Alpaca "
                    "rows, in JSONL, JSON, Parquet, a datasets folder or a hub dataset id")
@@ -69,7 +75,7 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
 @click.pass_context
-def evaluate(ctx, backend, model, recipe, teacher, data, data_split, data_columns, samples, metric, extractor,
+def evaluate(ctx, backend, model, recipe, teachers, teacher_column, default_teacher, data, data_split, data_columns, samples, metric, extractor,
              code_timeout, code_memory, max_new_tokens, temperature, limit, batch_size, lm_eval_tasks,
              lm_eval_include, num_fewshot, seed, dtype, device, as_json, progress):
     """Scores of MODEL's generations on DATA (exact match, ROUGE-L or code pass@1), its
@@ -88,6 +94,7 @@ def evaluate(ctx, backend, model, recipe, teacher, data, data_split, data_column
     if lm_eval_include and not lm_eval_tasks:
         raise click.UsageError("--lm-eval-include needs --lm-eval TASKS")
     model = asset_path(model)
+    teacher = _teachers(teachers, teacher_column, default_teacher)
     result = {"model": model}
     if data:
         result.update(_held_out(backend, model, teacher, asset_path(data), data_split, list(data_columns),
@@ -108,6 +115,32 @@ def evaluate(ctx, backend, model, recipe, teacher, data, data_split, data_column
     width = max(len(k) for k in result)
     for k, v in result.items():
         click.echo(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}")
+
+
+def _teachers(values, column: str, default: str):
+    """None, one teacher's folder, or ({name: folder}, Route) for named ones."""
+    from hpd.data.routing import Route
+    from hpd.models.loading import asset_path
+    from hpd.train.config import TEACHER_NAME
+
+    if not values:
+        if default:
+            raise click.UsageError("--default-teacher names one of the named teachers (--teacher NAME=MODEL)")
+        return None
+    named = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if sep and TEACHER_NAME.match(name) and path:
+            named[name] = asset_path(path)
+        elif len(values) == 1:
+            return asset_path(value)
+        else:
+            raise click.BadParameter(f"{value!r}: with several teachers, name each as NAME=MODEL",
+                                     param_hint="--teacher")
+    if default and default not in named:
+        raise click.BadParameter(f"{default!r} is not a named teacher ({', '.join(sorted(named))})",
+                                 param_hint="--default-teacher")
+    return named, Route(column, tuple(sorted(named)), default)
 
 
 def _from_recipe(recipe: str, given: set[str], **values) -> tuple:
@@ -156,23 +189,26 @@ def _held_out(backend, model, teacher, data, split, columns, samples, metric, ex
 
         fail(str(e))
     be.seed(seed)
+    named, route = teacher if isinstance(teacher, tuple) else ({}, None)
+    paths = named or ({"": teacher} if teacher else {})
     try:
         tok = be.load_tokenizer(model)
-        if teacher:  # the KL compares the two models id by id: one tokenizer, or nothing meaningful
+        for name, path in paths.items():  # the KL compares the models id by id: one tokenizer
             try:
-                check_tokenizers(be.load_tokenizer(teacher), tok)
+                check_tokenizers(be.load_tokenizer(path), tok)
             except ValueError as e:
-                raise ValueError(f"--teacher: {e}; kl_to_teacher compares the models token by token, so "
-                                 "it needs the model's tokenizer") from None
+                raise ValueError(f"--teacher {name + '=' if name else ''}{path}: {e}; kl_to_teacher compares the "
+                                 "models token by token, so it needs the model's tokenizer") from None
         net = be.load_model(model, trainable=False, dtype=dtype)
-        ref = be.load_model(teacher, trainable=False, dtype=dtype) if teacher else None
+        refs = {name: be.load_model(path, trainable=False, dtype=dtype) for name, path in paths.items()}
+        ref = refs.get("")
         result = {"data": data}
         result.update(accuracy(be, net, tok, data, extractor=extractor, samples=samples, limit=limit or None,
                                max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size,
                                progress=progress, split=split, columns=columns, metric=metric,
                                code_timeout=code_timeout, code_memory_mb=code_memory))
         result.update(likelihood(be, net, tok, data, teacher=ref, batch_size=batch_size, limit=limit or None,
-                                 split=split, columns=columns))
+                                 split=split, columns=columns, teachers=refs if named else None, route=route))
     except (ValueError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
     return result

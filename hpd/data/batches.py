@@ -10,23 +10,28 @@ import numpy as np
 
 from hpd.data.examples import IGNORE_INDEX, DataError, Dataset, Example, encode_row
 from hpd.data.packing import collate_packed
+from hpd.data.routing import Route, row_routes
 from hpd.data.sources import read_rows
 
 
 def load_dataset(path: str | Path, tokenizer, max_length: int, *, split: str = "", columns=None,
-                 default_splits: tuple[str, ...] = ("train",)) -> Dataset:
+                 default_splits: tuple[str, ...] = ("train",), route: Route | None = None) -> Dataset:
     """Every row encoded and truncated to max_length; raises DataError on any bad row.
-    The file kinds and row shapes read are those of hpd.data.sources and hpd.data.formats."""
+    The file kinds and row shapes read are those of hpd.data.sources and hpd.data.formats;
+    with `route`, each row also names its teacher (hpd.data.routing)."""
     examples, truncated = [], 0
     rows = read_rows(path, split=split, columns=columns, default_splits=default_splits)
     for where, row in rows:
         try:
             ex = encode_row(row, tokenizer)
+            if route is not None:
+                ex.route = route.of(row)
         except ValueError as e:  # DataError included
             raise DataError(f"{where}: {e}") from None
         if len(ex.input_ids) > max_length:
             truncated += 1
-            ex = Example(ex.input_ids[:max_length], ex.loss_mask[:max_length], min(ex.prompt_len, max_length))
+            ex = Example(ex.input_ids[:max_length], ex.loss_mask[:max_length], min(ex.prompt_len, max_length),
+                         ex.route)
         if any(ex.loss_mask[1:]):
             examples.append(ex)
     if not examples:
@@ -49,7 +54,11 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, np.ndarray]:
         ids, mask = np.asarray(e.input_ids), np.asarray(e.loss_mask, dtype=bool)
         targets[i, : n - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
         prompt_lens[i] = e.prompt_len
-    return {"input_ids": input_ids, "attention_mask": attention, "targets": targets, "prompt_lens": prompt_lens}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "targets": targets, "prompt_lens": prompt_lens}
+    routes = row_routes(examples)
+    if routes is not None:  # each position's teacher
+        batch["route"] = np.repeat(routes[:, None], length, axis=1)
+    return batch
 
 
 class Batches:

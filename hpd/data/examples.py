@@ -26,6 +26,7 @@ class Example:
     input_ids: list[int]
     loss_mask: list[bool]  # loss_mask[i]: token i is a target (predicted from tokens < i)
     prompt_len: int  # tokens before the first target (the prompt, for rollouts)
+    route: int = -1  # the teacher that scores the row, among the run's named ones (hpd.data.routing)
 
 
 @dataclass

@@ -59,10 +59,13 @@ def normalize(row: dict, columns: dict[str, str] | None = None) -> dict:
                 row[name] = row.pop(column)
     if "messages" in row:
         return row
+    # the row's other fields (a teacher column, say) stay with it, as in hpd's own shapes
     if "conversations" in row:
-        return {"messages": sharegpt_messages(row["conversations"], row.get("system"))}
+        rest = {k: v for k, v in row.items() if k not in ("conversations", "system")}
+        return {**rest, "messages": sharegpt_messages(row["conversations"], row.get("system"))}
     if "instruction" in row:
-        return {"messages": alpaca_messages(row)}
+        rest = {k: v for k, v in row.items() if k not in ("instruction", "input", "output", "system")}
+        return {**rest, "messages": alpaca_messages(row)}
     if "prompt" in row or "completion" in row or "text" in row:
         return row
     hint = "; map other column names with --data-columns NAME=COLUMN" if not columns else ""

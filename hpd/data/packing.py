@@ -20,6 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from hpd.data.examples import IGNORE_INDEX, Example
+from hpd.data.routing import row_routes
 
 
 def pack_bins(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -58,6 +59,8 @@ def collate_packed(examples: list[Example], pad_id: int, rows=None, capacity: in
     token_rows = np.full(shape, -1, dtype=np.int64)
     # padding gets positions of its own (0, 1, ...): a segment that no real token attends to
     position_ids = np.zeros(shape, dtype=np.int64)
+    routed = row_routes(examples) is not None
+    route = np.full(shape, -1, dtype=np.int64)  # each position's teacher (hpd.data.routing)
     for line, members in enumerate(bins):
         at = 0
         for i in members:
@@ -66,13 +69,17 @@ def collate_packed(examples: list[Example], pad_id: int, rows=None, capacity: in
             input_ids[line, at:at + n] = ids
             targets[line, at:at + n - 1] = np.where(mask[1:], ids[1:], IGNORE_INDEX)
             token_rows[line, at:at + n] = rows[i]
+            route[line, at:at + n] = e.route
             position_ids[line, at:at + n] = np.arange(n)
             at += n
         position_ids[line, at:] = np.arange(width - at)
-    return {"input_ids": input_ids, "attention_mask": np.ones(shape, dtype=np.int64), "targets": targets,
-            "position_ids": position_ids, "token_rows": token_rows,
-            "rows": np.asarray(rows, dtype=np.int64),
-            "prompt_lens": np.asarray([e.prompt_len for e in examples], dtype=np.int64)}
+    batch = {"input_ids": input_ids, "attention_mask": np.ones(shape, dtype=np.int64), "targets": targets,
+             "position_ids": position_ids, "token_rows": token_rows,
+             "rows": np.asarray(rows, dtype=np.int64),
+             "prompt_lens": np.asarray([e.prompt_len for e in examples], dtype=np.int64)}
+    if routed:
+        batch["route"] = route
+    return batch
 
 
 def segments(position_ids: np.ndarray) -> np.ndarray:

@@ -179,10 +179,17 @@ class Setting:
     half_logits: bool = False
 
 
-def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
-    """[(part, bytes)] for one training step's peak; the last entry is the total."""
+def plan(teacher: Shape | dict[str, Shape], student: Shape, s: Setting, *, offload: bool = False
+         ) -> list[tuple[str, int]]:
+    """[(part, bytes)] for one training step's peak; the last entry is the total.
+
+    `teacher`: its shape, or {name: shape} for named teachers (each scores its own rows:
+    a batch's teacher outputs are at most the widest teacher's over every token); with
+    `offload`, only one teacher's weights are in memory at a time."""
+    teachers = teacher if isinstance(teacher, dict) else {"": teacher}
+    teacher = max(teachers.values(), key=lambda t: (t.hidden, t.vocab))  # the widest outputs
     tokens = s.batch * s.length
-    vocab = min(teacher.vocab, student.vocab)
+    vocab = min(student.vocab, *(t.vocab for t in teachers.values()))
     trainable = student.lora_params(s.lora_rank, s.lora_targets) if s.lora_rank else student.params()
     act_dtype = s.student_dtype
     block = block_activations(student, tokens, act_dtype, s.lora_rank, s.lora_targets, s.backend)
@@ -200,10 +207,8 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
         activations = (student.layers + 1) * block
     activations += 2 * tokens * student.hidden * act_dtype  # embedding output, final norm
     activations += attention_scores(student, s.batch, s.length)
-    parts = [
-        ("teacher weights", weight_bytes(teacher, s.teacher_dtype, s.teacher_bits, s.backend)),
-        ("student weights", weight_bytes(student, s.student_dtype, s.student_bits, s.backend)),
-    ]
+    parts = teacher_weights(teachers, s, offload)
+    parts.append(("student weights", weight_bytes(student, s.student_dtype, s.student_bits, s.backend)))
     if s.lora_rank:
         parts.append(("LoRA adapters (float32)", 4 * trainable))
     parts += [("gradients (float32)", 4 * trainable), ("optimizer state (AdamW, float32)", 8 * trainable),
@@ -223,6 +228,16 @@ def plan(teacher: Shape, student: Shape, s: Setting) -> list[tuple[str, int]]:
         total -= min(activations, loss)
     parts.append(("total", total))
     return parts
+
+
+def teacher_weights(teachers: dict[str, Shape], s: Setting, offload: bool) -> list[tuple[str, int]]:
+    sizes = {name: weight_bytes(t, s.teacher_dtype, s.teacher_bits, s.backend) for name, t in teachers.items()}
+    if list(sizes) == [""]:
+        return [("teacher weights", sizes[""])]
+    if offload:
+        largest = max(sizes, key=sizes.get)
+        return [(f"teacher weights (offload: {largest})", sizes[largest])]
+    return [(f"teacher {name} weights", size) for name, size in sizes.items()]
 
 
 def two_pass(s: Setting) -> bool:
@@ -338,13 +353,13 @@ def gib(n: int) -> str:
     return f"{n / 2**30:8.2f} GiB" if n >= 2**30 else f"{n / 2**20:8.1f} MiB"
 
 
-def format_plan(teacher: Shape, student: Shape, s: Setting) -> str:
+def format_plan(teacher: Shape | dict[str, Shape], student: Shape, s: Setting, *, offload: bool = False) -> str:
     trainable, total = trainable_count(student, s)
     lines = [f"memory plan ({s.backend}, batch {s.batch} x {s.length} tokens, "
              f"{'chunked' if s.chunked else 'plain'} loss"
              f"{', gradient checkpointing' if s.gradient_checkpointing else ''}):",
              f"  trainable parameters: {trainable:,} of {total:,} ({100 * trainable / max(total, 1):.3f}%)"]
-    lines += [f"  {name:<36} {gib(b)}" for name, b in plan(teacher, student, s)]
+    lines += [f"  {name:<36} {gib(b)}" for name, b in plan(teacher, student, s, offload=offload)]
     if two_pass(s):
         lines.append("  (two-pass checkpointed step: the loss's buffers are freed before the backward, "
                      "so the total counts the larger of the two)")
@@ -355,11 +370,17 @@ def dry_run(cfg) -> str:
     """`hpd distill --dry-run`: the plan for the run's backend (and the other one, where it
     can run the same configuration), from the two config.json files; nothing is loaded or
     written."""
-    teacher, student = Shape.from_folder(cfg.teacher), Shape.from_folder(cfg.student)
+    if cfg.teacher_names():  # every named teacher with a model in memory (a store's rows are small)
+        teacher = {name: Shape.from_folder(path) for name, path in sorted(cfg.teachers.items())}
+        if not teacher:
+            raise ValueError("--dry-run plans the teachers' models; these named teachers are stores only")
+    else:
+        teacher = Shape.from_folder(cfg.teacher)
+    student = Shape.from_folder(cfg.student)
     backends = [cfg.backend] + [b for b in ("mlx", "torch") if b != cfg.backend]
     out = []
     for backend in backends:
         if backend == "torch" and cfg.teacher_quantize:
             continue  # the torch backend quantizes no teacher
-        out.append(format_plan(teacher, student, setting_of(cfg, backend)))
+        out.append(format_plan(teacher, student, setting_of(cfg, backend), offload=cfg.teacher_offload))
     return "\n\n".join(out)

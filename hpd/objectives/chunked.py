@@ -97,6 +97,7 @@ def chunked_loss(
     chunk_size: int | str = "auto",
     chunk_budget_mb: float = DEFAULT_CHUNK_BUDGET_MB,
     chunk_fn=None,
+    groups=None,
     **params: Any,
 ):
     """`hpd.loss` of `method`, computed a chunk of supervised positions at a time.
@@ -127,7 +128,8 @@ def chunked_loss(
     _check_frameworks(o, teacher, head, targets)
     vocab = _check_shapes(student_hidden, head, targets, teacher.vocab)
     sup = supervised(method, o, targets, vocab, like=student_hidden, sampled=sampled, uniforms=uniforms,
-                     ignore_index=ignore_index, num_tokens=num_tokens, temperature=temperature, params=params)
+                     ignore_index=ignore_index, num_tokens=num_tokens, temperature=temperature, params=params,
+                     groups=groups)
     plan = ChunkPlan(
         supervised=sup,
         # a source whose rows pass through a wider vocabulary of its own (a teacher of another
@@ -175,7 +177,7 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
         head, weight = _head_for_chunks(o, plan.student_head, head_weight, sup.vocab, dtype)
         want_head = want_head and not head.quantized and head_weight is not None
         total = o.zeros((), dtype, hidden)
-        tally = MetricTally(o, sup.method, dtype, hidden)
+        tally = MetricTally(o, sup.method, dtype, hidden, sup.group_count)
         grad_hidden = []
         grad_head = o.zeros((sup.vocab, width), dtype, hidden) if want_head else None
         chunk = plan.chunk_fn or chunk_terms
@@ -191,7 +193,8 @@ def forward_and_grads(o, plan: ChunkPlan, hidden, head_weight, *, want_hidden=Tr
                 sup.vocab, want_hidden, want_head, sorted_lp=sorted_lp)
             del sorted_lp
             total = total + o.sum(value)
-            tally.add(Weights(value=value, diagnostics=diagnostics, domains=domains), log_q_y, None, kl)
+            tally.add(Weights(value=value, diagnostics=diagnostics, domains=domains), log_q_y, None, kl,
+                      groups=_part(sup.groups, rows))
             pending = [total, *tally.arrays()]
             if want_hidden:
                 grad_hidden.append(gh)  # (C, H_s)

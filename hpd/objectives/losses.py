@@ -34,15 +34,19 @@ class Supervised:
     uniforms: Any  # (N,) uniforms for inverse-CDF samples, or None (and None when sampled is given)
     count: float  # N
     denom: float  # what the summed objective is divided by
+    groups: Any = None  # (N,) group of each position in [0, group_count), or None
+    group_count: int = 0  # metrics are also reported per group (group/<g>/...)
 
 
 def supervised(method: str, o, targets, vocab: int, *, like, sampled=None, uniforms=None, ignore_index: int = -100,
-               num_tokens: float | None = None, temperature: float = 1.0, params: dict | None = None) -> Supervised:
+               num_tokens: float | None = None, temperature: float = 1.0, params: dict | None = None,
+               groups=None) -> Supervised:
     """The method, its checked parameters and temperature, and the active positions with
     their targets and (for a method that samples) the given samples or uniforms.
 
-    `like`: an array of the student's (uniforms are placed beside it). A target outside
-    the shared vocabulary that is not `ignore_index` is an error (`active_positions`)."""
+    `like`: an array of the student's (uniforms are placed beside it). `groups`: None, or
+    ((B, T) group ids, group count), for metrics per group. A target outside the shared
+    vocabulary that is not `ignore_index` is an error (`active_positions`)."""
     m = get_method(method)
     temperature = TEMPERATURE.check(method, "temperature", temperature)
     params = resolve_params(m, dict(params or {}))
@@ -54,9 +58,16 @@ def supervised(method: str, o, targets, vocab: int, *, like, sampled=None, unifo
     elif m.needs_sample and uniforms is not None:
         u = o.rows(_check_uniforms(o, uniforms, targets, like), index)
     count = float(index.shape[0])
+    g, group_count = None, 0
+    if groups is not None:
+        ids, group_count = groups
+        if tuple(ids.shape) != tuple(targets.shape):
+            raise ValueError(f"groups has shape {tuple(ids.shape)}, targets {tuple(targets.shape)}; they must match")
+        g = o.rows(o.int_array(ids).reshape((-1,)), index)
     return Supervised(method=m, params=params, temperature=temperature, vocab=vocab, index=index,
                       targets=o.rows(y.reshape((-1,)), index), sampled=s, uniforms=u, count=count,
-                      denom=float(num_tokens) if num_tokens is not None else max(count, 1.0))
+                      denom=float(num_tokens) if num_tokens is not None else max(count, 1.0), groups=g,
+                      group_count=int(group_count))
 
 
 def student_sample(o, method: Method, logits, sampled=None, uniforms=None, log_probs=None):
@@ -97,6 +108,7 @@ def loss(
     ignore_index: int = -100,
     num_tokens: float | None = None,
     temperature: float = 1.0,
+    groups=None,
     **params: Any,
 ):
     """Reweighted log-likelihood loss of `method` and its metrics.
@@ -110,6 +122,9 @@ def loss(
     inverse CDF from `uniforms` (B, T) in [0, 1) if given, else with the framework's RNG.
     num_tokens: divide by this count instead of the local count of active positions
     (the training loop passes the global count over accumulation steps and ranks).
+    groups: ((B, T) integer ids, count): the objective and KL are also reported per group,
+    as group/<g>/objective and group/<g>/kl (means over the group's positions) beside
+    group/<g>/tokens (their count); the rows of several teachers, say.
 
     Returns (loss, metrics): a differentiable scalar and a dict of Python floats.
     """
@@ -117,7 +132,8 @@ def loss(
     teacher = as_source(teacher_logits)
     vocab = _shared_vocab(student_logits, teacher, targets)
     sup = supervised(method, o, targets, vocab, like=student_logits, sampled=sampled, uniforms=uniforms,
-                     ignore_index=ignore_index, num_tokens=num_tokens, temperature=temperature, params=params)
+                     ignore_index=ignore_index, num_tokens=num_tokens, temperature=temperature, params=params,
+                     groups=groups)
     m = sup.method
     dtype = o.compute_dtype(student_logits)
     zs = o.rows(student_logits.reshape((-1, student_logits.shape[-1])), sup.index)  # (N, V_s)
@@ -125,14 +141,16 @@ def loss(
     if sup.temperature != 1.0:
         zs = zs / sup.temperature
     if sup.count == 0:  # nothing counts: a zero that still reaches the graph
-        return o.sum(zs) / sup.denom, MetricTally(o, m, dtype, zs).metrics(0.0)
+        return o.sum(zs) / sup.denom, MetricTally(o, m, dtype, zs, sup.group_count).metrics(0.0)
     selected = teacher.select(o, sup.index)
     lp = selected.log_probs(o, slice(None), vocab, sup.temperature, dtype)
     sorted_lp = (sorted_log_probs(o, selected, slice(None), vocab, sup.temperature, dtype, lp)
                  if m.sorted_teacher else None)
     s = student_sample(o, m, zs, sup.sampled, sup.uniforms)
     per_pos, weights, log_q_y, kl = objective_terms(o, m, zs, lp, sup.targets, s, sup.params, sorted_lp=sorted_lp)
-    return o.sum(per_pos) / sup.denom, summarize(o, m, weights, log_q_y, sup.count, kl)
+    tally = MetricTally(o, m, o.float_dtype(log_q_y), log_q_y, sup.group_count)
+    tally.add(weights, log_q_y, None, kl, groups=sup.groups)
+    return o.sum(per_pos) / sup.denom, tally.metrics(sup.count)
 
 
 def token_kl(o, m: Method, w: Weights, lq, lp):
@@ -223,14 +241,6 @@ def sample_with_uniforms(o, log_probs, u):
     return o.where(drawn > vocab - 1, drawn * 0 + (vocab - 1), drawn)
 
 
-def summarize(o, m: Method, w: Weights, lq_y, count: float, kl=None) -> dict[str, float]:
-    """Means over the (active) positions given, and min/max for the k statistics, as
-    Python floats."""
-    tally = MetricTally(o, m, o.float_dtype(lq_y), lq_y)
-    tally.add(w, lq_y, None, kl)
-    return tally.metrics(count)
-
-
 _BIG = 3.0e38  # min/max sentinel over positions that do not count
 
 
@@ -239,16 +249,20 @@ class MetricTally:
 
     They stay arrays until `metrics`, so a chunked caller synchronises once."""
 
-    def __init__(self, o, method: Method, dtype, like):
-        self.o, self.method = o, method
+    def __init__(self, o, method: Method, dtype, like, group_count: int = 0):
+        self.o, self.method, self.group_count = o, method, group_count
         self.zero = o.zeros((), dtype, like)
         self.sums: dict[str, Any] = {"objective": self.zero, "nll": self.zero}
+        # per group g: the objective's and the KL's sums and the positions (group/<g>/...)
+        self.groups: dict[str, Any] = {f"group/{g}/{k}": self.zero for g in range(group_count)
+                                       for k in ("objective", "kl", "tokens")}
         self.counts: dict[str, Any] = {}  # diagnostics with a narrower domain: its size
         self.lows: dict[str, Any] = {}
         self.highs: dict[str, Any] = {}
 
-    def add(self, w: Weights, log_q_y, mask=None, kl=None) -> None:
-        """Add positions' metrics; `mask` (N,) marks those that count (None: all)."""
+    def add(self, w: Weights, log_q_y, mask=None, kl=None, groups=None) -> None:
+        """Add positions' metrics; `mask` (N,) marks those that count (None: all);
+        `groups` (N,): each position's group, when the tally counts groups."""
         o = self.o
         if 0 in tuple(log_q_y.shape):
             return  # no positions: nothing to add (and no minimum of nothing)
@@ -259,6 +273,11 @@ class MetricTally:
             x = o.stop_gradient(x)
             return o.sum(x if where is None else o.where(where, x, o.zeros_like(x)))
 
+        for g in range(self.group_count if groups is not None else 0):
+            where = groups == g if mask is None else mask & (groups == g)
+            for key, x in (("objective", w.value), ("kl", kl), ("tokens", o.zeros_like(w.value) + 1.0)):
+                if x is not None:
+                    self.groups[f"group/{g}/{key}"] = self.groups[f"group/{g}/{key}"] + masked_sum(x, where)
         self.sums["objective"] = self.sums["objective"] + masked_sum(w.value, mask)
         self.sums["nll"] = self.sums["nll"] - masked_sum(log_q_y, mask)
         if kl is not None:
@@ -278,7 +297,8 @@ class MetricTally:
                 self.highs[name] = o.where(high > old_high, high, old_high)
 
     def arrays(self) -> list:
-        return [*self.sums.values(), *self.counts.values(), *self.lows.values(), *self.highs.values()]
+        return [*self.sums.values(), *self.counts.values(), *self.lows.values(), *self.highs.values(),
+                *self.groups.values()]
 
     def metrics(self, count: float) -> dict[str, float]:
         o, name = self.o, self.method.name
@@ -296,6 +316,9 @@ class MetricTally:
             if key.startswith("k_"):
                 out[f"{name}/{key}_min"] = 0.0 if n == 0 else o.item(self.lows[key])
                 out[f"{name}/{key}_max"] = 0.0 if n == 0 else o.item(self.highs[key])
+        for key, total in self.groups.items():  # means over the group's positions
+            tokens = o.item(self.groups[key.rsplit("/", 1)[0] + "/tokens"])
+            out[key] = tokens if key.endswith("/tokens") else o.item(total) / max(tokens, 1.0)
         return out
 
 
@@ -332,6 +355,7 @@ def _check_uniforms(o, uniforms, targets, like):
 
 def metric_names(metrics: dict, method: str, objectives: int) -> dict:
     """With several objectives, each one's metrics under its method's name."""
+    metrics = {k: v for k, v in metrics.items() if not k.startswith("group/")}  # reported by name instead
     if objectives == 1:
         return metrics
     # the KL to the teacher is the same whichever objective reports it

@@ -186,6 +186,12 @@ class TorchOps:
         """x (N, ...) at rows `index` (M,): a gather that autograd differentiates."""
         return x.index_select(0, index)
 
+    def index_array(self, x, like):
+        """Host integers (numpy) as an index array beside `like`."""
+        import numpy as np
+
+        return self.t.from_numpy(np.ascontiguousarray(x, dtype=np.int64)).to(like.device)
+
     def uniforms(self, u, like):
         """Host or framework uniforms as a float32 array beside `like`."""
         if not self.is_array(u):
@@ -387,6 +393,11 @@ class MlxOps:
 
     def rows(self, x, index):
         return x[index]
+
+    def index_array(self, x, like):
+        import numpy as np
+
+        return self.mx.array(np.asarray(x, dtype=np.int32))
 
     def uniforms(self, u, like):
         import numpy as np

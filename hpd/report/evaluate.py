@@ -170,46 +170,69 @@ def _generations(backend, model, tokenizer, prompts, *, samples, max_new_tokens,
 
 def likelihood(backend, model, tokenizer, data, *, teacher=None, batch_size: int = 16,
                max_length: int = 1024, limit: int | None = None, split: str = "",
-               columns=None) -> dict[str, float]:
+               columns=None, teachers: dict | None = None, route=None) -> dict[str, float]:
     """Per-token NLL and perplexity on the data's targets; KL(teacher || model) when a teacher is
-    given. `limit` keeps the first N usable rows, as `accuracy` does."""
+    given. `teachers` {name: model} with `route` (hpd.data.routing.Route): each row's KL to the
+    teacher it names, reported per teacher as kl_to_teacher/<name> (and over all rows).
+    `limit` keeps the first N usable rows, as `accuracy` does."""
 
     dataset = load_dataset(data, tokenizer, max_length, split=split, columns=columns,
-                           default_splits=EVAL_SPLITS)
+                           default_splits=EVAL_SPLITS, route=route if teachers else None)
     examples = dataset.examples[:limit] if limit else dataset.examples
-    means = MetricMeans()
-    for i in range(0, len(examples), batch_size):
-        batch = backend.to_arrays(collate(examples[i:i + batch_size], pad_id_of(tokenizer)))
-        logits = backend.forward(model, batch).logits
-        reference = backend.forward(teacher, batch).logits if teacher is not None else logits
-        _, m = loss("fkl", logits, reference, batch["targets"])
-        means.add(m, m["tokens"])
+    if teachers:
+        groups = [(name, teachers[name], [e for e in examples if e.route == k]) for k, name in enumerate(route.names)]
+    else:
+        groups = [(None, teacher, examples)]
+    means, out = MetricMeans(), {}
+    for name, reference_model, rows in groups:
+        own = MetricMeans()
+        for i in range(0, len(rows), batch_size):
+            batch = backend.to_arrays(collate(rows[i:i + batch_size], pad_id_of(tokenizer)))
+            logits = backend.forward(model, batch).logits
+            reference = backend.forward(reference_model, batch).logits if reference_model is not None else logits
+            _, m = loss("fkl", logits, reference, batch["targets"])
+            means.add(m, m["tokens"])
+            own.add(m, m["tokens"])
+        if name is not None:
+            mine = own.result()
+            out[f"kl_to_teacher/{name}"] = mine.get("fkl", float("nan"))
+            out[f"tokens/{name}"] = int(mine.get("tokens", 0))
     r = means.result()
-    out = {"nll": r["nll"], "perplexity": math.exp(min(r["nll"], 700.0)), "tokens": int(r["tokens"])}
-    if teacher is not None:
-        out["kl_to_teacher"] = r["fkl"]
-    return out
+    result = {"nll": r["nll"], "perplexity": math.exp(min(r["nll"], 700.0)), "tokens": int(r["tokens"])}
+    if teacher is not None or teachers:
+        result["kl_to_teacher"] = r["fkl"]
+    return {**result, **out}
 
 
 @dataclass
 class MetricMeans:
-    """Token-weighted means of per-micro-batch metrics (min/max kept as such)."""
+    """Token-weighted means of per-micro-batch metrics (min/max kept as such).
+
+    Counts (a key ending in `tokens` or `rows`) are summed. A metric "P/x" beside a count
+    "P/tokens" is a mean over those tokens (a teacher's own positions, teacher/<name>/kl),
+    weighted by them; any other by the micro-batch's tokens. A count "P/rows" beside the
+    total "rows" also gives "P/share", its fraction of the rows."""
 
     sums: dict[str, float] = field(default_factory=dict)
-    weight: float = 0.0
+    weights: dict[str, float] = field(default_factory=dict)
 
     def add(self, metrics: dict[str, float], tokens: float) -> None:
         for k, v in metrics.items():
-            if k.endswith("tokens"):
+            if k.endswith(("tokens", "rows")):
                 self.sums[k] = self.sums.get(k, 0.0) + v
             elif k.endswith("_min"):
                 self.sums[k] = min(self.sums.get(k, v), v)
             elif k.endswith("_max"):
                 self.sums[k] = max(self.sums.get(k, v), v)
             else:
-                self.sums[k] = self.sums.get(k, 0.0) + v * tokens
-        self.weight += tokens
+                w = metrics.get(k.rsplit("/", 1)[0] + "/tokens", tokens) if "/" in k else tokens
+                self.sums[k] = self.sums.get(k, 0.0) + v * w
+                self.weights[k] = self.weights.get(k, 0.0) + w
 
     def result(self) -> dict[str, float]:
-        w = max(self.weight, 1.0)
-        return {k: (v if k.endswith(("tokens", "_min", "_max")) else v / w) for k, v in self.sums.items()}
+        out = {k: (v if k.endswith(("tokens", "rows", "_min", "_max")) else v / max(self.weights[k], 1.0))
+               for k, v in self.sums.items()}
+        for k, v in self.sums.items():
+            if k.endswith("/rows") and self.sums.get("rows"):
+                out[k[: -len("rows")] + "share"] = v / self.sums["rows"]
+        return out

@@ -315,13 +315,15 @@ def batch_teacher(backend, teacher, data: CrossData, batch: dict, targets, *, vo
                         teacher_vocab=cache["v_t"], identical=data.identical)
 
 
-def cross_source(data: CrossData):
+def cross_source(data: CrossData, model_of=None):
     """The Loop's `teacher_source` hook for a teacher of another tokenizer: its forward on
-    its own tokens of the micro-batch, as a `CrossTeacher` (evaluation batches too)."""
+    its own tokens of the micro-batch, as a `CrossTeacher` (evaluation batches too). The
+    teacher is the loop's, or the model `model_of()` returns."""
     cache: dict = {}
 
     def teacher_source(loop, micro_batch, arrays, plan):
-        return batch_teacher(loop.backend, loop.teacher, data, micro_batch, arrays["targets"], vocab=loop.vocab,
+        teacher = loop.teacher if model_of is None else model_of()
+        return batch_teacher(loop.backend, teacher, data, micro_batch, arrays["targets"], vocab=loop.vocab,
                              hidden=loop.chunked and plan is not None, cache=cache)
 
     return teacher_source

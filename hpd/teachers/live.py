@@ -18,3 +18,13 @@ def live_teacher(loop, micro_batch: dict, arrays: dict, plan):
     """The default `teacher_source` of a Loop: the teacher model's forward on the batch
     (plan None: an evaluation batch, scored from logits)."""
     return loop.backend.forward(loop.teacher, arrays, hidden=loop.chunked and plan is not None)
+
+
+def live_source(model_of):
+    """A `teacher_source` hook like `live_teacher`, for the model `model_of()` returns (one
+    of several teachers, loaded or swapped in by the caller)."""
+
+    def teacher_source(loop, micro_batch: dict, arrays: dict, plan):
+        return loop.backend.forward(model_of(), arrays, hidden=loop.chunked and plan is not None)
+
+    return teacher_source

@@ -1,87 +1,24 @@
-"""The run's teacher: which source gives its log-probs, set up before training starts.
+"""The run's teachers: one (`hpd.teachers.run_teacher`) or several named ones (`hpd.teachers.named`).
 
-A run's teacher is a model that reads the student's tokens (`hpd.teachers.live`), a model of
-another tokenizer (`hpd.teachers.cross`), an offline store (`hpd.teachers.stored`), or a store
-with a model beside it for the steps the store cannot score. `prepare` and `check_data` check
-everything that can be checked before any model loads (the tokenizers, every row's
-pairing, the store's provenance); `load` loads the model. The loop then asks `hook` for each batch's
-source and never learns which it is.
+Either answers the run alike: its name and start line, the checks against the data before
+any model loads, loading, the shared vocabulary, and the loop's `teacher_source` hook.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable
-
-from hpd.teachers.cross import CrossData, choose_mode, cross_source, prepare_for_run
-from hpd.teachers.live import live_teacher
+from hpd.teachers.named import NamedTeachers
+from hpd.teachers.run_teacher import RunTeacher
 
 
-@dataclass
-class RunTeacher:
-    path: str  # the teacher model ("" for a store alone)
-    tokenizer: Any = None  # the teacher model's tokenizer
-    mode: str = "same"  # "same": it reads the student's ids; "cross": its own (hpd.teachers.cross)
-    why: str = ""  # why that mode, for the start line
-    cross: CrossData | None = None  # every row paired across the tokenizers
-    store: Any = None  # hpd.teachers.store.Store, when the run trains from one
-    model: Any = None  # set by load()
-
-    @property
-    def name(self) -> str:
-        """What the run info and model card name as the teacher."""
-        return self.path or self.store.provenance["teacher"]
-
-    def describe(self) -> str:
-        """The start line's words on the tokenizers ("" for a store alone)."""
-        return f"; teacher tokenizer: {self.mode} ({self.why})" if self.path else ""
-
-    def check_data(self, cfg, tokenizer, data, eval_kwargs: dict, say: Callable[[str], None]) -> None:
-        """Before any model loads: every row paired across the tokenizers, a store checked
-        against this data, tokenizer and settings; a bad row or a store written for other
-        data stops the run here."""
-        if self.mode == "cross":
-            self.cross = prepare_for_run(cfg, tokenizer, self.tokenizer, eval_kwargs)
-            say(f"teacher tokenizer: cross: {self.cross.describe()}")
-        if cfg.teacher_cache:
-            from hpd.teachers.stored import open_for_run
-
-            self.store = open_for_run(cfg, tokenizer, data)
-
-    def load(self, backend, cfg) -> None:
-        if self.path:
-            self.model = backend.load_model(self.path, trainable=False, dtype=cfg.dtype,
-                                            quantize=cfg.teacher_quantize)
-
-    def vocab(self, backend, student) -> int:
-        """The columns both sides can score: the student's vocabulary and the teacher's
-        (the student's own across tokenizers: the teacher's rows are gathered onto it)."""
-        if self.model is None:
-            return min(backend.vocab_size(student), self.store.vocab)
-        return min(backend.vocab_size(student), backend.vocab_size(student if self.cross else self.model))
-
-    def hook(self) -> Callable:
-        """The Loop's `teacher_source`: (loop, micro-batch, arrays, plan) -> the batch's source."""
-        live = live_teacher if self.cross is None else cross_source(self.cross)
-        if self.store is None:
-            return live
-        from hpd.teachers.stored import store_source
-
-        return store_source(self.store, live)
+def prepare(cfg, backend, tokenizer):
+    """The run's teacher (`RunTeacher`), or its named teachers (`hpd.teachers.named`), as far
+    as their tokenizers: every mode is chosen before the data loads."""
+    if cfg.teacher_names():
+        teachers = NamedTeachers.from_config(cfg)
+    else:
+        teachers = RunTeacher(cfg.teacher, cfg.teacher_cache)
+    teachers.choose_mode(cfg, backend, tokenizer)
+    return teachers
 
 
-def prepare(cfg, backend, tokenizer) -> RunTeacher:
-    """The run's teacher as far as its tokenizer: the mode is chosen (and a refused
-    combination stops the run) before the data loads."""
-    teacher = RunTeacher(cfg.teacher)
-    if cfg.teacher:  # one tokenizer, or another one (hpd.teachers.cross)
-        teacher.tokenizer = backend.load_tokenizer(cfg.teacher)
-        try:
-            teacher.mode, teacher.why = choose_mode(cfg.teacher_tokenizer, tokenizer, teacher.tokenizer)
-        except ValueError as e:
-            raise ValueError(f"--teacher-tokenizer {cfg.teacher_tokenizer}: {e}; pass --teacher-tokenizer cross "
-                             "(or auto) to distil across tokenizers") from None
-    return teacher
-
-
-__all__ = ["RunTeacher", "prepare"]
+__all__ = ["prepare"]

@@ -138,42 +138,51 @@ def config_errors(cfg) -> list[str]:
         share = on_policy_share(cfg)
     except ValueError:
         return errors  # the schedule's own error is reported by validate
-    if share and not cfg.teacher:
+    if share and cfg.teacher_cache and not cfg.teacher:
         errors.append("teacher_cache: the schedule trains on student rollouts (an on-policy share), which a "
                       "teacher store cannot score; pass --teacher as well (it is used on those steps only)")
+    alone = sorted(set(cfg.teacher_caches) - set(cfg.teachers))
+    if share and alone:
+        errors.append(f"teacher_caches: the schedule trains on student rollouts (an on-policy share), which the "
+                      f"stores of {', '.join(alone)} cannot score; name their models too (--teacher NAME=SOURCE)")
     return errors
 
 
-def open_for_run(cfg, tokenizer, dataset) -> Store:
-    """The run's store, after checking that it was written for this data, tokenizer and settings."""
+def open_for_run(cfg, tokenizer, dataset, cache: str | None = None, teacher: str | None = None) -> Store:
+    """The run's store (`cache`, default the config's), after checking that it was written
+    for this data, tokenizer and settings, and by `teacher` (default the config's) when one
+    is named."""
     from hpd.teachers.cache import (
         data_provenance,
         first_difference,
         teacher_fingerprint,
     )
 
-    store = Store(cfg.teacher_cache)
+    cache = cfg.teacher_cache if cache is None else cache
+    teacher = cfg.teacher if teacher is None else teacher
+    store = Store(cache)
     wanted = {**data_provenance(cfg.data, tokenizer, dataset, cfg.max_length), "temperature": float(cfg.temperature)}
-    if cfg.teacher:
-        wanted["teacher_sha256"] = teacher_fingerprint(cfg.teacher)
+    if teacher:
+        wanted["teacher_sha256"] = teacher_fingerprint(teacher)
     diff = first_difference(store.provenance, wanted, RUN_FIELDS)
     if diff and diff.startswith("tokenizer_vocab_sha256"):  # the rows are over another tokenizer's ids
         made = ("another student tokenizer (its rows are aligned to that tokenizer's ids)"
                 if store.provenance.get("teacher_tokenizer") == "cross" else "the teacher's tokenizer")
-        raise StoreError(f"the teacher store {cfg.teacher_cache} was made for {made}, not this student's "
+        raise StoreError(f"the teacher store {cache} was made for {made}, not this student's "
                          f"({cfg.student}): {diff}; cache the teacher again with --student {cfg.student}")
     if diff:
-        raise StoreError(f"the teacher store {cfg.teacher_cache} does not match this run: {diff}")
+        raise StoreError(f"the teacher store {cache} does not match this run: {diff}")
     return store
 
 
 def store_source(store: Store, live):
-    """The Loop's `teacher_source` hook: the store on offline steps, `live` (the default
-    hook, the teacher's forward) on steps whose batches are student rollouts."""
+    """The Loop's `teacher_source` hook: the store on offline steps, `live` (a hook of the
+    teacher model's forward; None without a model) on steps whose batches are student
+    rollouts."""
 
     def teacher_source(loop, micro_batch, arrays, plan):
         if getattr(plan, "on_policy", False) or "rows" not in micro_batch:
-            if loop.teacher is None:
+            if live is None:
                 raise StoreError("this step trains on student rollouts, which the teacher store cannot score; "
                                  "pass --teacher as well")
             return live(loop, micro_batch, arrays, plan)

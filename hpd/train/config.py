@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,10 +28,22 @@ def _f(default, help: str, choices: tuple | None = None, low=None, high=None, lo
 @dataclass
 class DistillConfig:
     # what to distil
-    teacher: str = _f("", "teacher model: a local folder, a hub id, or hpd:tiny/teacher (shipped)")
+    teacher: str = _f("", "teacher model: a local folder, a hub id, or hpd:tiny/teacher (shipped); several "
+                      "teachers as NAME=SOURCE, repeatable, each row scored by the one its --teacher-column "
+                      "names", cli="named:teachers")
+    teachers: dict = _f({}, "several teachers by name, NAME: SOURCE (each a --teacher); a row names its own in "
+                        "--teacher-column", cli=False)
     student: str = _f("", "student initialisation: a local folder, a hub id, or hpd:tiny/student")
     teacher_cache: str = _f("", "teacher store written by `hpd cache-teacher`: train from it without running "
-                            "the teacher (--teacher then serves only a schedule's on-policy steps)")
+                            "the teacher (--teacher then serves only a schedule's on-policy steps); a named "
+                            "teacher's store as NAME=DIR, repeatable", cli="named:teacher_caches")
+    teacher_caches: dict = _f({}, "teacher stores of named teachers, NAME: DIR (each a --teacher-cache)", cli=False)
+    teacher_column: str = _f("teacher", "with named teachers: the row field naming the teacher that scores the row")
+    default_teacher: str = _f("", "with named teachers: the teacher of a row that names none (without it, such a "
+                              "row is refused before training)")
+    teacher_offload: bool = _f(False, "with named teachers: keep in memory only the teachers the current batch "
+                               "needs (the others wait on the CPU when the student is on CUDA, else are unloaded "
+                               "and loaded again when needed); the cost is logged as teacher/load_s")
     data: str = _f("", "training data: a JSONL, JSON or Parquet file, a datasets save_to_disk folder, or a "
                    "hub dataset id; rows of {messages}, {prompt, completion}, {text}, ShareGPT or Alpaca")
     data_split: str = _f("", "split of a datasets folder or hub id for --data (default: train, or the only one)")
@@ -173,6 +186,8 @@ class DistillConfig:
 
         for name in ("teacher", "student", "data", "eval_data", "teacher_cache"):
             setattr(self, name, asset_path(getattr(self, name)))
+        for name in ("teachers", "teacher_caches"):
+            setattr(self, name, {str(k): asset_path(str(v)) for k, v in (getattr(self, name) or {}).items()})
         # warnings about the combination of a recipe and its overrides (hpd.train.advice),
         # said at the run's start; not a field: never saved, compared or set by a flag
         self.notes: list[str] = []
@@ -206,6 +221,14 @@ class DistillConfig:
         cfg.notes = recipe_notes(name, data, overrides or {})
         return cfg
 
+    def has_teacher(self) -> bool:
+        """A teacher model, a store, or named ones."""
+        return bool(self.teacher or self.teacher_cache or self.teachers or self.teacher_caches)
+
+    def teacher_names(self) -> list[str]:
+        """The named teachers, sorted ([] for one unnamed teacher)."""
+        return sorted(set(self.teachers) | set(self.teacher_caches))
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -233,8 +256,9 @@ class DistillConfig:
                 errors.append(f"{f.name}={value}: must be <= {high}")
         if require_paths:
             for name in ("teacher", "student", "data", "out"):
-                if not getattr(self, name) and not (name == "teacher" and self.teacher_cache):
+                if not getattr(self, name) and not (name == "teacher" and self.has_teacher()):
                     errors.append(f"{name} is required (--{name.replace('_', '-')})")
+        errors.extend(_check_named_teachers(self))
         try:
             resolve_params(get_method(self.method), dict(self.method_params))
             TEMPERATURE.check(self.method, "temperature", self.temperature)
@@ -257,7 +281,7 @@ class DistillConfig:
                           f"set eval_generate: 0 and score the student with hpd eval --recipe")
         if (self.schedule or {}).get("lambda_schedule") == "adaptive" and not (self.eval_data and self.eval_every):
             errors.append("schedule.lambda_schedule=adaptive reacts to held-out loss: set eval_data and eval_every")
-        if self.teacher_cache:
+        if self.teacher_cache or self.teacher_caches:
             from hpd.teachers.stored import config_errors
 
             errors.extend(config_errors(self))
@@ -304,6 +328,27 @@ def resolve_recipe(path: str | Path) -> Path:
     shipped = sorted(p.stem for p in folder.glob("*.yaml"))
     raise FileNotFoundError(f"recipe {str(path)!r} not found (neither a file nor a shipped recipe name); "
                             f"shipped recipes: {', '.join(shipped)}")
+
+
+TEACHER_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+
+
+def _check_named_teachers(cfg) -> list[str]:
+    names = cfg.teacher_names()
+    errors = []
+    if cfg.teachers and cfg.teacher:
+        errors.append("teacher and teachers: name every teacher (NAME=SOURCE) or give one unnamed teacher")
+    if cfg.teacher_caches and cfg.teacher_cache:
+        errors.append("teacher_cache and teacher_caches: name every store (NAME=DIR) or give one unnamed store")
+    if cfg.teacher_caches and not cfg.teachers and cfg.teacher:
+        errors.append("teacher_caches names its teachers: name the teacher too (--teacher NAME=SOURCE)")
+    bad = [n for n in names if not TEACHER_NAME.match(n)]
+    if bad:
+        errors.append(f"teacher names {', '.join(map(repr, bad))}: use letters, digits, _ . - (a letter first)")
+    if cfg.default_teacher and cfg.default_teacher not in names:
+        known = ", ".join(names) if names else "none: there are no named teachers"
+        errors.append(f"default_teacher={cfg.default_teacher!r} is not a named teacher (named: {known})")
+    return errors
 
 
 def _coerce(cls, name: str, value):

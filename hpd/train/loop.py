@@ -77,8 +77,12 @@ class ObjectiveLoss:
         self.teacher = None
 
     def __call__(self, student_out: Outputs):
+        # a source over the rows of several teachers names each position's teacher
+        # (hpd.teachers.routed): the metrics are then also reported per teacher
+        routed = getattr(self.teacher, "groups", None)
         common = dict(sampled=self.sampled, uniforms=self.uniforms, num_tokens=self.num_tokens,
-                      temperature=self.temperature)
+                      temperature=self.temperature,
+                      groups=None if routed is None else (routed[0], len(routed[1])))
 
         def term(obj):
             if student_out.logits is not None:
@@ -92,10 +96,34 @@ class ObjectiveLoss:
         metrics = {}
         for obj, m in zip(self.objectives, found):
             metrics.update(metric_names(m, obj.method, len(self.objectives)))
+        if routed is not None:
+            metrics.update(per_group(self.objectives, found, routed[1]))
         report = getattr(self.teacher, "metrics", None)  # a source's own figures (hpd.teachers.cross)
         if report is not None:
             metrics.update(report())
         return total, metrics
+
+
+@dataclass(frozen=True)
+class _Objective:
+    method: str
+    weight: float = 1.0
+    params: dict = field(default_factory=dict)
+
+
+EVAL_OBJECTIVE = _Objective("fkl")  # what evaluation measures: KL(teacher || student)
+
+
+def per_group(objectives, found: list[dict], names) -> dict[str, float]:
+    """teacher/<name>/loss (the objectives' weighted sum over that teacher's positions),
+    /kl and /tokens, from each objective's group/<g>/... metrics; the group's keys removed."""
+    out = {}
+    for g, name in enumerate(names):
+        key = f"group/{g}"
+        out[f"teacher/{name}/tokens"] = found[0][f"{key}/tokens"]
+        out[f"teacher/{name}/kl"] = found[0][f"{key}/kl"]
+        out[f"teacher/{name}/loss"] = sum(obj.weight * m[f"{key}/objective"] for obj, m in zip(objectives, found))
+    return out
 
 
 @dataclass
@@ -135,6 +163,8 @@ class Loop:
     chunked: bool = False
     state: LoopState = field(default_factory=LoopState)
     eval_batches: list | None = None
+    # held-out KL to the teacher (None: when `teacher` is set; a store alone cannot score them)
+    eval_kl: bool | None = None
     log: Callable[[dict], None] = lambda record: None
     save: Callable[["Loop"], None] = lambda loop: None
     # tests inject samples that do not depend on the batch split: batch -> (B, T) ids
@@ -261,19 +291,25 @@ class Loop:
     def evaluate(self) -> dict[str, float]:
         """Held-out student NLL and token-level KL(teacher || student)."""
         backend, means = self.backend, MetricMeans()
+        with_kl = self.teacher is not None if self.eval_kl is None else self.eval_kl
         for mb in self.eval_batches or []:
             arrays = backend.to_arrays(mb)
             s_out = backend.forward(self.student, arrays)
-            if self.teacher is None:  # trained from a teacher store: no teacher to compare with
+            if not with_kl:  # trained from a teacher store: no teacher to compare with
                 _, m = loss("sft", s_out.logits, s_out.logits, arrays["targets"])
             else:  # the same source as training (a teacher of another tokenizer reads its own tokens)
                 teacher = teacher_source_of(self.teacher_source(self, mb, arrays, None))
-                _, m = loss("fkl", s_out.logits, teacher, arrays["targets"], temperature=1.0)
+                routed = getattr(teacher, "groups", None)  # per-teacher KL where rows name theirs
+                _, m = loss("fkl", s_out.logits, teacher, arrays["targets"], temperature=1.0,
+                            groups=None if routed is None else (routed[0], len(routed[1])))
+                if routed is not None:
+                    m.update(per_group([EVAL_OBJECTIVE], [m], routed[1]))
             means.add(m, m["tokens"])
         r = means.result()
         out = {"eval/loss": r.get("nll", float("nan")), "eval/tokens": r.get("tokens", 0.0)}
-        if self.teacher is not None:
+        if with_kl:
             out["eval/kl"] = r.get("fkl", float("nan"))
+            out.update({f"eval/{k}": v for k, v in r.items() if k.startswith("teacher/") and k.endswith("/kl")})
         if self.config.eval_generate:
             from hpd.report.evaluate import accuracy, eval_source
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from hpd.data.batches import collate
 from hpd.data.examples import DataError, Example, pad_id_of, prompt_ids, read_jsonl
+from hpd.data.routing import prompt_routes
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,13 @@ def rollout_batch(backend, model, tokenizer, batch: dict[str, np.ndarray], sampl
     prompts = prompts_of(batch)
     generated = backend.generate(model, tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
                                  temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    routes = prompt_routes(batch) or [-1] * len(prompts)  # a row keeps its teacher (hpd.data.routing)
     examples = []
-    for prompt, gen in zip(prompts, generated):
+    for prompt, gen, route in zip(prompts, generated, routes):
         gen = list(gen)[: max(0, max_length - len(prompt))]
         if not gen:  # nothing to learn from; keep the shapes valid
             gen = [tokenizer.eos_token_id]
-        examples.append(Example(prompt + gen, [False] * len(prompt) + [True] * len(gen), len(prompt)))
+        examples.append(Example(prompt + gen, [False] * len(prompt) + [True] * len(gen), len(prompt), route))
     if "token_rows" in batch:  # packed in, packed out
         from hpd.data.packing import collate_packed
 

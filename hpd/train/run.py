@@ -138,7 +138,7 @@ class Run:
         self.tokenizer = backend.load_tokenizer(cfg.student)
         self.teacher = teacher_setup.prepare(cfg, backend, self.tokenizer)
         self.data = load_dataset(cfg.data, self.tokenizer, cfg.max_length, split=cfg.data_split,
-                                 columns=cfg.data_columns)
+                                 columns=cfg.data_columns, route=self.teacher.route)
         self.teacher.check_data(cfg, self.tokenizer, self.data, eval_source(cfg) | {"default_splits": EVAL_SPLITS},
                                 self.say)
         data = self.data
@@ -146,7 +146,8 @@ class Run:
                  f"to {cfg.max_length} tokens, {data.target_tokens} target tokens")
         self.eval_batches = None
         if cfg.eval_data:
-            held = load_dataset(cfg.eval_data, self.tokenizer, cfg.max_length, **eval_source(cfg)).examples
+            held = load_dataset(cfg.eval_data, self.tokenizer, cfg.max_length, route=self.teacher.route,
+                                **eval_source(cfg)).examples
             self.eval_batches = [collate(held[i:i + cfg.batch_size], pad_id_of(self.tokenizer))
                                  for i in range(0, len(held), cfg.batch_size)]
 
@@ -155,6 +156,8 @@ class Run:
         self.student = student_kind.load_student(backend, self.cfg, self.resume_from, say=self.say)
         self.teacher.load(backend, self.cfg)
         self.vocab = self.teacher.vocab(backend, self.student)
+        if line := getattr(self.teacher, "offload_line", lambda: "")():
+            self.say(line)
         if len(self.tokenizer) > self.vocab:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but a model's vocabulary only "
                              f"{self.vocab}")
@@ -216,7 +219,7 @@ class Run:
     def _build_loop(self) -> None:
         cfg, backend, hooks = self.cfg, self.backend, self.hooks
         self.chunked, self.loss_path = choose_loss_path(cfg.chunked, backend, student=self.student,
-                                                        teacher=self.teacher.model)
+                                                        **self.teacher.models())
         hooks.setdefault("teacher_source", self.teacher.hook())
         from hpd.train.rollout import Sampling, make_rollout
 
@@ -225,7 +228,8 @@ class Run:
         self.loop = Loop(backend=backend, config=cfg, student=self.student, teacher=self.teacher.model,
                          tokenizer=self.tokenizer, optimizer=self.optimizer, batches=self.batches,
                          schedule=self.schedule, total_steps=self.total, vocab=self.vocab, chunked=self.chunked,
-                         state=self.state, eval_batches=self.eval_batches, log=self.metrics_log, save=self.save,
+                         state=self.state, eval_batches=self.eval_batches, eval_kl=self.teacher.scores_eval,
+                         log=self.metrics_log, save=self.save,
                          should_stop=lambda: backend.all_reduce_sum(float(self.stop.requested)) > 0, **hooks)
 
     # ------------------------------------------------------------------ checkpoints
@@ -251,7 +255,8 @@ class Run:
         cfg, backend = self.cfg, self.backend
         per_step = cfg.batch_size * cfg.grad_accum * backend.world_size
         processes = f"{backend.world_size} process{'es' if backend.world_size > 1 else ''}"
-        self.say(f"distilling {cfg.teacher or cfg.teacher_cache} -> {cfg.student} with {cfg.method} on "
+        self.say(f"distilling {cfg.teacher or cfg.teacher_cache or self.teacher.name} -> {cfg.student} with "
+                 f"{cfg.method} on "
                  f"{cfg.backend}: {self.total} steps of {per_step} sequences ({cfg.batch_size} per batch x "
                  f"{cfg.grad_accum} accumulated x {processes}); {self.loss_path}{self.teacher.describe()}")
         baseline = self._baseline()
