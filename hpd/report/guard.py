@@ -37,8 +37,7 @@ _REFUSED = ("system", "popen", "execl", "execle", "execlp", "execlpe", "execv", 
              "spawnvpe", "posix_spawn", "posix_spawnp", "setsid", "setpgid", "killpg")
 
 
-def _refuse(call, what=None):
-    detail = f" ({what!r} is outside the program's folder)" if what is not None else ""
+def _refuse(call, detail=""):
     raise PermissionError(errno.EPERM, f"{call} is {MESSAGE}{detail}")
 
 
@@ -48,24 +47,30 @@ class Folder:
     def __init__(self, root):
         self.root = os.path.realpath(root)
 
-    def holds(self, path, dir_fd=None, follow=True):
-        """Whether `path` (relative to `dir_fd` when given) is in the folder. `follow`: the last
-        component counts where a symlink there points (open, chmod), else where it stands (unlink)."""
+    @staticmethod
+    def resolve(path, dir_fd=None, follow=True):
+        """Where `path` (relative to `dir_fd` when given) really is. `follow`: a symlink as the last
+        component counts where it points (open, chmod), else where it stands (unlink, rename)."""
         if isinstance(path, int):
             path, follow = f"/proc/self/fd/{path}", True
         path = os.fsdecode(os.fspath(path))
         if dir_fd is not None and not os.path.isabs(path):
             path = os.path.join(f"/proc/self/fd/{dir_fd}", path)
         if follow:
-            real = os.path.realpath(path)
-        else:
-            head, tail = os.path.split(os.path.abspath(path))
-            real = os.path.join(os.path.realpath(head), tail)
+            return os.path.realpath(path)
+        head, tail = os.path.split(os.path.abspath(path))
+        return os.path.join(os.path.realpath(head), tail)
+
+    def holds(self, path, dir_fd=None, follow=True):
+        real = self.resolve(path, dir_fd, follow)
         return real in _DEVICES or real == self.root or real.startswith(self.root + os.sep)
 
     def check(self, call, path, dir_fd=None, follow=True):
         if not self.holds(path, dir_fd, follow):
-            _refuse(call, path)
+            real = self.resolve(path, dir_fd, follow)
+            given = path if isinstance(path, int) else os.fsdecode(os.fspath(path))
+            where = repr(real) if given == real else f"{given!r}, that is {real!r},"
+            _refuse(call, f" ({where} is outside the program's folder {self.root})")
 
 
 def _wrap(module, name, check):
