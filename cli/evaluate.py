@@ -43,7 +43,7 @@ import click
               help="how generations are scored: exact-match of --extractor's answer (sampled: pass@1), "
                    "rouge-l against the reference (0-100, as DistiLLM and MiniLLM report it on Dolly), or "
                    "code: pass@1 of the program in each generation with the row's \"test\" field appended, "
-                   "run in a subprocess with a time limit, a memory limit and no network")
+                   "run in a sandbox (docs/code-sandbox.md) with a time limit, a memory limit and no network")
 @click.option("--extractor", default="answer", show_default=True,
               help="answer extractor: answer (after the last 'Answer:'), last-number, math (the last "
                    "\\boxed{}, else the last number; 1/2, 0.5 and \\frac{1}{2} match), exact, or regex:PATTERN")
@@ -93,6 +93,10 @@ def evaluate(ctx, backend, model, recipe, teachers, teacher_column, default_teac
         raise click.UsageError("give --data, --lm-eval TASKS, or both")
     if lm_eval_include and not lm_eval_tasks:
         raise click.UsageError("--lm-eval-include needs --lm-eval TASKS")
+    if data and metric == "code":  # which of the sandbox's layers hold here, before any program runs
+        from hpd.report.sandbox import describe, isolation
+
+        click.echo(describe(isolation()), err=True)
     model = asset_path(model)
     teacher = _teachers(teachers, teacher_column, default_teacher)
     result = {"model": model}

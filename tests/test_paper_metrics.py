@@ -133,6 +133,9 @@ def test_paper_recipe_end_to_end_on_tiny_standins(tmp_path, recipe):
     score = CliRunner().invoke(cli, ["eval", "--recipe", recipe, "--model", str(out), "--data", held,
                                      "--max-new-tokens", "8", "--json", "--no-progress"], catch_exceptions=False)
     assert score.exit_code == 0, score.output
+    # a code metric first says which sandbox layers hold here (on stderr, so --json stays one line)
+    assert ("code sandbox: " in score.stderr) == (recipe == "paper-code")
+    assert "code sandbox" not in score.stdout
     report = json.loads(score.output.strip().splitlines()[-1])
     assert report["rows"] == len(rows) and key in report
     assert 0.0 <= report[key] <= (100.0 if key == "rouge_l" else 1.0)

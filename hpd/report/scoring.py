@@ -8,52 +8,27 @@ Dialogue: ROUGE-L F-measure x100, as DistiLLM and MiniLLM report it on Dolly: th
 ``rouge-score`` package's ``RougeScorer(["rougeL"], use_stemmer=True)``, averaged over prompts
 (the best reference where a prompt has several). ``rouge-score`` is the ``eval`` extra.
 
-Code: pass@1 of generated Python run against its tests. Each program runs
-
-- in a fresh ``sys.executable -I -S`` (isolated mode: no PYTHON* variables, no user site,
-  no site-packages, the script's folder not on sys.path), stdin from /dev/null;
-- in a fresh temporary directory, its working directory, HOME and TMPDIR, removed
-  afterwards; the environment holds only PATH, HOME, TMPDIR and LANG;
-- under limits set in the child before exec (``preexec_fn``): RLIMIT_AS ``memory_mb``,
-  RLIMIT_CPU about the timeout, RLIMIT_FSIZE 16 MiB (stdout and stderr go to files in the
-  folder, so these bound the output too), RLIMIT_NPROC 256 where the kernel permits (root
-  is exempt from it), RLIMIT_CORE 0;
-- in a new session whose whole process group is killed with SIGKILL at the wall-clock
-  timeout, and after the program ends (so no background child outlives it);
-- in a new network namespace where the kernel allows one (``unshare(CLONE_NEWNET)``, with
-  CLONE_NEWUSER when not root): its only interface is a loopback that is down;
-- after a prelude that replaces ``socket.socket``, ``socket.create_connection`` and
-  ``socket.getaddrinfo`` with ones raising OSError (a socket wrapping a descriptor it was
-  given, as ``socketpair`` makes, still works), on every platform.
-
-:func:`isolation` reports which of these hold on this machine. This guards against
-accidents (a loop that never ends, a runaway allocation, a stray download, files written
-about the place), not against hostile code: the child runs as the same user, sees the same
-files, and can undo the socket guard through ``_socket``. ``preexec_fn`` is not safe in a
-process with other threads, so run the programs from one thread.
+Code: pass@1 of generated Python run against its tests, each program in the sandbox of
+`hpd.report.sandbox` (what it guards against, and what it does not, is written there and in
+docs/code-sandbox.md).
 """
 
 from __future__ import annotations
 
-import functools
-import json
 import math
-import os
 import re
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
+
+from hpd.report.guard import NETWORK_MESSAGE
+from hpd.report.sandbox import OUTPUT_LIMIT, isolation, run
 
 __all__ = [
     "boxed_answer", "extract_answer", "reference_answer", "normalize_answer", "answers_match", "math_exact_match",
     "pass_at_1", "pass_at_k", "rouge_l",
-    "CodeResult", "extract_code", "run_code", "code_pass_at_1", "isolation",
+    "CodeResult", "extract_code", "run_code", "code_pass_at_1", "isolation", "NETWORK_MESSAGE", "OUTPUT_LIMIT",
 ]
 
 # ---------------------------------------------------------------- math answers
@@ -228,34 +203,6 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str | Sequence[str]
 # ---------------------------------------------------------------- code
 
 CODE_STATUSES = ("passed", "failed", "timeout", "memory", "error")
-OUTPUT_LIMIT = 16 * 2**20  # RLIMIT_FSIZE: any one file the program writes, its output included
-PROCESS_LIMIT = 256  # RLIMIT_NPROC (counted per user, so not lower)
-NETWORK_MESSAGE = "network access is disabled in the hpd code sandbox"
-_CLONE_NEWNET = 0x40000000
-_CLONE_NEWUSER = 0x10000000
-
-# runs before the program, in the child; the program then runs as __main__ from its file
-_PRELUDE = f"""
-def _guard_network():
-    import socket
-
-    def refuse(*args, **kwargs):
-        raise OSError({NETWORK_MESSAGE!r})
-
-    class GuardedSocket(socket.socket):
-        def __init__(self, family=-1, type=-1, proto=-1, fileno=None):
-            if fileno is None:
-                refuse()
-            super().__init__(family, type, proto, fileno)
-
-    socket.socket = GuardedSocket
-    socket.create_connection = refuse
-    socket.getaddrinfo = refuse
-
-_guard_network()
-import runpy, sys
-runpy.run_path(sys.argv[1], run_name="__main__")
-"""
 
 _FENCE = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\r?\n(.*?)(?:```|\Z)", re.S | re.I)
 
@@ -271,81 +218,6 @@ def extract_code(completion: str) -> str:
     """The first ```python (or ```py) fenced block, unclosed at the end included; else the whole text."""
     m = _FENCE.search(completion)
     return m.group(1) if m else completion
-
-
-@functools.cache
-def _unshare():
-    """libc's unshare, looked up in the parent so the forked child does as little as it can."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).unshare
-    except (OSError, AttributeError):
-        return None
-
-
-def _child_setup(timeout_s: float, memory_mb: int):
-    import resource
-
-    unshare = _unshare()
-    cpu = math.ceil(timeout_s) + 1
-    limits = [("RLIMIT_AS", memory_mb * 2**20, memory_mb * 2**20), ("RLIMIT_CPU", cpu, cpu + 1),
-              ("RLIMIT_FSIZE", OUTPUT_LIMIT, OUTPUT_LIMIT), ("RLIMIT_NPROC", PROCESS_LIMIT, PROCESS_LIMIT),
-              ("RLIMIT_CORE", 0, 0)]
-    limits = [(getattr(resource, name), soft, hard) for name, soft, hard in limits if hasattr(resource, name)]
-
-    def setup():  # in the child, between fork and exec
-        if unshare is not None and unshare(_CLONE_NEWNET) != 0:
-            unshare(_CLONE_NEWUSER | _CLONE_NEWNET)
-        for which, soft, hard in limits:
-            try:
-                _, old_hard = resource.getrlimit(which)
-                if old_hard != resource.RLIM_INFINITY:
-                    soft, hard = min(soft, old_hard), min(hard, old_hard)
-                resource.setrlimit(which, (soft, hard))
-            except (ValueError, OSError):
-                pass
-
-    return setup
-
-
-def _spawn(args: list[str], folder: str, timeout_s: float, memory_mb: int, out, err):
-    env = {"PATH": "/usr/bin:/bin", "HOME": folder, "TMPDIR": folder, "LANG": "C.UTF-8"}
-    return subprocess.Popen([sys.executable, "-I", "-S", *args], cwd=folder, env=env,
-                            stdin=subprocess.DEVNULL, stdout=out, stderr=err, close_fds=True,
-                            start_new_session=True, preexec_fn=_child_setup(timeout_s, memory_mb))
-
-
-def _wait_then_kill_group(proc: subprocess.Popen, timeout_s: float) -> bool:
-    """Wait up to timeout_s without reaping, kill the group, reap. True if it ran out of time.
-
-    The leader stays a zombie until reaped, so its group id cannot have been reused."""
-    deadline = time.monotonic() + timeout_s
-    delay, timed_out = 0.001, False
-    while os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        if time.monotonic() >= deadline:
-            timed_out = True
-            break
-        time.sleep(delay)
-        delay = min(2 * delay, 0.02)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-    return timed_out
-
-
-def _remove(folder: str) -> None:
-    for root, dirs, _ in os.walk(folder):  # a program may leave folders it cannot list
-        for d in dirs:
-            try:
-                os.chmod(os.path.join(root, d), 0o700)
-            except OSError:
-                pass
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _verdict(returncode: int, timed_out: bool, stderr: str, timeout_s: float) -> CodeResult:
@@ -370,26 +242,15 @@ def _verdict(returncode: int, timed_out: bool, stderr: str, timeout_s: float) ->
     return CodeResult(False, "error", last or f"exit status {returncode}")
 
 
-def run_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512) -> CodeResult:
-    """Run a Python program in the sandbox the module docstring describes.
+def run_code(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512,
+             layers: Iterable[str] | None = None) -> CodeResult:
+    """Run a Python program in the sandbox (`hpd.report.sandbox`), with `layers` (default: every
+    layer that works on this machine; tests name one to prove it on its own).
 
     'passed' when it exits 0; 'failed' when an assertion fails; 'timeout' past timeout_s of
     wall clock (or the CPU limit); 'memory' on a MemoryError; 'error' for anything else."""
-    folder = tempfile.mkdtemp(prefix="hpd-code-")
-    try:
-        path = os.path.join(folder, "solution.py")
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(program)
-        err_path = os.path.join(folder, ".stderr")
-        with open(os.path.join(folder, ".stdout"), "wb") as out, open(err_path, "wb") as err:
-            proc = _spawn(["-c", _PRELUDE, path], folder, timeout_s, memory_mb, out, err)
-            timed_out = _wait_then_kill_group(proc, timeout_s)
-        with open(err_path, "rb") as f:
-            f.seek(max(0, os.path.getsize(err_path) - 8192))
-            stderr = f.read().decode("utf-8", "replace")
-        return _verdict(proc.returncode, timed_out, stderr, timeout_s)
-    finally:
-        _remove(folder)
+    outcome = run(program, timeout_s=timeout_s, memory_mb=memory_mb, layers=layers)
+    return _verdict(outcome.returncode, outcome.timed_out, outcome.stderr, timeout_s)
 
 
 def code_pass_at_1(completions: Sequence[str | Sequence[str]], tests: Sequence[str], *,
@@ -404,53 +265,3 @@ def code_pass_at_1(completions: Sequence[str | Sequence[str]], tests: Sequence[s
         table.append([run_code(f"{extract_code(s)}\n\n{test}\n", timeout_s=timeout_s,
                                memory_mb=memory_mb).passed for s in samples])
     return pass_at_1(table)
-
-
-_PROBE = """
-import json, os, resource
-def ns(kind):
-    try:
-        return os.readlink(f"/proc/self/ns/{kind}")
-    except OSError:
-        return None
-names = ("RLIMIT_AS", "RLIMIT_CPU", "RLIMIT_FSIZE", "RLIMIT_NPROC", "RLIMIT_CORE")
-limits = {n: resource.getrlimit(getattr(resource, n))[0] for n in names if hasattr(resource, n)}
-print(json.dumps({"net": ns("net"), "user": ns("user"), "limits": limits}))
-"""
-
-
-@functools.cache
-def isolation() -> dict:
-    """Which of the sandbox's measures hold here, read from a child started as `run_code` starts one
-    with its default limits."""
-    import resource
-
-    def ns(kind):
-        try:
-            return os.readlink(f"/proc/self/ns/{kind}")
-        except OSError:
-            return None
-
-    folder = tempfile.mkdtemp(prefix="hpd-code-")
-    try:
-        out_path = os.path.join(folder, ".stdout")
-        with open(out_path, "wb") as out:
-            proc = _spawn(["-c", _PROBE], folder, 5.0, 512, out, subprocess.DEVNULL)
-            _wait_then_kill_group(proc, 30.0)
-        with open(out_path, encoding="utf-8") as f:
-            child = json.loads(f.read() or "{}")
-    finally:
-        _remove(folder)
-    limits = {name: (None if value == resource.RLIM_INFINITY else value)
-              for name, value in child.get("limits", {}).items()}
-    return {
-        "interpreter": f"{sys.executable} -I -S",
-        "temporary_directory": True,
-        "environment": ["HOME", "LANG", "PATH", "TMPDIR"],
-        "rlimits": limits,
-        "nproc_enforced": "RLIMIT_NPROC" in limits and os.geteuid() != 0,
-        "process_group_kill": True,
-        "network_namespace": child.get("net") is not None and child.get("net") != ns("net"),
-        "user_namespace": child.get("user") is not None and child.get("user") != ns("user"),
-        "socket_guard": True,
-    }
