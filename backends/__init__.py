@@ -9,7 +9,7 @@ if TYPE_CHECKING:
     from hpd.models.backend import Backend
 
 
-def get_backend(name: str, config=None) -> "Backend":
+def get_backend(name: str, config=None) -> Backend:
     """The backend named `name` (a `hpd.models.backend.Backend`), imported only now."""
     if name == "torch":
         from hpd.backends.torch import TorchBackend

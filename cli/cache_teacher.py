@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import click
+
 from hpd.cli.errors import fail
 
 
@@ -59,8 +60,8 @@ def cache_teacher(backend, teacher, data, student, teacher_tokenizer, out, top_k
     hpd cache-teacher --teacher hpd:tiny/teacher --data hpd:tiny/train.jsonl --out cache/
     hpd distill --teacher-cache cache/ --student hpd:tiny/student --data hpd:tiny/train.jsonl ...
     """
-    from hpd.data.examples import DataError
     from hpd.backends import get_backend
+    from hpd.data.examples import DataError
     from hpd.models.loading import asset_path
     from hpd.teachers.cache import CacheOptions
     from hpd.teachers.cache import cache_teacher as run

@@ -112,7 +112,6 @@ def distill(recipe, params, **flags):
         raise click.UsageError(str(e)) from None
 
     from hpd.cli.errors import fail, interrupted_before_start
-
     from hpd.train.checkpoint import CheckpointError
     from hpd.train.interrupt import Interrupted
     from hpd.train.loop import NonFiniteLoss

@@ -75,9 +75,9 @@ import click
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
 @click.pass_context
-def evaluate(ctx, backend, model, recipe, teachers, teacher_column, default_teacher, data, data_split, data_columns, samples, metric, extractor,
-             code_timeout, code_memory, max_new_tokens, temperature, limit, batch_size, lm_eval_tasks,
-             lm_eval_include, num_fewshot, seed, dtype, device, as_json, progress):
+def evaluate(ctx, backend, model, recipe, teachers, teacher_column, default_teacher, data, data_split, data_columns,
+             samples, metric, extractor, code_timeout, code_memory, max_new_tokens, temperature, limit, batch_size,
+             lm_eval_tasks, lm_eval_include, num_fewshot, seed, dtype, device, as_json, progress):
     """Scores of MODEL's generations on DATA (exact match, ROUGE-L or code pass@1), its
     perplexity, and its token-level KL to --teacher; with --lm-eval, lm-evaluation-harness
     tasks on the same folder."""
@@ -173,9 +173,9 @@ def _from_recipe(recipe: str, given: set[str], **values) -> tuple:
 
 def _held_out(backend, model, teacher, data, split, columns, samples, metric, extractor, code_timeout,
               code_memory, max_new_tokens, temperature, limit, batch_size, seed, dtype, device, progress) -> dict:
+    from hpd.backends import get_backend
     from hpd.data.examples import check_tokenizers
     from hpd.data.formats import parse_columns
-    from hpd.backends import get_backend
     from hpd.report.evaluate import accuracy, get_extractor, likelihood
 
     try:

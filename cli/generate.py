@@ -39,8 +39,8 @@ def generate(backend, model, data, out, samples, max_new_tokens, temperature, to
     """Write MODEL's responses to the prompts in DATA as rows of OUT, ready for
     `hpd distill --data OUT`: {prompt, completion} rows for {prompt} input, {messages} rows
     (the response as the final assistant turn) for {messages} input."""
-    from hpd.data.examples import DataError
     from hpd.backends import get_backend
+    from hpd.data.examples import DataError
     from hpd.models.loading import asset_path
 
     data = asset_path(data)

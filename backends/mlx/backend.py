@@ -30,12 +30,20 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from hpd.backends.mlx import family
 from mlx.utils import tree_flatten, tree_map, tree_reduce, tree_unflatten
 
+from hpd.backends.mlx import family
 from hpd.backends.mlx.generation import generate
-from hpd.backends.mlx.loading import (DTYPE_NAMES, DTYPES, ModelInfo, head_module, info_of, param_bytes,
-                                      quantize_model, resolve_model_path)
+from hpd.backends.mlx.loading import (
+    DTYPE_NAMES,
+    DTYPES,
+    ModelInfo,
+    head_module,
+    info_of,
+    param_bytes,
+    quantize_model,
+    resolve_model_path,
+)
 from hpd.backends.mlx.packed import packed_cache, right_padded
 from hpd.files.rng import host_rng_state, seed_host, set_host_rng_state
 from hpd.models.backend import Outputs

@@ -172,7 +172,8 @@ def metrics_of(loss, raw, count: float) -> dict[str, float]:
     for obj, found in zip(loss.objectives, parts):
         tally = MetricTally(ops_for(found["sums"]["objective"]), get_method(obj.method), mx.float32,
                             found["sums"]["objective"])
-        tally.sums, tally.counts, tally.lows, tally.highs = found["sums"], found["counts"], found["lows"], found["highs"]
+        tally.sums, tally.counts = found["sums"], found["counts"]
+        tally.lows, tally.highs = found["lows"], found["highs"]
         out.update(metric_names(tally.metrics(count), obj.method, len(loss.objectives)))
     return out
 

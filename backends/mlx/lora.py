@@ -61,8 +61,9 @@ def linear_names(model) -> list[str]:
 
 def linear_names_at(path: str) -> list[str]:
     """The same names from a model folder, without reading its weights."""
-    from hpd.backends.mlx.loading import resolve_model_path  # mlx-lm loads lazily too
     from mlx_lm.utils import load_model
+
+    from hpd.backends.mlx.loading import resolve_model_path  # mlx-lm loads lazily too
 
     model, _ = load_model(resolve_model_path(path), lazy=True)
     return linear_names(model)

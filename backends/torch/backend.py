@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from hpd.backends.torch import family
 from safetensors.torch import load_file, save_file
 
+from hpd.backends.torch import family
 from hpd.files.rng import host_rng_state, seed_host, set_host_rng_state
 from hpd.models.backend import Outputs
 from hpd.models.loading import hub_failure, local_or_hub, weight_files
@@ -208,15 +208,15 @@ class TorchBackend:
     # ------------------------------------------------------------------ optimisation
     def make_optimizer(self, model, config):
         decay, no_decay = [], []
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 (no_decay if p.ndim < 2 else decay).append(p)
         groups = [{"params": decay, "weight_decay": config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         # The fused kernel updates every tensor in one pass: on CPU about 3x faster than the
         # per-tensor loop AdamW picks by default there, with the same arithmetic.
-        fused = self.device.type in ("cpu", "cuda") and all(
-            p.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64) for g in groups for p in g["params"])
+        floats = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+        fused = self.device.type in ("cpu", "cuda") and all(p.dtype in floats for g in groups for p in g["params"])
         return torch.optim.AdamW(groups, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
                                  eps=config.adam_eps, fused=fused or None)
 

@@ -30,6 +30,7 @@ import math
 import sys
 from collections import Counter
 
+
 def enabled(mode: str, device) -> bool:
     return mode == "on" or (mode == "auto" and device.type == "cuda")
 

@@ -40,12 +40,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from hpd.backends.torch.backend import (
     TorchBackend,
     model_from_pretrained,
     model_inputs,
 )
-
 from hpd.models.backend import Outputs
 
 

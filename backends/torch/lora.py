@@ -103,8 +103,9 @@ def linear_names(model) -> list[str]:
 
 def _skeleton(path: str):
     """The model of a folder on the meta device: its modules without its weights."""
-    from hpd.backends.torch.backend import from_pretrained
     from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hpd.backends.torch.backend import from_pretrained
 
     config = from_pretrained(AutoConfig, path)
     with torch.device("meta"):
@@ -125,8 +126,9 @@ def load_quantized_base(path: str, spec: LoraSpec, backend, dtype: str = "auto")
     """A bitsandbytes base (QLoRA): every linear layer of the blocks in 4-bit NF4 or 8-bit,
     the embeddings, norms and head at the frozen-model dtype (bfloat16 on CUDA under auto,
     float32 elsewhere), which is also the 4-bit layers' compute dtype."""
-    from hpd.backends.torch.backend import from_pretrained
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from hpd.backends.torch.backend import from_pretrained
 
     compute = backend.dtype_for(dtype, trainable=False)
     if spec.quantize == 4:

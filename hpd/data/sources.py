@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from hpd.data.examples import DataError, read_jsonl
 from hpd.data.formats import normalize, parse_columns

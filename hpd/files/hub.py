@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -39,7 +39,7 @@ def _via(url: str) -> str:
     return proxy if proxy and not proxy_bypass(parsed.hostname or "") else url
 
 
-@lru_cache(maxsize=None)
+@cache
 def _probe(url: str, timeout: float) -> str:
     parsed = urlparse(_via(url))
     host, port = parsed.hostname or "", parsed.port or (80 if parsed.scheme == "http" else 443)

@@ -190,7 +190,7 @@ class OutputLock:
         self.path = Path(folder) / LOCK
         self.fh = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         try:
             fh = open(self.path, "a+")
         except OSError as e:

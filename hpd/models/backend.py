@@ -7,9 +7,10 @@ Arrays crossing the interface from the core are numpy; arrays going back into
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 

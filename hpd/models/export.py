@@ -63,13 +63,14 @@ def model_card(info: dict) -> str:
     mlx_only = (info.get("lora") or {}).get("export") == "quantized"
     loads = ("Loads with `mlx_lm.load` (mlx-lm's quantization; transformers cannot read it)." if mlx_only else
              "Loads with `transformers.AutoModelForCausalLM.from_pretrained` and `mlx_lm.load`.")
+    backend = info.get("backend", "?")
     return f"""---
 library_name: {'mlx' if mlx_only else 'transformers'}
 tags: [hpd, distillation]
 ---
 # {info.get('name', 'hpd student')}
 
-Distilled with [hpd](https://pypi.org/project/{DISTRIBUTION}/) (`pip install {DISTRIBUTION}`, {info.get('backend', '?')} backend).
+Distilled with [hpd](https://pypi.org/project/{DISTRIBUTION}/) (`pip install {DISTRIBUTION}`, {backend} backend).
 
 | | |
 |---|---|

@@ -230,8 +230,9 @@ def mlx_keys(config: dict) -> dict:
                               "does not have; use --backend torch for this model")
     ignored = [k for k in MLX_IGNORED.get(model_type, ()) if config.get(k) not in (None, 0, 0.0)]
     if ignored:
-        raise FamilyError(f"{model_type}: mlx-lm's {model_type} ignores {', '.join(f'{k}={config[k]}' for k in ignored)}, "
-                          "which transformers applies; use --backend torch for this model")
+        values = ", ".join(f"{k}={config[k]}" for k in ignored)
+        raise FamilyError(f"{model_type}: mlx-lm's {model_type} ignores {values}, which transformers applies; "
+                          "use --backend torch for this model")
     return out
 
 

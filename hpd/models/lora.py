@@ -40,7 +40,7 @@ class LoraSpec:
         return self.alpha / self.rank
 
     @classmethod
-    def from_config(cls, cfg) -> "LoraSpec | None":
+    def from_config(cls, cfg) -> LoraSpec | None:
         if not getattr(cfg, "lora_rank", 0):
             return None
         return cls(rank=int(cfg.lora_rank), alpha=float(cfg.lora_alpha), dropout=float(cfg.lora_dropout),
@@ -61,7 +61,7 @@ class Attached:
     modules: list
 
 
-def attached(model) -> "Attached | None":
+def attached(model) -> Attached | None:
     return getattr(model, "hpd_lora", None)
 
 

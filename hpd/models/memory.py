@@ -50,7 +50,7 @@ class Shape:
     qkv_bias: bool
 
     @classmethod
-    def from_config(cls, config: dict) -> "Shape":
+    def from_config(cls, config: dict) -> Shape:
         heads = int(config["num_attention_heads"])
         hidden = int(config["hidden_size"])
         return cls(hidden=hidden, intermediate=int(config["intermediate_size"]),
@@ -61,7 +61,7 @@ class Shape:
                    qkv_bias=bool(config.get("attention_bias", config.get("model_type") == "qwen2")))
 
     @classmethod
-    def from_folder(cls, path: str) -> "Shape":
+    def from_folder(cls, path: str) -> Shape:
         from hpd.models.loading import local_or_hub
 
         source = local_or_hub(path)

@@ -12,7 +12,7 @@ from pathlib import Path
 from hpd.models import lora
 
 
-def check_student(backend, cfg) -> "lora.LoraSpec | None":
+def check_student(backend, cfg) -> lora.LoraSpec | None:
     """The checks that need no weights: backend support and target names (from the model's
     skeleton). Run before the output folder is touched."""
     spec = lora.LoraSpec.from_config(cfg)
@@ -40,7 +40,7 @@ def load_student(backend, cfg, resume_from: Path | None, say=lambda message: Non
     return model
 
 
-def load_base(backend, path: str, spec: "lora.LoraSpec", dtype: str):
+def load_base(backend, path: str, spec: lora.LoraSpec, dtype: str):
     """The frozen base: at the teacher's dtype rule (bfloat16 on an accelerator under auto,
     since no optimizer touches it), quantized for QLoRA."""
     if spec.quantize and backend.name == "torch":

@@ -48,7 +48,7 @@ class Head:
     def transformed(self) -> bool:
         return self.scale != 1.0 or self.softcap != 0.0
 
-    def with_weight(self, weight) -> "Head":
+    def with_weight(self, weight) -> Head:
         return replace(self, weight=weight)
 
     def describe(self) -> str:

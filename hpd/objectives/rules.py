@@ -15,8 +15,9 @@ reweighted one: the two agree, which the tests check against autograd).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from hpd.objectives.ops import LOG_FLOOR
 

@@ -28,7 +28,7 @@ from hpd.objectives.heads import Head, as_head, half_logits, project
 class TeacherSource(Protocol):
     vocab: int  # columns the source can give (the shared vocabulary is at most this)
 
-    def select(self, o, index) -> "TeacherSource":
+    def select(self, o, index) -> TeacherSource:
         """The source at flat positions `index` (N,), row-major over the targets' shape."""
         ...
 
@@ -50,7 +50,7 @@ class LiveTeacher:
     def vocab(self) -> int:
         return self.head.vocab
 
-    def select(self, o, index) -> "LiveTeacher":
+    def select(self, o, index) -> LiveTeacher:
         h = o.stop_gradient(self.hidden)
         return LiveTeacher(o.rows(h.reshape((-1, h.shape[-1])), index), self.head)
 
@@ -74,7 +74,7 @@ class LogitsTeacher:
     def vocab(self) -> int:
         return int(self.logits.shape[-1])
 
-    def select(self, o, index) -> "LogitsTeacher":
+    def select(self, o, index) -> LogitsTeacher:
         z = o.stop_gradient(self.logits)
         return LogitsTeacher(o.rows(z.reshape((-1, z.shape[-1])), index))
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from hpd.data.batches import collate, load_dataset
 from hpd.data.examples import pad_id_of, prompt_ids

@@ -67,7 +67,7 @@ class Problem:
         return " ".join(map(str, self.values))
 
     def prompt(self) -> str:
-        return "Sum " + " ".join(f"{l}={v}" for l, v in zip(self.letters, self.values)) + "\n"
+        return "Sum " + " ".join(f"{letter}={v}" for letter, v in zip(self.letters, self.values)) + "\n"
 
     def completion(self, style: str) -> str:
         if style == "forward":
@@ -190,7 +190,7 @@ def parse_prompt(prompt: str) -> Problem:
     if not m:
         raise ValueError(f"not a sums prompt: {prompt!r}")
     pairs = [item.split("=") for item in m.group(1).split(" ")]
-    if "".join(l for l, _ in pairs) != LETTERS[: len(pairs)]:
+    if "".join(letter for letter, _ in pairs) != LETTERS[: len(pairs)]:
         raise ValueError(f"letters out of order: {prompt!r}")
     return Problem(tuple(int(v) for _, v in pairs))
 

@@ -14,9 +14,9 @@ import hashlib
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -295,5 +295,6 @@ def _model_pass(backend, teacher, cross, vocab: int, options: CacheOptions) -> C
     return teacher_pass
 
 
-__all__ = ["CacheOptions", "cache_teacher", "new_index", "quantizer_for", "write_store", "teacher_rows", "data_provenance", "tokenizer_fingerprint", "tokens_sha256",
-           "teacher_fingerprint", "first_difference", "open_store", "RESUME_FIELDS"]
+__all__ = ["CacheOptions", "cache_teacher", "new_index", "quantizer_for", "write_store", "teacher_rows",
+           "data_provenance", "tokenizer_fingerprint", "tokens_sha256", "teacher_fingerprint", "first_difference",
+           "open_store", "RESUME_FIELDS"]

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import gc
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from hpd.data.routing import Route, prompt_routes, take_rows
 from hpd.teachers.live import teacher_source_of
@@ -30,7 +31,7 @@ class NamedTeachers:
         self.load_seconds: dict[str, float] = {}  # each teacher's load time, measured at its first load
 
     @classmethod
-    def from_config(cls, cfg) -> "NamedTeachers":
+    def from_config(cls, cfg) -> NamedTeachers:
         names = tuple(cfg.teacher_names())
         teachers = {n: RunTeacher(cfg.teachers.get(n, ""), cfg.teacher_caches.get(n, "")) for n in names}
         return cls(teachers, Route(cfg.teacher_column, names, cfg.default_teacher), cfg.teacher_offload)

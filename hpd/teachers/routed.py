@@ -42,7 +42,7 @@ class RoutedTeacher:
         """(each position's teacher (B, T), the teachers' names), for the loss's metrics."""
         return self.groups_array, self.names
 
-    def select(self, o, index) -> "RoutedTeacher":
+    def select(self, o, index) -> RoutedTeacher:
         flat = np.asarray(o.numpy(index), dtype=np.int64)
         length = self.route.shape[1]
         owner = self.route.reshape(-1)[flat]

@@ -10,8 +10,9 @@ batch's source and never learns which it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from hpd.teachers.cross import CrossData, choose_mode, cross_source, prepare_for_run
 from hpd.teachers.live import live_source

@@ -340,5 +340,6 @@ class Store:
         return sum(s["bytes"] for s in self.index["shards"])
 
 
-__all__ = ["Store", "StoreError", "Quantizer", "default_bits", "pack12", "unpack12", "id_bytes", "pack_ids", "unpack_ids", "bytes_per_position",
-           "read_index", "write_index", "write_shard", "discard_unlisted", "covered", "is_store_file"]
+__all__ = ["Store", "StoreError", "Quantizer", "default_bits", "pack12", "unpack12", "id_bytes", "pack_ids",
+           "unpack_ids", "bytes_per_position", "read_index", "write_index", "write_shard", "discard_unlisted",
+           "covered", "is_store_file"]

@@ -76,7 +76,7 @@ class StoreTeacher:
         self.vocab = vocab  # the teacher's vocabulary, as stored
         self.temperature = temperature
 
-    def select(self, o, index) -> "StoreTeacher":
+    def select(self, o, index) -> StoreTeacher:
         rows = {name: o.rows(x, index) for name, x in self.arrays.items()}
         return StoreTeacher(rows, vocab=self.vocab, temperature=self.temperature)
 

@@ -168,7 +168,7 @@ class DistillConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DistillConfig":
+    def from_dict(cls, d: dict[str, Any]) -> DistillConfig:
         """The fields given; a `recipe` key (a file or a shipped name) supplies the rest."""
         if d.get("recipe"):
             rest = {k: v for k, v in d.items() if k != "recipe"}
@@ -193,7 +193,7 @@ class DistillConfig:
         self.notes: list[str] = []
 
     @classmethod
-    def from_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "DistillConfig":
+    def from_recipe(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> DistillConfig:
         """A recipe YAML (or a shipped recipe's name) with `overrides` on top. The config's
         `notes` list warnings about the combination (see hpd.train.advice)."""
         name = str(path)
@@ -236,7 +236,7 @@ class DistillConfig:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     # ------------------------------------------------------------------ validation
-    def validate(self, *, require_paths: bool = True) -> "DistillConfig":
+    def validate(self, *, require_paths: bool = True) -> DistillConfig:
         """Raise one ValueError listing every problem."""
         from hpd.objectives.rules import TEMPERATURE, get_method, resolve_params
 

@@ -56,7 +56,7 @@ class StopOnSignal:
         print(f"\n{name}: finishing the current step, then writing a checkpoint "
               f"(send it again to exit at once)", file=sys.stderr, flush=True)
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         if threading.current_thread() is threading.main_thread():
             for sig in _SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

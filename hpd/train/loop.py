@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -166,14 +167,14 @@ class Loop:
     # held-out KL to the teacher (None: when `teacher` is set; a store alone cannot score them)
     eval_kl: bool | None = None
     log: Callable[[dict], None] = lambda record: None
-    save: Callable[["Loop"], None] = lambda loop: None
+    save: Callable[[Loop], None] = lambda loop: None
     # tests inject samples that do not depend on the batch split: batch -> (B, T) ids
     given_samples: Callable[[dict], np.ndarray] | None = None
-    rollout: Callable[["Loop", Any, dict], dict] | None = None
+    rollout: Callable[[Loop, Any, dict], dict] | None = None
     # where a step's teacher log-probs come from: (loop, micro-batch, arrays, plan) ->
     # the teacher's Outputs or a TeacherSource (an offline store, a teacher of another
     # tokenizer); evaluation asks it too, with plan None
-    teacher_source: Callable[["Loop", dict, dict, Any], Any] = live_teacher
+    teacher_source: Callable[[Loop, dict, dict, Any], Any] = live_teacher
     # asked before each step: True ends run() there (a signal asked the run to stop)
     should_stop: Callable[[], bool] = lambda: False
 

@@ -63,8 +63,17 @@ import random
 from dataclasses import dataclass
 
 from hpd.objectives.rules import get_method
-from hpd.train.schedule_config import (RAMPS, STATE_KEYS, Objective, ScheduleConfig, objective_of, parse_objectives,
-                                       raise_all, to_step, total_steps_errors)
+from hpd.train.schedule_config import (
+    RAMPS,
+    STATE_KEYS,
+    Objective,
+    ScheduleConfig,
+    objective_of,
+    parse_objectives,
+    raise_all,
+    to_step,
+    total_steps_errors,
+)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ class ScheduleConfig:
         return [f.name for f in dataclasses.fields(cls)]
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> "ScheduleConfig":
+    def from_dict(cls, d: dict[str, Any] | None) -> ScheduleConfig:
         """The `schedule:` section of a recipe, validated."""
         d = dict(d or {})
         unknown = sorted(set(d) - set(cls.field_names()))
@@ -56,7 +56,7 @@ class ScheduleConfig:
         values = {k: (getattr(defaults, k) if v is None else v) for k, v in d.items()}
         return cls(**values).validate()
 
-    def validate(self) -> "ScheduleConfig":
+    def validate(self) -> ScheduleConfig:
         """Raise one ValueError listing every problem."""
         errors = [
             *_check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES),
