@@ -25,10 +25,10 @@ def test_a_shared_template_with_text_after_the_end_token(kinds):
     row = {"messages": [{"role": "user", "content": "what is 217 plus 892?"},
                         {"role": "assistant", "content": "7+2=9, write 9 carry 0; 2+8+0=10. Answer 1109"}]}
     p = pair(row, student, teacher)
-    ids = encode_row(row, student).input_ids
+    ids, t_ids = encode_row(row, student).input_ids, encode_row(row, teacher).input_ids
     end = len(ids) - 2  # ... <|im_end|> \n
     assert ids[end] == student.eos_token_id and student.decode(ids[end + 1:]) == "\n"
     taught = dict(zip(p.student_pos.tolist(), p.teacher_pos.tolist()))
-    assert p.teacher_ids[taught[end] + 1] == teacher.eos_token_id
-    assert teacher.decode([int(p.teacher_ids[taught[end + 1] + 1])]) == "\n"
-    assert teacher.decode([int(x) for x in p.teacher_ids[:taught[end + 1] + 1]]).endswith("1109<|im_end|>")
+    assert t_ids[taught[end] + 1] == teacher.eos_token_id
+    assert teacher.decode(t_ids[taught[end + 1] + 1:]) == "\n"
+    assert teacher.decode(t_ids[:taught[end + 1] + 1]).endswith("1109<|im_end|>")
