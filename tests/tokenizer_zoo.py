@@ -4,7 +4,7 @@ The corpora of the pairing's property test (tests/test_pairing.py) and of
 `python -m benchmarks.aligned_share`. Everything is built offline with `tokenizers`,
 in memory, in well under a second per tokenizer:
 
-  bpe-320, bpe-520   byte-level BPE (GPT-2's pre-tokenizer and alphabet, 'Ġ' for a space),
+  bpe-400, bpe-800   byte-level BPE (GPT-2's pre-tokenizer and alphabet, 'Ġ' for a space),
                      two vocabulary sizes, so two models of one family cut text differently;
   sp-bpe             SentencePiece-style BPE: '▁' for a space (Metaspace), digits one by
                      one, a small alphabet and '<0xNN>' byte fallback for the rest;
@@ -33,8 +33,8 @@ RARE = list("ßΩЖ🎉龍ñ€")  # not in the training corpus: byte fallback, 
 PUNCT = list(",.;:!?")
 
 KINDS = {  # name: (algorithm, vocabulary size)
-    "bpe-320": ("byte_bpe", 320),
-    "bpe-520": ("byte_bpe", 520),
+    "bpe-400": ("byte_bpe", 400),
+    "bpe-800": ("byte_bpe", 800),
     "sp-bpe": ("sp_bpe", 300),
     "unigram": ("unigram", 400),
 }
