@@ -7,8 +7,12 @@ are aligned (the targets: assistant turns, the completion, a text row's text); t
 prompts may differ as the two templates differ.
 
 For each response the two sides' token offsets into their rendered texts are cut to
-the response's own text (its window, where the content sits in each rendering: the
-whole segment where both render it alike) and aligned by `hpd.teachers.align.align_spans`.
+the response's own text (its window, where the content sits in each rendering) and
+aligned by `hpd.teachers.align.align_spans`. Where both sides render the response's
+segment alike (one template on both), the window is the whole segment, so the text after
+an end token (ChatML's `<|im_end|>\n`) is aligned too. A marker, a special token that
+stands for itself (an end token the template wrote, the EOS after a completion), spells
+no text: it pairs with the other side's marker at the same place in the window.
 A student target is paired with the teacher position that has read the same response
 text before it, when the teacher's own next token there is the student's data token
 (the same bytes, a shared pair; EOS pairs EOS by role): then the teacher's row scores
