@@ -36,6 +36,32 @@ def test_a_shared_template_with_text_after_the_end_token(kinds):
     assert teacher.decode(t_ids[:taught[end + 1] + 1]).endswith("1109<|im_end|>")
 
 
+
+@pytest.mark.slow
+def test_distill_across_byte_level_tokenizers_sharing_chatml(tmp_path):
+    """`hpd distill` with two byte-level BPEs that share ChatML trains on every row."""
+    from click.testing import CliRunner
+    from conftest import build_model
+
+    from hpd.cli.main import cli
+
+    folders = {}
+    for who, kind in (("student", "bpe-400"), ("teacher", "bpe-800")):
+        make_tokenizer(kind, "chatml").save_pretrained(tmp_path / f"{who}_tok")
+        folders[who] = build_model(tmp_path / who, tmp_path / f"{who}_tok", hidden=16, layers=1)
+    rows = [r for r in random_rows(24, 5) if "messages" in r]
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(cli, ["distill", "--no-progress", "--teacher", str(folders["teacher"]), "--student",
+                                      str(folders["student"]), "--data", str(data), "--out", str(tmp_path / "run"),
+                                      "--steps", "2", "--batch-size", "4"])
+    assert result.exit_code == 0, result.output
+    assert "teacher tokenizer: cross" in result.output
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    aligned = [m["cross/aligned"] for m in metrics if "cross/aligned" in m]
+    assert len(aligned) == 2 and all(0.3 < a < 1.0 for a in aligned), aligned
+
+
 # ------------------------------------------------------------------ properties over random rows
 
 SHARED = [("chatml", "chatml"), ("tagged", "tagged"), ("plain", "plain")]
