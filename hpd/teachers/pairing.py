@@ -82,7 +82,6 @@ class Speller:
         tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
         self.bytes = [None if i in specials or t is None else token_bytes(t, convention)
                       for i, t in enumerate(tokens)]
-        self.specials = specials
 
     def spell(self, ids) -> bytes:
         return b"".join(self.bytes[i] or b"" for i in ids if 0 <= i < len(self.bytes))
