@@ -22,7 +22,6 @@ import hpd
 from hpd.backends import get_backend
 from hpd.cli.main import cli
 from hpd.data.batches import collate, load_dataset
-from hpd.teachers.align import uld_distance
 from hpd.teachers.cross import CrossTeacher, choose_mode, cross_source, prepare
 from hpd.train.loop import live_teacher, objective_loss_fn
 from hpd.train.schedule_config import objective_of
@@ -206,7 +205,7 @@ def test_no_common_text_is_refused(pair, tmp_path):
 def test_rows_move_to_the_student_vocabulary_and_uld_sees_the_whole_teacher():
     """Shared tokens carry the teacher's probabilities renormalised over them, the rest is
     ruled out, unpaired positions put everything on the data token; ULD's value is the
-    sorted distance to the teacher's whole distribution (align.uld_distance)."""
+    sorted distance to the teacher's whole distribution (`uld_distance` below)."""
     from hpd.objectives.teacher import LogitsTeacher
 
     torch.manual_seed(0)
@@ -235,6 +234,19 @@ def test_rows_move_to_the_student_vocabulary_and_uld_sees_the_whole_teacher():
         assert source.metrics()["cross/aligned"] == pytest.approx(0.8)
         mass = [float(shared[i].sum()) for i in (0, 1, 2, 4)]
         assert source.metrics()["cross/shared_mass"] == pytest.approx(np.mean(mass), abs=1e-6)
+
+
+def uld_distance(p, q) -> np.ndarray:
+    """ULD's sorted-probability distance over the last axis (Boizard et al., 2024): both
+    distributions sorted in decreasing order, the narrower padded with zeros, the absolute
+    differences summed."""
+    width = max(p.shape[-1], q.shape[-1])
+
+    def sorted_padded(x):
+        x = np.pad(np.asarray(x, dtype=np.float64), [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+        return -np.sort(-x, axis=-1)
+
+    return np.abs(sorted_padded(p) - sorted_padded(q)).sum(axis=-1)
 
 
 def ops(x):

@@ -7,14 +7,10 @@ This module finds what can still be compared, in plain numpy (no torch, no mlx):
   align_spans    which student targets have a teacher position that predicts from the
                  same text, by merging tokens on both sides until they end together;
   shared_vocab   which tokens the two vocabularies share (same bytes once each
-                 convention's space and byte markers are decoded), for an exact term;
-  uld_distance   ULD's sorted-probability distance, which needs no pairing at all, and
-  split_mass     the teacher's mass on the shared tokens (the rest goes to ULD).
+                 convention's space and byte markers are decoded), for an exact term.
 
-The numpy loss helpers are references for a backend-agnostic implementation, not the
-training path. Offsets are in characters of the text both tokenizers were given (what
-transformers' fast tokenizers return with `return_offsets_mapping=True`, or
-`offsets_from_token_bytes` for any tokenizer that can say each token's bytes).
+Offsets are in characters of the text both tokenizers were given (what transformers'
+fast tokenizers return with `return_offsets_mapping=True`).
 """
 
 from __future__ import annotations
@@ -50,13 +46,6 @@ class Alignment:
 
     def __len__(self) -> int:
         return len(self.char_spans)
-
-    @property
-    def student_position_to_teacher_position(self) -> np.ndarray:
-        """The same map indexed by the student's predicting position (t - 1), as a loss on
-        the student's logits wants it; -1 at the last position."""
-        m = self.student_target_to_teacher_position
-        return np.concatenate([m[1:], np.full(min(len(m), 1), -1, np.int64)])
 
 
 def _side(offsets, skip) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -145,31 +134,6 @@ def align_spans(student_offsets, teacher_offsets, *, student_skip=None, teacher_
     return Alignment(student_ranges=g[:, :2], teacher_ranges=g[:, 2:],
                      char_spans=np.asarray(spans, dtype=np.int64).reshape(-1, 2),
                      student_target_to_teacher_position=target)
-
-
-def offsets_from_token_bytes(pieces) -> np.ndarray:
-    """Character offsets from each token's bytes (None for a special token: (0, 0)).
-
-    For tokenizers without offset mappings. The pieces must concatenate to the UTF-8
-    text (drop a SentencePiece dummy-prefix space first). A token's span runs from the
-    character holding its first byte to the one holding its last, so the tokens of one
-    split character repeat or overlap its span, as transformers' offsets do."""
-    lengths = [0 if p is None else len(p) for p in pieces]
-    data = b"".join(p for p in pieces if p)
-    starts_char = (np.frombuffer(data, dtype=np.uint8) & 0xC0) != 0x80
-    char_of = np.cumsum(starts_char) - 1  # the character each byte belongs to
-    out = np.zeros((len(pieces), 2), dtype=np.int64)
-    pos = 0
-    for k, (p, n) in enumerate(zip(pieces, lengths)):
-        if p is None:
-            continue
-        if n:
-            out[k] = (char_of[pos], char_of[pos + n - 1] + 1)
-        else:  # an empty piece sits at the character boundary it is at
-            c = int(np.count_nonzero(starts_char[:pos]))
-            out[k] = (c, c)
-        pos += n
-    return out
 
 
 # ----------------------------------------------------------------------- shared vocabulary
@@ -329,40 +293,3 @@ def shared_vocab_from_tokenizers(student_tokenizer, teacher_tokenizer) -> Shared
         student_special_ids=student_tokenizer.all_special_ids,
         teacher_special_ids=teacher_tokenizer.all_special_ids,
         student_eos_id=student_tokenizer.eos_token_id, teacher_eos_id=teacher_tokenizer.eos_token_id)
-
-
-def is_identity(student_vocab: dict, teacher_vocab: dict) -> bool:
-    """Same tokens under the same ids: the plain same-vocabulary path applies as is."""
-    return dict(student_vocab) == dict(teacher_vocab)
-
-
-# ---------------------------------------------------------------------- loss references
-
-
-def uld_distance(student_probs, teacher_probs) -> np.ndarray:
-    """ULD's sorted-probability distance over the last axis (Boizard et al., 2024).
-
-    Each distribution is sorted in decreasing order (sorting sorted input changes
-    nothing), the smaller vocabulary is padded with zeros, and the distance is the sum
-    of absolute differences. Sorting both is the best one-to-one pairing of the two
-    vocabularies for the L1 cost, so this never exceeds the L1 distance under any
-    pairing (a shared-vocabulary one included), needs no pairing at all, and is
-    symmetric; ULD uses it as a closed-form bound for the Wasserstein-1 distance."""
-    p = np.asarray(student_probs, dtype=np.float64)
-    q = np.asarray(teacher_probs, dtype=np.float64)
-    width = max(p.shape[-1], q.shape[-1])
-
-    def sorted_padded(x):
-        pad = [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])]
-        return -np.sort(-np.pad(x, pad), axis=-1)
-
-    return np.abs(sorted_padded(p) - sorted_padded(q)).sum(axis=-1)
-
-
-def split_mass(teacher_probs, shared_teacher_ids) -> tuple[np.ndarray, np.ndarray]:
-    """(mass on the shared teacher ids, mass on the rest), over the last axis: how much of
-    the teacher's distribution an exact per-token term can see, and how much is left to ULD."""
-    q = np.asarray(teacher_probs, dtype=np.float64)
-    mask = np.zeros(q.shape[-1], dtype=bool)
-    mask[np.asarray(shared_teacher_ids, dtype=np.int64)] = True
-    return q[..., mask].sum(axis=-1), q[..., ~mask].sum(axis=-1)

@@ -18,23 +18,19 @@ Every method in the catalogue then runs on these rows unchanged. HPD's student s
 is drawn from the student as always; when it falls outside the shared part the teacher
 rules it out and the rule counts it as no sample: no weight, nothing added to the data
 token's (see `hpd.objectives.rules.hpd`). ULD's
-sorted distance (`uld`, `--uld-weight`) gets the teacher's whole distribution, its
-own vocabulary sorted (`sorted_log_probs`), so the mass on tokens the student cannot
-name still counts there.
+sorted distance (`uld`, `--uld-weight`) gets the teacher's whole distribution at a
+paired target, its own vocabulary sorted (`sorted_log_probs`), so the mass on tokens the
+student cannot name still counts there; an unpaired target gets the data token's row
+there too (no teacher signal).
 
 Metrics: `cross/aligned`, the share of student target positions with a teacher row,
 and `cross/shared_mass`, the teacher's mean probability on shared tokens at them.
 
-Cost. Alignment is done once per example, before training (one tokenisation with
-offsets per side and `align_spans`, linear in the length: benchmarks/align_cost.py
-measures align_spans at about 1.4 ms per batch of 8 x 512 tokens; with the
-tokenisations, 16 to 27 ms per batch of 8 x 95 tokens on the tiny pair). Per step: the
-teacher's forward on its own tokens, a gather of (C, V_t) into (C, V_s) per chunk and a
-logsumexp. The chunks are sized by the wider of the two vocabularies (`width`), so one
-chunk's buffers stay within --chunk-budget-mb as on the same-tokenizer path.
-benchmarks/cross_tokenizer.py measures the step time against `same` (on the tiny pair,
-1.07x for the machinery alone and 1.02x to 1.11x with the other tokenizer; ULD's
-added pass brings it to about 1.6x).
+Cost: one pairing per example before training, linear in its length; per step, the
+teacher's forward on its own tokens and a gather of (C, V_t) into (C, V_s) per chunk
+(measured figures: benchmarks/results/). The chunks are sized by the wider of the two
+vocabularies (`width`), so one chunk's buffers stay within --chunk-budget-mb as on the
+same-tokenizer path.
 """
 
 from __future__ import annotations
