@@ -206,7 +206,7 @@ class CrossTeacher:
         chunked loss's chunks are sized by it."""
         return self.vocab if self.identical else self.teacher_vocab + 1
 
-    def select(self, o, index) -> "CrossTeacher":
+    def select(self, o, index) -> CrossTeacher:
         w = o.rows(self.where, index)
         paired = w >= 0
         inner = self.inner.select(o, o.where(paired, w, 0 * w))
