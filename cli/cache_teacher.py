@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import click
 
+from hpd.cli import options
 from hpd.cli.errors import fail
 
 
 @click.command("cache-teacher", context_settings={"max_content_width": 100},
                short_help="Store a teacher's top-k log-probs for training without it.")
-@click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
-              help="framework that runs the teacher (either backend reads the store)")
+@options.backend("framework that runs the teacher (either backend reads the store)")
 @click.option("--teacher", required=True, help="teacher model: a local folder, a hub id, or hpd:tiny/teacher")
 @click.option("--data", required=True, help="training data JSONL, as later passed to `hpd distill --data`")
 @click.option("--student", default=None,
@@ -28,10 +26,8 @@ from hpd.cli.errors import fail
               help="teacher log-probs kept per position (at most the vocabulary size)")
 @click.option("--max-length", default=1024, show_default=True, type=click.IntRange(min=2),
               help="truncate rows as `hpd distill --max-length` will (the two must match)")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-              help="sequences per teacher forward pass")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="teacher softmax temperature (distill must use the same)")
+@options.batch_size(8, "sequences per teacher forward pass")
+@options.temperature("teacher softmax temperature (distill must use the same)")
 @click.option("--teacher-quantize", default="0", show_default=True, type=click.Choice(["0", "4", "8"]),
               help="mlx: quantize the teacher to 4 or 8 bits at load (0: off)")
 @click.option("--logprob-bits", default="auto", show_default=True,
@@ -45,11 +41,9 @@ from hpd.cli.errors import fail
               help="positions projected through the teacher's head at a time")
 @click.option("--resume", is_flag=True, help="continue a store that a kill interrupted")
 @click.option("--overwrite", is_flag=True, help="replace the teacher store in --out")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="teacher dtype")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-              help="device for the torch backend")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
+@options.dtype("teacher dtype")
+@options.device()
+@options.progress()
 def cache_teacher(backend, teacher, data, student, teacher_tokenizer, out, top_k, max_length, batch_size,
                   temperature, teacher_quantize, logprob_bits, examples_per_shard, chunk_size, resume, overwrite,
                   dtype, device, progress):
@@ -60,7 +54,6 @@ def cache_teacher(backend, teacher, data, student, teacher_tokenizer, out, top_k
     hpd cache-teacher --teacher hpd:tiny/teacher --data hpd:tiny/train.jsonl --out cache/
     hpd distill --teacher-cache cache/ --student hpd:tiny/student --data hpd:tiny/train.jsonl ...
     """
-    from hpd.backends import get_backend
     from hpd.data.examples import DataError
     from hpd.models.loading import asset_path
     from hpd.teachers.cache import CacheOptions
@@ -70,15 +63,15 @@ def cache_teacher(backend, teacher, data, student, teacher_tokenizer, out, top_k
         raise click.UsageError("--resume and --overwrite exclude each other")
     teacher, data = asset_path(teacher), asset_path(data)
     try:
-        be = get_backend(backend, SimpleNamespace(device=device, dtype=dtype, gradient_checkpointing=False))
+        be = options.inference_backend(backend, device, dtype)
         tokenizer = be.load_tokenizer(teacher)
         student_tok = be.load_tokenizer(asset_path(student)) if student else None
         model = be.load_model(teacher, trainable=False, dtype=dtype, quantize=int(teacher_quantize))
-        options = CacheOptions(top_k=top_k, max_length=max_length, batch_size=batch_size, temperature=temperature,
-                               logprob_bits=logprob_bits, examples_per_shard=examples_per_shard,
-                               chunk_size=chunk_size, teacher_quantize=int(teacher_quantize), resume=resume,
-                               overwrite=overwrite, progress=progress)
-        index = run(be, model, tokenizer, data, out, options, teacher_name=teacher, student_tokenizer=student_tok,
+        settings = CacheOptions(top_k=top_k, max_length=max_length, batch_size=batch_size, temperature=temperature,
+                                logprob_bits=logprob_bits, examples_per_shard=examples_per_shard,
+                                chunk_size=chunk_size, teacher_quantize=int(teacher_quantize), resume=resume,
+                                overwrite=overwrite, progress=progress)
+        index = run(be, model, tokenizer, data, out, settings, teacher_name=teacher, student_tokenizer=student_tok,
                     tokenizer_mode=teacher_tokenizer)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         fail(str(e))

@@ -9,15 +9,15 @@ student is scored the way its recipe says (`recipes/paper-*.yaml`)."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
 import click
+
+from hpd.cli import options
 
 
 @click.command(name="eval", context_settings={"max_content_width": 100},
                short_help="Accuracy, perplexity and KL to a teacher; lm-eval tasks.")
-@click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
-              help="framework that runs the model for --data (--lm-eval always runs it through transformers)")
+@options.backend("framework that runs the model for --data (--lm-eval always runs it through transformers)")
 @click.option("--model", required=True, help="model folder or hub id to evaluate")
 @click.option("--recipe", default=None, metavar="NAME|FILE",
               help="take --metric, --extractor, --data (its eval_data) and --temperature from a training "
@@ -51,14 +51,11 @@ import click
               help="--metric code: seconds one program may run")
 @click.option("--code-memory", default=512, show_default=True, type=click.IntRange(min=16),
               help="--metric code: MiB of memory one program may use")
-@click.option("--max-new-tokens", default=128, show_default=True, type=click.IntRange(min=1),
-              help="longest generation, in new tokens")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="sampling temperature when --samples > 1")
+@options.max_new_tokens(128, "longest generation, in new tokens")
+@options.temperature("sampling temperature when --samples > 1")
 @click.option("--limit", default=0, show_default=True, type=click.IntRange(min=0),
               help="first N rows only, for every metric (and N documents per lm-eval task); 0: all")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
-              help="sequences per forward pass or generation batch (also lm-eval's batch size)")
+@options.batch_size(16, "sequences per forward pass or generation batch (also lm-eval's batch size)")
 @click.option("--lm-eval", "lm_eval_tasks", default=None, metavar="TASKS",
               help="also run EleutherAI's lm-evaluation-harness tasks (comma-separated) on --model; "
                    "needs pip install 'hpd-distill[lm-eval]'")
@@ -66,14 +63,11 @@ import click
               help="folder of local lm-eval task YAML files (repeatable)")
 @click.option("--num-fewshot", default=None, type=click.IntRange(min=0),
               help="few-shot examples for lm-eval tasks [default: each task's own]")
-@click.option("--seed", default=0, show_default=True, type=int, help="seed for sampled generations and lm-eval")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="model dtype (auto: bfloat16 on CUDA for inference, float32 on CPU)")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-              help="device for the torch backend and lm-eval")
+@options.seed("seed for sampled generations and lm-eval")
+@options.dtype("model dtype (auto: bfloat16 on CUDA for inference, float32 on CPU)")
+@options.device("device for the torch backend and lm-eval")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of a table")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
+@options.progress()
 @click.pass_context
 def evaluate(ctx, backend, model, recipe, teachers, teacher_column, default_teacher, data, data_split, data_columns,
              samples, metric, extractor, code_timeout, code_memory, max_new_tokens, temperature, limit, batch_size,
@@ -173,7 +167,6 @@ def _from_recipe(recipe: str, given: set[str], **values) -> tuple:
 
 def _held_out(backend, model, teacher, data, split, columns, samples, metric, extractor, code_timeout,
               code_memory, max_new_tokens, temperature, limit, batch_size, seed, dtype, device, progress) -> dict:
-    from hpd.backends import get_backend
     from hpd.data.examples import check_tokenizers
     from hpd.data.formats import parse_columns
     from hpd.report.evaluate import accuracy, get_extractor, likelihood
@@ -186,12 +179,7 @@ def _held_out(backend, model, teacher, data, split, columns, samples, metric, ex
         columns = parse_columns(columns)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--data-columns") from None
-    try:
-        be = get_backend(backend, SimpleNamespace(device=device, dtype=dtype, gradient_checkpointing=False))
-    except ValueError as e:  # e.g. --device cuda without CUDA
-        from hpd.cli.errors import fail
-
-        fail(str(e))
+    be = options.inference_backend(backend, device, dtype)
     be.seed(seed)
     named, route = teacher if isinstance(teacher, tuple) else ({}, None)
     paths = named or ({"": teacher} if teacher else {})

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import click
+
+from hpd.cli import options
 
 
 @click.command(short_help="Write a model's responses to prompts as a data file.")
-@click.option("--backend", type=click.Choice(["torch", "mlx"]), default="torch", show_default=True,
-              help="framework that runs the model")
+@options.backend("framework that runs the model")
 @click.option("--model", required=True, help="model folder or hub id (usually the teacher)")
 @click.option("--data", required=True, type=str,
               help="JSONL of {prompt} or {messages} rows (a final assistant turn is dropped)")
@@ -17,41 +16,29 @@ import click
               help="JSONL to write; an existing file is resumed without duplicating rows")
 @click.option("--samples", default=1, show_default=True, type=click.IntRange(min=1),
               help="responses per prompt")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(min=1),
-              help="longest response, in new tokens")
-@click.option("--temperature", default=1.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="sampling temperature")
+@options.max_new_tokens(256, "longest response, in new tokens")
+@options.temperature("sampling temperature")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="nucleus sampling (1: off)")
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(min=0), help="top-k sampling (0: off)")
 @click.option("--greedy", is_flag=True, help="greedy decoding instead of sampling")
-@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
-              help="prompts generated together")
-@click.option("--seed", default=0, show_default=True, type=int, help="seed for sampling")
-@click.option("--dtype", default="auto", show_default=True,
-              type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-              help="model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
-@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda", "mps"]),
-              help="device for the torch backend")
-@click.option("--progress/--no-progress", default=True, show_default=True, help="show a progress bar")
+@options.batch_size(8, "prompts generated together")
+@options.seed("seed for sampling")
+@options.dtype("model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
+@options.device()
+@options.progress()
 def generate(backend, model, data, out, samples, max_new_tokens, temperature, top_p, top_k, greedy,
              batch_size, seed, dtype, device, progress):
     """Write MODEL's responses to the prompts in DATA as rows of OUT, ready for
     `hpd distill --data OUT`: {prompt, completion} rows for {prompt} input, {messages} rows
     (the response as the final assistant turn) for {messages} input."""
-    from hpd.backends import get_backend
     from hpd.data.examples import DataError
     from hpd.models.loading import asset_path
 
     data = asset_path(data)
     from hpd.train.rollout import Sampling, generate_file
 
-    try:
-        be = get_backend(backend, SimpleNamespace(device=device, dtype=dtype, gradient_checkpointing=False))
-    except ValueError as e:  # e.g. --device cuda without CUDA
-        from hpd.cli.errors import fail
-
-        fail(str(e))
+    be = options.inference_backend(backend, device, dtype)
     be.seed(seed)
     try:
         tok = be.load_tokenizer(model)

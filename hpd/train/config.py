@@ -25,6 +25,18 @@ def _f(default, help: str, choices: tuple | None = None, low=None, high=None, lo
     return field(default=default, metadata=meta)
 
 
+_TEACHER_TOKENIZER = (
+    "how the teacher's tokens meet the student's: same (one tokenizer: the teacher reads the student's ids), "
+    "cross (another tokenizer: both render each row, targets are paired by their text, and the teacher's "
+    "log-probs move to the student's vocabulary at the tokens both share), auto (same when the two "
+    "vocabularies are equal token for token, else cross)")
+_COMPILE = (
+    "torch: torch.compile the student's and the teacher's forwards (lengths padded to --compile-buckets) and "
+    "the chunked loss's per-chunk function, the graph count logged as compile/graphs; mlx: run the student's "
+    "step under mx.compile where a micro-batch's supervised positions fit one chunk. auto: on CUDA for torch; "
+    "off on mlx (not yet measured on Apple silicon)")
+
+
 @dataclass
 class DistillConfig:
     # what to distil
@@ -51,12 +63,7 @@ class DistillConfig:
                             "repeatable", cli="multiple")
     out: str = _f("", "output folder: final student at the top, checkpoints/, metrics.jsonl, config.yaml")
     backend: str = _f("torch", "training backend", choices=("torch", "mlx"))
-    teacher_tokenizer: str = _f("auto", "how the teacher's tokens meet the student's: same (one tokenizer: the "
-                                "teacher reads the student's ids), cross (another tokenizer: both render each row, "
-                                "targets are paired by their text, and the teacher's log-probs move to the "
-                                "student's vocabulary at the tokens both share), auto (same when the two "
-                                "vocabularies are equal token for token, else cross)",
-                                choices=("auto", "same", "cross"))
+    teacher_tokenizer: str = _f("auto", _TEACHER_TOKENIZER, choices=("auto", "same", "cross"))
     method: str = _f("hpd", f"distillation objective: {', '.join(METHODS)}")
     method_params: dict = _f({}, "parameters of the method, e.g. {beta: 0.5} for jsd", cli=False)
     temperature: float = _f(1.0, "softmax temperature applied to both models", low=0.0, low_open=True)
@@ -127,12 +134,7 @@ class DistillConfig:
     chunk_budget_mb: float = _f(0.0, "auto chunks: MiB for one chunk's (chunk x vocabulary) buffers, about 6 "
                                 "float32 arrays; 0 (default): 64, and 1024 with torch on CUDA, where small "
                                 "chunks leave the GPU waiting on kernel launches", low=0.0)
-    compile: str = _f("auto", "torch: torch.compile the student's and the teacher's forwards (lengths padded to "
-                      "--compile-buckets) and the chunked loss's per-chunk function, the graph count logged as "
-                      "compile/graphs; mlx: run the student's step under mx.compile where a micro-batch's "
-                      "supervised positions fit one chunk. auto: on CUDA for torch; off on mlx (not yet "
-                      "measured on Apple silicon)",
-                      choices=("auto", "on", "off"))
+    compile: str = _f("auto", _COMPILE, choices=("auto", "on", "off"))
     compile_buckets: str = _f("64", "torch --compile: pad each batch's length up to a multiple of this many "
                               "tokens, or pow2 (the next power of two), so a run compiles one graph per bucket")
     teacher_quantize: int = _f(0, "mlx: quantize the teacher to 4 or 8 bits at load (0: off)", choices=(0, 4, 8))
