@@ -46,7 +46,9 @@ METHODS = {
 # Where every method of a table starts, and the data it trains on. "teacher-style" is the control:
 # the same protocol with the teacher's own answers as the data.
 STARTS = {"sft-init": Start("train", sft_init=True), "raw": Start("train"),
-          "teacher-style": Start("train_teacher", sft_init=True)}
+          "teacher-style": Start("train_teacher", sft_init=True,
+                                 note="the control: SFT-initialized on the teacher's own answers "
+                                      "(train_teacher.jsonl), trained on them")}
 
 # Fine-tuning an SFT-initialized student wants smaller rates than training the raw one: at
 # 2e-3 every objective but sft's undid the initialization within 40 steps (docs/evidence.md).

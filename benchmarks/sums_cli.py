@@ -23,9 +23,9 @@ def parser_for(bench: SumsBenchmark) -> argparse.ArgumentParser:
     if bench.recipe_option:
         p.add_argument("--recipe", default=bench.recipe, help=f"recipe every run starts from (default: {bench.recipe})")
     if len(bench.starts) > 1:
+        notes = "".join(f"; {name} is {start.note}" for name, start in bench.starts.items() if start.note)
         p.add_argument("--starts", nargs="+", default=list(bench.starts), choices=list(bench.starts),
-                       help="students every method starts from (default: all); teacher-style is the control: "
-                       "SFT-initialized on the teacher's own answers (train_teacher.jsonl), trained on them")
+                       help=f"students every method starts from (default: all){notes}")
     p.add_argument("--methods", nargs="+", default=list(bench.methods), choices=list(bench.methods), metavar="METHOD",
                    help=f"any of: {', '.join(repr(m) for m in bench.methods)} (default: all)")
     p.add_argument("--seeds", type=int, nargs="+", default=None,

@@ -49,6 +49,7 @@ class Start:
 
     data: str = ""
     sft_init: bool = False
+    note: str = ""  # for --help
 
 
 @dataclass(frozen=True)
