@@ -6,20 +6,17 @@ student into tokens of 1 to 6 characters and by the teacher into tokens of 1 to 
 special (0, 0) token in front of the teacher's, and one token in ten split in two
 pieces that repeat its span (as a byte-level BPE splits a multi-byte character).
 
-    python benchmarks/align_cost.py [--batch 8] [--tokens 512] [--repeats 50]
+    python -m benchmarks.align_cost [--batch 8] [--tokens 512] [--repeats 50]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hpd.teachers.align import align_spans  # noqa: E402
+from hpd.teachers.align import align_spans
 
 
 def offsets(rng, n_tokens: int, max_len: int, text_len: int | None = None) -> np.ndarray:

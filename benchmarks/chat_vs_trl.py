@@ -61,11 +61,11 @@ Why the issue's two short-shape numbers disagreed (TRL / hpd: an outside chat wo
    0.9 only affects generation).
 
 hpd / floor is 1.1-1.3x: the rest of an hpd step is the teacher's head over the supervised
-positions and the objective (benchmarks/profile_step.py splits it).
+positions and the objective (benchmarks.profile_step splits it).
 
-    python benchmarks/chat_vs_trl.py                       # every shape, fkl and jsd, 3 rounds
-    python benchmarks/chat_vs_trl.py --shapes chat --methods fkl --rounds 1 --iters 10
-    python benchmarks/chat_vs_trl.py --paths hpd trl floor --hpd-args chunked=off   # config overrides for hpd
+    python -m benchmarks.chat_vs_trl                       # every shape, fkl and jsd, 3 rounds
+    python -m benchmarks.chat_vs_trl --shapes chat --methods fkl --rounds 1 --iters 10
+    python -m benchmarks.chat_vs_trl --paths hpd trl floor --hpd-args chunked=off   # config overrides for hpd
 """
 
 from __future__ import annotations
@@ -73,103 +73,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchmarks._common import capture_loop, child_env, launch, parse_args
+from benchmarks.chat_assets import SHAPES, VOCAB, build_shapes, param_count
+
 TRL_BETA = {"fkl": 0.0, "jsd": 0.5}
-VOCAB = 4096
-# (prompt tokens, completion tokens) drawn uniformly per row; each row is ~61 tokens with
-# its BOS and EOS, so the shapes differ only in how much of the row is supervised
-SHAPES = {
-    "chat": ((18, 26), (33, 41)),  # ~38% prompt: the shape the issue's numbers were taken on
-    "prompt-heavy": ((42, 50), (9, 17)),  # ~75% prompt: a long question, a short answer
-    "response-heavy": ((2, 6), (49, 57)),  # ~8% prompt: almost every position is a target
-}
 PATHS = ("hpd", "trl", "trl-train", "loop", "floor")
-
-
-# ---------------------------------------------------------------------------- assets
-
-
-def build_assets(root: Path, rows: int, seed: int = 0, prompt=(18, 26), completion=(33, 41)) -> None:
-    """Tokenizer (byte-level BPE, 4096 entries), the two Qwen2 models and prompt/completion
-    rows (token counts drawn uniformly from the `prompt` and `completion` ranges; the row
-    adds a BOS and an EOS)."""
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast, Qwen2Config
-
-    # transformers builds Qwen2Tokenizer for a qwen2 folder (its own pre-tokenizer regex
-    # over byte-level BPE): so the tokenizer is a byte-level BPE trained here
-    rng = random.Random(seed)
-    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
-    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator((" ".join(rng.choices(lexicon, k=12)) for _ in range(40000)), trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
-    for name, (hidden, layers, inter, heads) in {"teacher": (256, 4, 1024, 8), "student": (128, 5, 512, 4)}.items():
-        cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-                          num_attention_heads=heads, num_key_value_heads=2, tie_word_embeddings=True,
-                          max_position_embeddings=2048, rope_theta=10000.0, bos_token_id=1, eos_token_id=2,
-                          pad_token_id=0, use_cache=False)
-        torch.manual_seed(1 if name == "teacher" else 2)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-        model.save_pretrained(root / name)
-        fast.save_pretrained(root / name)
-        config = json.loads((root / name / "config.json").read_text())
-        config["rope_theta"] = 10000.0
-        (root / name / "config.json").write_text(json.dumps(config))
-
-    write_rows(root / "train.jsonl", tok, lexicon, rows, prompt, completion, seed)
-
-
-def write_rows(path: Path, tok, lexicon, rows: int, prompt, completion, seed: int = 0) -> None:
-    """prompt/completion rows of words from `lexicon`, their token counts drawn uniformly
-    from the `prompt` and `completion` ranges (`tok`: a tokenizers.Tokenizer)."""
-    rng = random.Random(seed)
-
-    def text(tokens: int) -> str:  # words until the text is about `tokens` tokens long
-        words: list[str] = []
-        while (have := len(tok.encode(" ".join(words)).ids)) < tokens:
-            words += rng.choices(lexicon, k=max(1, (tokens - have) // 3))
-        return " ".join(words)
-
-    with open(path, "w") as fh:
-        for _ in range(rows):
-            row = {"prompt": text(rng.randint(*prompt)), "completion": text(rng.randint(*completion))}
-            fh.write(json.dumps(row) + "\n")
-
-
-def build_shapes(root: Path, rows: int, shapes, seed: int = 0) -> dict[str, str]:
-    """The tokenizer and models once (build_assets), then one rows file per shape."""
-    from tokenizers import Tokenizer
-
-    build_assets(root, rows, seed, *SHAPES[shapes[0]])
-    tok = Tokenizer.from_file(str(root / "student" / "tokenizer.json"))
-    rng = random.Random(seed)
-    syllables = [c + v for c in "bcdfghjklmnprstvwz" for v in "aeiou"]
-    lexicon = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 4))) for _ in range(20000)]
-    files = {shapes[0]: str(root / "train.jsonl")}
-    for name in shapes[1:]:
-        files[name] = str(root / f"train-{name}.jsonl")
-        write_rows(Path(files[name]), tok, lexicon, rows, *SHAPES[name], seed=seed)
-    return files
-
-
-def param_count(folder: Path) -> int:
-    from transformers import AutoModelForCausalLM
-
-    return sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(folder).parameters())
 
 
 # ---------------------------------------------------------------------------- children
@@ -189,39 +103,21 @@ def _batches(cfg):
 
 
 def hpd_stepper(cfg):
-    """hpd.distill's own Loop, captured when it would start running (hpd.distill is left
-    there by an exception), so its steps can be interleaved with the other paths'."""
-    import hpd
-    from hpd.train.config import DistillConfig
-    from hpd.train.loop import Loop
-
-    captured = []
-    original = Loop.run
-
-    class Captured(Exception):  # leaves hpd.distill before its first step (and its export)
-        pass
-
-    def capture(self, progress=None):
-        captured.append(self)
-        raise Captured
-
-    Loop.run = capture
-    root = Path(cfg["root"])
+    """hpd.distill's own Loop (captured before its first step), so that its steps can be
+    interleaved with the other paths'."""
     import yaml
 
+    from hpd.train.config import DistillConfig
+
+    root = Path(cfg["root"])
     overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in cfg["hpd_args"])}
-    config = dict(teacher=str(root / "teacher"), student=str(root / "student"), data=cfg.get("data") or str(root / "train.jsonl"),
+    config = dict(teacher=str(root / "teacher"), student=str(root / "student"),
+                  data=cfg.get("data") or str(root / "train.jsonl"),
                   out=tempfile.mkdtemp(prefix="chat-bench-") + "/out", method=cfg["method"],
                   method_params={"beta": 0.5} if cfg["method"] == "jsd" else {}, steps=cfg["warmup"] + cfg["iters"],
                   batch_size=cfg["batch"], lr=1e-4, max_length=cfg.get("max_length", 512), progress=False, seed=0)
     config.update(overrides)
-    try:
-        hpd.distill(DistillConfig.from_dict(config).to_dict())
-    except Captured:
-        pass
-    finally:
-        Loop.run = original
-    loop = captured[0]
+    loop = capture_loop(DistillConfig.from_dict(config).to_dict())
 
     def step(batch):  # the loop draws its own batches (the same rows, same order)
         return loop.train_step(loop.schedule.plan(loop.state.step))
@@ -423,20 +319,6 @@ def run_child(cfg) -> dict:
 # ---------------------------------------------------------------------------- parent
 
 
-def launch(cfg, timeout) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]),
-               TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**cfg, "error": f"timed out after {timeout}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {**cfg, "error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def _spread(values, fmt="{:.2f}x") -> str:
     med = statistics.median(values)
     return fmt.format(med) + (f" ({fmt.format(min(values))}-{fmt.format(max(values))})" if len(values) > 1 else "")
@@ -484,12 +366,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--hpd-args", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="config overrides for the hpd path, e.g. chunked=off")
-    ap.add_argument("--timeout", type=int, default=600)
-    ap.add_argument("--json", help="also write the raw results here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+    args = parse_args(ap, argv, run_child, timeout=600)
+    if args is None:  # a child: it has printed its result
         return
     root = Path(tempfile.mkdtemp(prefix="chat-assets-"))
     files = build_shapes(root, args.batch * (args.warmup + args.iters) * 2, args.shapes)
@@ -505,7 +383,8 @@ def main(argv=None):
                 cfg = dict(root=str(root), data=files[shape], shape=shape, method=method, paths=args.paths,
                            batch=args.batch, warmup=args.warmup, iters=args.iters, threads=args.threads,
                            hpd_args=[a for a in args.hpd_args if "=" in a])
-                r = {**launch(cfg, args.timeout), "round": rnd + 1, "shape": shape}
+                r = {**launch("benchmarks.chat_vs_trl", cfg, timeout=args.timeout, env=child_env(args.threads)),
+                     "round": rnd + 1, "shape": shape}
                 rows.append(r)
                 msg = r.get("error") or ", ".join(f"{p} {t * 1000:.1f} ms" for p, t in r["median_s"].items())
                 print(f"round {rnd + 1} {shape} {method}: {msg} (load {r.get('load_avg_1min', float('nan')):.1f})",

@@ -3,7 +3,7 @@
 A step is: teacher forward without gradient, student forward, loss, backward, gradient
 clipping (max norm 1.0) and an AdamW step, on small random LlamaForCausalLM models
 (vocabulary 32000, student hidden 256, teacher hidden 512, 2 layers each by default).
-Every configuration runs in a fresh subprocess (this script re-invokes itself with
+Every configuration runs in a fresh subprocess (this module re-invokes itself with
 --child), so each one's peak RSS is its own: the child reports ru_maxrss and its RSS just
 before its first step (models, optimizer, trainer and batches built), and the table shows
 the peak and the difference. Each child runs --warmup untimed steps (on --warmup-batch
@@ -30,11 +30,11 @@ same batches, the same AdamW (hpd's TorchBackend.make_optimizer, handed to the t
 float32, no autocast, no gradient checkpointing, use_cache=False; the loss of the first
 step (identical models and batch) is printed as a check that the objectives agree.
 
-    python benchmarks/chunked_vs_trl.py                  # full run: seq 512 and 2048, batch 4
-    python benchmarks/chunked_vs_trl.py --quick          # smoke check, about a minute
-    python benchmarks/chunked_vs_trl.py --seq 2048 --batch 4 8 --iters 3 --chunk-size 1024 256
-    python benchmarks/chunked_vs_trl.py --env MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
-    python benchmarks/chunked_vs_trl.py --seq 2048 --batch 1 --methods fkl jsd --paths chunked trl --prompt-fraction 0.5
+    python -m benchmarks.chunked_vs_trl                  # full run: seq 512 and 2048, batch 4
+    python -m benchmarks.chunked_vs_trl --quick          # smoke check, about a minute
+    python -m benchmarks.chunked_vs_trl --seq 2048 --batch 4 8 --iters 3 --chunk-size 1024 256
+    python -m benchmarks.chunked_vs_trl --env MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=68719476736
+    python -m benchmarks.chunked_vs_trl --seq 2048 --batch 1 --methods fkl jsd --paths chunked trl --prompt-fraction 0.5
 
 At seq 2048, batch 4 the plain path peaks at ~10 GB and TRL's jsd at ~18 GB (its
 generalized_jsd_loss stacks two (B, T, V) float32 tensors), so batch 8 (about twice
@@ -46,13 +46,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from operator import itemgetter
-from pathlib import Path
+
+from benchmarks._common import child_env, launch, parse_args, peak_rss_mib, rss_mib
 
 PATHS = ("plain", "chunked", "trl")
 TRL_BETA = {"jsd": 0.5, "fkl": 0.0}  # hpd method -> TRL beta with the same objective
@@ -60,19 +59,6 @@ HPD_PARAMS = {"jsd": {"beta": 0.5}, "fkl": {}, "hpd": {}}
 
 
 # ---------------------------------------------------------------------------- child
-
-
-def _rss_mib() -> float:
-    """Current resident set size of this process (MiB), from /proc."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def _models(cfg):
@@ -230,8 +216,8 @@ def run_child(cfg) -> dict:
     student, teacher = _models(cfg)
     batches = _batches(cfg)
     step = _trl_stepper(cfg, student, teacher) if cfg["path"] == "trl" else _hpd_stepper(cfg, student, teacher)
-    rss_before = _rss_mib()
-    peak_before = _peak_rss_mib()
+    rss_before = rss_mib()
+    peak_before = peak_rss_mib()
     load_before = os.getloadavg()[0]
     times, losses = [], []
     for i, batch in enumerate(batches):
@@ -253,7 +239,7 @@ def run_child(cfg) -> dict:
         "load_avg_1min": [load_before, os.getloadavg()[0]],
         "rss_before_mib": rss_before,
         "peak_before_mib": peak_before,
-        "peak_rss_mib": _peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib(),
         "threads_used": torch.get_num_threads(),
     }
 
@@ -285,23 +271,6 @@ def _groups(cfgs: list) -> list:
     for cfg in cfgs:
         groups.setdefault((cfg["seq"], cfg["batch"], cfg["method"]), []).append(cfg)
     return list(groups.values())
-
-
-def launch(cfg, timeout, extra_env) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]),
-               TRL_EXPERIMENTAL_SILENCE="1", TOKENIZERS_PARALLELISM="false", **extra_env)
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**cfg, "error": f"timed out after {timeout}s"}
-    wall = time.perf_counter() - t0
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        return {**cfg, "error": f"exit {proc.returncode}: {' | '.join(tail)}"}
-    return {**json.loads(lines[-1][len("RESULT "):]), "child_wall_s": wall}
 
 
 def _label(r, args) -> str:
@@ -451,17 +420,11 @@ def main(argv=None):
                     help="run every configuration this many times, the paths of one shape back to back and in "
                     "reverse order every other round; ratios are the median over rounds of each round's ratio, so "
                     "that a change in the machine's load falls on both sides of a ratio")
-    ap.add_argument("--timeout", type=int, default=900, help="seconds per configuration")
     ap.add_argument("--quick", action="store_true",
                     help="smoke check (~1 min): seq 128, batch 2, jsd and hpd, 1 warmup + 1 timed step, "
                          "unless given otherwise")
-    ap.add_argument("--json", type=Path, help="also write the raw results here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-
-    if args.child:
-        result = run_child(json.loads(args.child))
-        print("RESULT " + json.dumps(result), flush=True)
+    args = parse_args(ap, argv, run_child, timeout=900)
+    if args is None:  # a child: it has printed its result
         return
     defaults = dict(seq=[128], batch=[2], methods=["jsd", "hpd"], iters=1) if args.quick else \
         dict(seq=[512, 2048], batch=[4], methods=["jsd", "fkl", "hpd"], iters=2)
@@ -484,7 +447,8 @@ def main(argv=None):
             todo += [{**cfg, "round": k} for cfg in (group[::-1] if k % 2 else group)]
     started = time.perf_counter()
     for i, cfg in enumerate(todo, 1):
-        r = launch(cfg, args.timeout, extra_env)
+        r = launch("benchmarks.chunked_vs_trl", cfg, timeout=args.timeout,
+                   env=child_env(cfg["threads"], **extra_env))
         results.append(r)
         msg = r.get("error") or f"{r['median_s']:.2f} s/step, peak {r['peak_rss_mib']:.0f} MiB"
         print(f"[{i}/{len(todo)} {time.perf_counter() - started:.0f}s] round {cfg['round']} seq {cfg['seq']} batch "

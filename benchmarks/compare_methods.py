@@ -1,6 +1,6 @@
 """Compare distillation methods on the embedded tiny task at equal steps.
 
-    python benchmarks/compare_methods.py [--steps N] [--seeds 0 1 2] [--backend torch] [--out runs/compare]
+    python -m benchmarks.compare_methods [--steps N] [--seeds 0 1 2] [--backend torch] [--out runs/compare]
 
 Runs sft, fkl, rkl, jsd (on-policy: lambda 1) and hpd from the `tiny` recipe, for each
 seed (`--methods jsd hpd` for a subset), then writes a markdown table (held-out exact match mean and spread, token-level KL

@@ -19,7 +19,7 @@ as medians and ratios to `same`:
 The pairing (both tokenizations with offsets and align_spans) runs once per example
 before training; its time is reported per batch.
 
-    python benchmarks/cross_tokenizer.py [--repeats 30] [--batch 8] [--lines 4] [--method hpd] [--threads 1]
+    python -m benchmarks.cross_tokenizer [--repeats 30] [--batch 8] [--lines 4] [--method hpd] [--threads 1]
 """
 
 from __future__ import annotations
@@ -28,16 +28,12 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -47,7 +43,7 @@ from hpd.data.batches import collate, load_dataset  # noqa: E402
 from hpd.teachers.cross import cross_source, prepare  # noqa: E402
 from hpd.train.loop import live_teacher, objective_loss_fn  # noqa: E402
 from hpd.train.schedule_config import objective_of  # noqa: E402
-from tokenizer_pair import corpus, make_pair  # noqa: E402
+from tests.tokenizer_pair import corpus, make_pair  # noqa: E402
 
 
 def build_model(folder: Path, tokenizer, hidden: int, layers: int, seed: int) -> Path:

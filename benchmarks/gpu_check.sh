@@ -5,7 +5,7 @@
 # torchrun (FSDP2, DDP, FSDP2 with a sharded teacher); the chunked run again at the CPU's
 # 64 MiB chunk budget (CUDA's default is 1 GiB) and under
 # --compile off, beside the default (--compile auto: compiled on CUDA) one (tokens/s and MFU); a short run of the paper-math
-# recipe scored by `hpd eval --recipe paper-math`; and benchmarks/cuda_check_issue23.py
+# recipe scored by `hpd eval --recipe paper-math`; and `python -m benchmarks.cuda_compile_half_logits`
 # (half-precision chunk logits; compiled against eager losses and gradients). Not part of CI.
 #
 #   bash benchmarks/gpu_check.sh                 # defaults below
@@ -15,7 +15,8 @@
 # BATCH (8 sequences per GPU), LENGTH (512 tokens), NPROC (default: number of GPUs),
 # DEVICE (cuda; `DEVICE=cpu NPROC=2 SIZE=tiny` runs the same script on CPU as a smoke
 # test), SIZE (small: teacher 12 x 1024, student 6 x 512, vocabulary 32768; tiny: a few
-# layers of width 64, for the CPU smoke test).
+# layers of width 64, for the CPU smoke test), SKIP_CUDA_CHECKS (set: skip the compile and
+# half-logits checks).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -188,9 +189,10 @@ for samples in 1 4; do
         --no-progress
 done
 
-if [[ "$DEVICE" == cuda && -z "${SKIP_ISSUE23:-}" ]]; then
-    echo "== benchmarks/cuda_check_issue23.py --skip-profile"
-    "$PYTHON" "$(dirname "$0")/cuda_check_issue23.py" --skip-profile || echo "cuda_check_issue23 failed"
+if [[ "$DEVICE" == cuda && -z "${SKIP_CUDA_CHECKS:-}" ]]; then
+    echo "== python -m benchmarks.cuda_compile_half_logits --skip-profile"
+    (cd "$(dirname "$0")/.." && "$PYTHON" -m benchmarks.cuda_compile_half_logits --skip-profile) \
+        || echo "cuda_compile_half_logits failed"
 fi
 
 one plain --chunked off

@@ -1,6 +1,6 @@
 """Peak resident memory and page faults of a 3-step `hpd distill` run at a 64k vocabulary.
 
-The models are chat_vs_trl.py's small Qwen2 pair with the vocabulary widened to 65536
+The models are benchmarks.chat_assets' small Qwen2 pair with the vocabulary widened to 65536
 (tied embeddings; the rows use the first 4096 ids), batch 4 x 512 tokens (rows of 480-512
 tokens, about half of them prompt), hpd, float32, CPU. Each configuration is one
 `hpd distill` process; its peak RSS (ru_maxrss), minor page faults, user and system time
@@ -11,8 +11,8 @@ loss, each with glibc's malloc defaults and with the thresholds `hpd` sets at st
 (hpd.train.allocator). --extra adds more (flags for `hpd distill`; KEY=VALUE sets the
 environment), e.g. 'mmap 4GiB:--chunked,on,MALLOC_MMAP_THRESHOLD_=4294967296'.
 
-    python benchmarks/memory_peak.py                    # the default set, once each
-    python benchmarks/memory_peak.py --repeat 2 --threads 1
+    python -m benchmarks.memory_peak                    # the default set, once each
+    python -m benchmarks.memory_peak --repeat 2 --threads 1
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import chat_vs_trl as chat  # noqa: E402
+from benchmarks._common import launch, parse_args
+from benchmarks.chat_assets import build_assets
 
 # The `hpd` command tunes glibc malloc at start (hpd.train.allocator) unless a MALLOC_* variable
 # is set: MALLOC_PERTURB_=0 (glibc's default, no effect of its own) keeps glibc's defaults.
@@ -58,7 +58,10 @@ def widen_vocab(folder: Path, vocab: int) -> None:
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def run(root: Path, name: str, args: list[str], threads: int) -> dict:
+def run(cfg: dict) -> dict:
+    """One `hpd distill` process of configuration cfg["name"] (its flags and KEY=VALUE environment in
+    cfg["args"]), measured by getrusage once it has finished."""
+    root, name, args, threads = Path(cfg["root"]), cfg["name"], cfg["args"], cfg["threads"]
     flags = [a for a in args if "=" not in a or a.startswith("--")]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     env.update(dict(a.split("=", 1) for a in args if "=" in a and not a.startswith("--")))
@@ -87,23 +90,23 @@ def main(argv=None):
     ap.add_argument("--only", nargs="*", help="names of the default configurations to run")
     ap.add_argument("--extra", nargs="*", default=[], metavar="NAME:ARG,ARG",
                     help="more configurations, e.g. 'budget 64:--chunk-budget-mb,64'")
-    args = ap.parse_args(argv)
+    args = parse_args(ap, argv, run)
+    if args is None:  # a child: it has printed its result
+        return
     configs = {k: v for k, v in DEFAULT.items() if not args.only or k in args.only}
     for item in args.extra:
         name, _, rest = item.partition(":")
         configs[name] = rest.split(",")
     root = Path(tempfile.mkdtemp(prefix="mem-assets-"))
-    chat.build_assets(root, rows=16, prompt=(230, 250), completion=(240, 255))
+    build_assets(root, rows=16, prompt=(230, 250), completion=(240, 255))
     for name in ("teacher", "student"):
         widen_vocab(root / name, args.vocab)
-    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: run each in a fresh parent
+    # ru_maxrss of RUSAGE_CHILDREN is the largest child so far: each run gets a fresh parent
     rows = []
     for rep in range(args.repeat):
-        for name, cfg in configs.items():
-            helper = [sys.executable, __file__, "--_one", str(root), name, str(args.threads), *cfg]
-            done = subprocess.run(helper, capture_output=True, text=True)
-            line = [ln for ln in done.stdout.splitlines() if ln.startswith("ROW ")]
-            rows.append(eval(line[-1][4:]) if line else {"name": name, "error": done.stderr[-300:]})  # noqa: S307
+        for name, flags in configs.items():
+            rows.append(launch("benchmarks.memory_peak", {"root": str(root), "name": name, "args": flags,
+                                                          "threads": args.threads}))
             print(rows[-1], file=sys.stderr, flush=True)
     print(f"\nvocab {args.vocab}, batch 4 x 512, 3 steps of hpd, threads {args.threads}\n")
     print("| configuration | peak RSS MiB | minor faults | user s | sys s | wall s |\n|---|---:|---:|---:|---:|---:|")
@@ -116,8 +119,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--_one":
-        root, name, threads, *cfg = sys.argv[2:]
-        print("ROW " + repr(run(Path(root), name, cfg, int(threads))))
-    else:
-        main()
+    main()

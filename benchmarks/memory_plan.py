@@ -16,11 +16,11 @@ the second step, at the full length, is the measurement:
 - torch (CPU): VmHWM after resetting it (/proc/self/clear_refs), minus the process's RSS
   before any model was loaded (the interpreter and libraries).
 
-    python benchmarks/memory_plan.py                    # the default table
-    python benchmarks/memory_plan.py --layers 2 --lengths 32 64 --configs lora-1.5b
-    python benchmarks/memory_plan.py --plan-only        # the plan at full depth, 2048 tokens
-    python benchmarks/memory_plan.py --layers 28 --lengths 128 --configs qlora-1.5b qlora-1.5b-gc
-    python benchmarks/memory_plan.py --from-measured    # the table of every kept measurement
+    python -m benchmarks.memory_plan                    # the default table
+    python -m benchmarks.memory_plan --layers 2 --lengths 32 64 --configs lora-1.5b
+    python -m benchmarks.memory_plan --plan-only        # the plan at full depth, 2048 tokens
+    python -m benchmarks.memory_plan --layers 28 --lengths 128 --configs qlora-1.5b qlora-1.5b-gc
+    python -m benchmarks.memory_plan --from-measured    # the table of every kept measurement
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+
+from benchmarks._common import commit, launch, parse_args, status_bytes
 
 QWEN25 = {  # published config.json values (Qwen/Qwen2.5-*-Instruct)
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -135,7 +136,8 @@ def _tokenizer(folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------- child
-def child(args) -> None:
+def child(cfg: dict) -> dict:
+    """One configuration's step: its peak, the memory resident between steps, and the loss path."""
     import numpy as np
 
     from hpd.backends import get_backend
@@ -145,13 +147,14 @@ def child(args) -> None:
     from hpd.train.loop import objective_loss_fn
     from hpd.train.schedule_config import Objective
 
+    args = SimpleNamespace(**cfg)
     teacher_size, t_bits, student_size, rank, s_bits, gc = CONFIGS[args.config]
     root = Path(args.root)
     teacher_dir = root / f"{teacher_size}-{args.layers}"
     student_dir = root / f"{student_size}-{args.layers}"
     if args.backend == "torch":
         _warm_torch(lora=bool(rank), quantized=bool(s_bits))
-    baseline = _rss()
+    baseline = status_bytes("VmRSS")
     cfg = DistillConfig(teacher=str(teacher_dir), student=str(student_dir), data="x", out="x",
                         backend=args.backend, lora_rank=rank, student_quantize=s_bits, teacher_quantize=t_bits,
                         gradient_checkpointing=gc, batch_size=1, max_length=args.length, dtype="float32",
@@ -180,7 +183,7 @@ def child(args) -> None:
         backend.optimizer_step(student, optimizer, 1e-5, 1.0)
         del t_out, loss_fn, arrays
         peaks.append(_peak(backend, baseline))
-    print(json.dumps({"peak": peaks[1], "resident": resident, "chunked": chunked}))
+    return {"peak": peaks[1], "resident": resident, "chunked": chunked}
 
 
 def _warm_torch(lora: bool = False, quantized: bool = False) -> None:
@@ -212,13 +215,6 @@ def _warm_torch(lora: bool = False, quantized: bool = False) -> None:
     opt.step()
 
 
-def _rss() -> int:
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _resident(backend, baseline: int) -> int:
     """Memory held between steps: weights, adapters, optimizer state. On torch, glibc keeps
     freed heap pages mapped (counted in RSS) until asked to return them: asked here."""
@@ -231,7 +227,7 @@ def _resident(backend, baseline: int) -> int:
 
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return _rss() - baseline
+    return status_bytes("VmRSS") - baseline
 
 
 def _reset_peak(backend) -> None:
@@ -250,10 +246,7 @@ def _peak(backend, baseline: int) -> int:
         import mlx.core as mx
 
         return int(mx.get_peak_memory())
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 - baseline
-    return 0
+    return status_bytes("VmHWM") - baseline
 
 
 # ---------------------------------------------------------------------------- parent
@@ -302,13 +295,8 @@ def main() -> None:
     ap.add_argument("--plan-only", action="store_true", help="print the plan at full depth and exit")
     ap.add_argument("--from-measured", action="store_true",
                     help="print the table from the measurements kept in ROOT/measured.jsonl (no new runs)")
-    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
-    ap.add_argument("--backend", default="mlx", help=argparse.SUPPRESS)
-    ap.add_argument("--length", type=int, default=32, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    if args.child:
-        child(args)
+    args = parse_args(ap, None, child)
+    if args is None:  # a child: it has printed its result
         return
     headline()
     if args.plan_only:
@@ -328,22 +316,20 @@ def main() -> None:
     for name in args.configs:
         for backend in args.backends:
             for length in args.lengths:
-                cmd = [sys.executable, __file__, "--child", "1", "--config", name, "--backend", backend,
-                       "--length", str(length), "--layers", str(args.layers), "--root", str(root),
-                       "--chunk-size", str(args.chunk_size)]
+                cfg = {"config": name, "backend": backend, "length": length, "layers": args.layers,
+                       "root": str(root), "chunk_size": args.chunk_size}
                 env = dict(os.environ)
                 if backend == "mlx" and os.path.exists(OPENBLAS):
                     # mlx[cpu] on Linux ships a reference BLAS; OpenBLAS computes the same ~20x
                     # faster. Memory is what mlx allocates either way.
                     env.update(LD_PRELOAD=OPENBLAS, OPENBLAS_NUM_THREADS="1")
-                done = subprocess.run(cmd, capture_output=True, text=True, env=env)
-                if done.returncode != 0:
-                    print(f"{name:<14} {backend:<7} {length:>6} failed: {done.stderr.strip().splitlines()[-1:]}")
+                found = launch("benchmarks.memory_plan", cfg, env=env)
+                if "error" in found:
+                    print(f"{name:<14} {backend:<7} {length:>6} failed: {found['error']}")
                     continue
-                found = json.loads(done.stdout.strip().splitlines()[-1])
                 with open(root / "measured.jsonl", "a") as fh:  # kept, to re-plan without re-measuring
                     fh.write(json.dumps({"config": name, "backend": backend, "length": length,
-                                         "layers": args.layers, "commit": _commit(), **found}) + "\n")
+                                         "layers": args.layers, "commit": commit(), **found}) + "\n")
                 planned, resident = estimate(name, backend, args.layers, length, args.chunk_size, found["chunked"])
                 error = planned / found["peak"] - 1
                 worst = max(worst, abs(error))
@@ -351,13 +337,6 @@ def main() -> None:
                       f"{found['peak'] / 2**30:>8.3f} GiB {planned / 2**30:>8.3f} GiB {100 * error:>+6.1f}%"
                       f"   {found['resident'] / 2**30:>14.3f} GiB {resident / 2**30:>6.3f} GiB", flush=True)
     print(f"largest error: {100 * worst:.1f}%")
-
-
-def _commit() -> str:
-    """The code a measurement was made with: a kept row can outlive a change to the step."""
-    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
-    return done.stdout.strip() or "unknown"
 
 
 def table(rows: list[dict], chunk_size) -> None:

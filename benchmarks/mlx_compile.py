@@ -10,7 +10,7 @@ samples, so they must agree to float rounding).
 The first compiled steps build kernels (on Linux CPU with g++, tens of seconds on a cold
 cache); --warmup steps are untimed for both runs.
 
-    python benchmarks/mlx_compile.py [--warmup 6] [--iters 30] [--chunked auto] [--fixed-batch]
+    python -m benchmarks.mlx_compile [--warmup 6] [--iters 30] [--chunked auto] [--fixed-batch]
 """
 
 from __future__ import annotations
@@ -21,23 +21,16 @@ import statistics
 import tempfile
 import time
 
-import hpd
+from benchmarks._common import capture_loop
 from hpd.train.config import DistillConfig
-from hpd.train.loop import Loop
 
 
-def loop_for(overrides: dict) -> Loop:
-    captured = []
-    original = Loop.run
-    Loop.run = lambda self, progress=None: captured.append(self) or {}
-    try:
-        cfg = DistillConfig.from_recipe("tiny", dict(backend="mlx", out=tempfile.mkdtemp() + "/o", progress=False,
-                                                     eval_every=0, eval_data="", eval_generate=0, save_every=0,
-                                                     **overrides))
-        hpd.distill(cfg)
-    finally:
-        Loop.run = original
-    return captured[0]
+def loop_for(overrides: dict):
+    """hpd.distill's own Loop for the tiny recipe on mlx with `overrides`."""
+    cfg = DistillConfig.from_recipe("tiny", dict(backend="mlx", out=tempfile.mkdtemp() + "/o", progress=False,
+                                                 eval_every=0, eval_data="", eval_generate=0, save_every=0,
+                                                 **overrides))
+    return capture_loop(cfg)
 
 
 class _Repeat:

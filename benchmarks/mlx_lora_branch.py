@@ -8,10 +8,10 @@ hpd's layer, then with every adapted layer switched back to mlx-lm's LoRALinear 
 weights). The difference is printed beside what hpd.models.memory.block_activations
 plans for it, and the same for float32 (where the two layers keep the same arrays).
 
-    python benchmarks/mlx_lora_branch.py
+    python -m benchmarks.mlx_lora_branch
     (2 cores, mlx[cpu] 0.32.4: bfloat16 62.8 / 81.0 MiB, ratio 0.775, 18.2 MiB saved, as planned;
     float32 92.6 / 97.6 MiB, 4.9 MiB saved, none planned)
-    python benchmarks/mlx_lora_branch.py --hidden 1024 --layers 4 --tokens 1024 --rank 16
+    python -m benchmarks.mlx_lora_branch --hidden 1024 --layers 4 --tokens 1024 --rank 16
 """
 
 from __future__ import annotations

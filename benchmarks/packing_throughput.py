@@ -1,26 +1,25 @@
 """Target tokens per second of `hpd distill` with and without --packing, on rows of mixed length.
 
-The models are chat_vs_trl.py's small Qwen2 pair (vocabulary 4096); rows are
+The models are benchmarks.chat_assets' small Qwen2 pair (vocabulary 4096); rows are
 prompt/completion pairs of 20 to 1000 tokens (lengths drawn uniformly), batch 8,
 max_length 1024. One process builds both runs (hpd.distill's own Loop each, same rows in
 the same order) and interleaves their steps, rotating which goes first, so that the
 machine's load falls on both alike. Reported: target tokens / second over the timed
 steps (sum of target tokens / sum of step times) and the ratio.
 
-    python benchmarks/packing_throughput.py [--iters 12] [--method fkl] [--hpd-args chunked=off]
+    python -m benchmarks.packing_throughput [--iters 12] [--method fkl] [--hpd-args chunked=off]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import chat_vs_trl as chat  # noqa: E402
+from benchmarks.chat_assets import build_assets
+from benchmarks.chat_vs_trl import hpd_stepper
 
 
 def main(argv=None):
@@ -38,12 +37,12 @@ def main(argv=None):
     root = Path(tempfile.mkdtemp(prefix="pack-assets-"))
     steps = args.warmup + args.iters
     # a prompt of 8-40 words and a completion of 10-958: rows of about 20 to 1000 tokens
-    chat.build_assets(root, rows=args.batch * steps + 8, prompt=(8, 40), completion=(10, 958))
+    build_assets(root, rows=args.batch * steps + 8, prompt=(8, 40), completion=(10, 958))
     runs = {}
     for packing in (False, True):
         cfg = dict(root=str(root), method=args.method, batch=args.batch, warmup=args.warmup, iters=args.iters,
                    max_length=1024, hpd_args=[f"packing={packing}", *args.hpd_args])
-        runs[packing] = chat.hpd_stepper(cfg)
+        runs[packing] = hpd_stepper(cfg)
     spent = {k: 0.0 for k in runs}
     tokens = {k: 0 for k in runs}
     order = list(runs)

@@ -25,15 +25,15 @@ over the vocabulary, the softmaxes, the rule) and of the loop's bookkeeping. The
 steps are interleaved with hpd's (alternating), so load drift falls on both alike.
 
 Shapes (--preset sets the defaults; flags override):
-  chat   benchmarks/chat_vs_trl.py's models (Qwen2, teacher 256 wide x 4 layers, student
+  chat   benchmarks.chat_vs_trl's models (Qwen2, teacher 256 wide x 4 layers, student
          128 x 5, tied heads), vocabulary 4096, batch 8, rows of ~61 tokens (+-4), ~40% prompt
-  long   benchmarks/chunked_vs_trl.py's models (Llama, teacher 512 x 2, student 256 x 2,
+  long   benchmarks.chunked_vs_trl's models (Llama, teacher 512 x 2, student 256 x 2,
          untied), vocabulary 32000, batch 4, rows of 2048 tokens, no prompt, no padding
 
-    python benchmarks/profile_step.py --preset chat --method fkl
-    python benchmarks/profile_step.py --preset long --method jsd --iters 3 --threads 2
-    python benchmarks/profile_step.py --preset chat --hpd-args chunked=off compile=on
-    python benchmarks/profile_step.py --seq 256 --batch 4 --vocab 32000 --prompt-share 0.5 --method hpd
+    python -m benchmarks.profile_step --preset chat --method fkl
+    python -m benchmarks.profile_step --preset long --method jsd --iters 3 --threads 2
+    python -m benchmarks.profile_step --preset chat --hpd-args chunked=off compile=on
+    python -m benchmarks.profile_step --seq 256 --batch 4 --vocab 32000 --prompt-share 0.5 --method hpd
 
 Random weights and random token ids: the timings depend on shapes, not on values.
 """
@@ -44,10 +44,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from contextlib import contextmanager
+
+from benchmarks._common import child_env, launch, parse_args
 
 PHASES = ("teacher", "student", "loss", "backward", "optimizer", "other")
 PRESETS = {
@@ -302,21 +303,6 @@ def run_child(cfg) -> dict:
 # ---------------------------------------------------------------------------- parent
 
 
-def launch(cfg, timeout) -> dict:
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    if cfg["threads"]:
-        env.update(OMP_NUM_THREADS=str(cfg["threads"]), MKL_NUM_THREADS=str(cfg["threads"]))
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {**cfg, "error": f"timed out after {timeout}s"}
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        return {**cfg, "error": " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])}
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def _ms(values) -> str:
     med = statistics.median(values) * 1000
     if len(values) == 1:
@@ -376,12 +362,8 @@ def main(argv=None):
     ap.add_argument("--no-floor", action="store_true", help="skip the floor steps")
     ap.add_argument("--hpd-args", nargs="*", default=[], metavar="FIELD=VALUE",
                     help="DistillConfig overrides, e.g. chunked=off compile=on chunk_budget_mb=256")
-    ap.add_argument("--timeout", type=int, default=1800)
-    ap.add_argument("--json", help="also write the raw results here")
-    ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        print("RESULT " + json.dumps(run_child(json.loads(args.child))), flush=True)
+    args = parse_args(ap, argv, run_child, timeout=1800)
+    if args is None:  # a child: it has printed its result
         return
     import yaml
 
@@ -395,7 +377,7 @@ def main(argv=None):
                hpd_args={k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args.hpd_args)})
     results = []
     for i in range(args.repeat):
-        r = launch(cfg, args.timeout)
+        r = launch("benchmarks.profile_step", cfg, timeout=args.timeout, env=child_env(cfg["threads"]))
         results.append(r)
         print(f"process {i + 1}: " + (r.get("error") or f"step {r['total_s'] * 1000:.1f} ms"
                                       + (f", floor {r['floor_s'] * 1000:.1f} ms" if r.get("floor_s") else "")),

@@ -1,6 +1,6 @@
 """How good is a top-k teacher store? Store against live teacher on the embedded tiny task.
 
-    python benchmarks/store_vs_live.py [--ks 8 32 128] [--steps 150] [--seeds 0 1]
+    python -m benchmarks.store_vs_live [--ks 8 32 128] [--steps 150] [--seeds 0 1]
         [--methods fkl hpd] [--backend torch] [--logprob-bits 16] [--out runs/store-vs-live]
 
 1. Loss agreement: for every method, the relative difference between the loss (and the
@@ -30,7 +30,9 @@ from pathlib import Path
 import numpy as np
 
 import hpd
+from benchmarks._common import read_metrics
 from hpd.train.config import DistillConfig
+from tests.chunked_grads import loss_and_grads
 
 ALL_METHODS = ["sft", "fkl", "rkl", "jsd", "tvd", "skew_fkl", "skew_rkl", "akl", "todi", "hpd"]
 
@@ -77,7 +79,7 @@ def loss_agreement(backend, teacher, student, tok, held: str, stores: dict, max_
         for name in ["live", *opened]:
             loss, gh, gw = 0.0, [], []
             for targets, hidden, head, sampled, sources in cases:
-                value, a, b = _loss_and_grads(backend.name, method, hidden, head, targets, sources[name], sampled)
+                value, a, b = loss_and_grads(backend.name, method, hidden, head, targets, sources[name], sampled)
                 loss, gh, gw = loss + value, gh + [a.ravel()], gw + [b.ravel()]
             results[name] = (loss, np.concatenate(gh), np.concatenate(gw))
         live = results["live"]
@@ -88,21 +90,6 @@ def loss_agreement(backend, teacher, student, tok, held: str, stores: dict, max_
                          "grad_hidden_rel": float(np.linalg.norm(got[1] - live[1]) / max(np.linalg.norm(live[1]), 1e-12)),
                          "grad_head_rel": float(np.linalg.norm(got[2] - live[2]) / max(np.linalg.norm(live[2]), 1e-12))})
     return rows
-
-
-def _loss_and_grads(backend_name, method, hidden, head, targets, teacher, sampled):
-    kw = dict(targets=targets, teacher=teacher, sampled=sampled)
-    if backend_name == "torch":
-        h = hidden.detach().clone().requires_grad_(True)
-        w = head.detach().clone().requires_grad_(True)
-        value, _ = hpd.chunked_loss(method, h, w, **kw)
-        value.backward()
-        return float(value.detach()), h.grad.numpy(), w.grad.numpy()
-    import mlx.core as mx
-
-    value, (gh, gw) = mx.value_and_grad(lambda h, w: hpd.chunked_loss(method, h, w, **kw)[0],
-                                        argnums=(0, 1))(hidden, head)
-    return float(value), np.array(gh), np.array(gw)
 
 
 def train(args, method: str, seed: int, out: Path, store: Path | None) -> dict:
@@ -122,7 +109,7 @@ def train(args, method: str, seed: int, out: Path, store: Path | None) -> dict:
     teacher = backend.load_model(base.teacher, trainable=False)
     acc = accuracy(backend, student, tok, base.eval_data, limit=args.eval_rows, progress=False)
     lik = likelihood(backend, student, tok, base.eval_data, teacher=teacher)
-    steps = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = read_metrics(out)
     step_s = [r["tokens"] / r["tokens_per_s"] for r in steps if "tokens_per_s" in r]
     return {"accuracy": acc["accuracy"], "kl": lik["kl_to_teacher"], "seconds": seconds,
             "step_s": statistics.median(step_s[len(step_s) // 5:])}  # past the first steps' warm-up

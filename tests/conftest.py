@@ -86,6 +86,23 @@ def write_rows(path: Path, n: int = 64, seed: int = 0) -> Path:
     return path
 
 
+def write_answers(path: Path, n: int = 6) -> Path:
+    """Held-out prompt/completion rows with reference answers (exact match needs them)."""
+    words = "the cat sat on a mat and the dog ran to it".split()
+    path.write_text("".join(json.dumps({"prompt": " ".join(words[i:i + 3]), "completion": words[i + 3]}) + "\n"
+                            for i in range(n)))
+    return path
+
+
+@pytest.fixture
+def keep_torch_threads():
+    """torch after the test with the thread count it had before (the benchmarks set it)."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    yield torch
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     """Tokenizer, teacher/student pairs (llama untied, qwen2 tied), and a data file."""

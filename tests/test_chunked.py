@@ -403,3 +403,16 @@ def test_mixed_frameworks_are_refused():
 def test_import_hpd_imports_no_framework():
     code = "import sys, hpd; hpd.chunked_loss; assert 'torch' not in sys.modules and 'mlx' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_chunked_path_reports_the_same_kl():
+    import torch
+
+    torch.manual_seed(1)
+    hs, ht = torch.randn(2, 6, 8), torch.randn(2, 6, 12)
+    ws, wt = torch.randn(13, 8), torch.randn(13, 12)
+    y = torch.randint(0, 13, (2, 6))
+    sampled = torch.randint(0, 13, (2, 6))
+    _, chunked = hpd.chunked_loss("hpd", hs, ws, ht, wt, y, chunk_size=4, sampled=sampled)
+    _, plain = hpd.loss("hpd", hs @ ws.T, ht @ wt.T, y, sampled=sampled)
+    assert chunked["kl"] == pytest.approx(plain["kl"], rel=1e-5)

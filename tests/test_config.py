@@ -1,18 +1,22 @@
-"""Config, recipes and the CLI's flag handling (fast: no model is loaded)."""
+"""Config, recipes, and the CLI's flags, help and error messages (fast)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import yaml
 from click.testing import CliRunner
+from hpd.cli.main import cli
 
+import hpd
 from hpd.train.config import DistillConfig, resolve_recipe
 from hpd.train.schedule import Schedule
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))
 
 
 def test_recipes_exist():
@@ -114,3 +118,72 @@ def test_import_hpd_is_light():
            "print(any(m.split('.')[0] in ('torch', 'mlx') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_python_api_takes_a_recipe():
+    cfg = DistillConfig.from_dict({"recipe": "tiny", "steps": 3, "out": "x"})
+    assert cfg.steps == 3 and cfg.lr == 2.0e-3 and cfg.out == "x"
+    with pytest.raises(FileNotFoundError, match="shipped recipes"):
+        DistillConfig.from_dict({"recipe": "tinyy"})
+
+
+def test_readme_documents_from_recipe_and_hooks():
+    readme = (ROOT / "README.md").read_text()
+    assert '"recipe": "tiny"' in readme and "DistillConfig.from_recipe" in readme and "hooks" in readme
+
+
+def test_compressed_recipe_warns():
+    cfg = DistillConfig.from_recipe("tiny", {"steps": 20})
+    assert len(cfg.notes) == 1 and "tuned for 600 steps" in cfg.notes[0] and "--lr" in cfg.notes[0]
+    assert DistillConfig.from_recipe("tiny", {"steps": 20, "lr": 5e-4}).notes == []
+    assert DistillConfig.from_recipe("tiny", {"steps": 300}).notes == []
+    assert DistillConfig.from_recipe("tiny").notes == []
+
+
+def test_unknown_recipe_lists_the_shipped_ones():
+    result = CliRunner().invoke(cli, ["distill", "--recipe", "tinyy"])
+    assert result.exit_code == 2
+    import hpd.recipes
+
+    shipped = sorted(p.stem for p in Path(next(iter(hpd.recipes.__path__))).glob("*.yaml"))
+    assert {"tiny", "paper-math", "on-policy-mix"} <= set(shipped)
+    assert f"shipped recipes: {', '.join(shipped)}" in result.output
+
+
+def test_method_help_lists_the_methods():
+    text = CliRunner().invoke(cli, ["distill", "--help"], terminal_width=200).output
+    line = next(ln for ln in text.splitlines() if "--method " in ln)
+    assert "hpd.METHODS" not in text and all(m in line for m in hpd.METHODS), line
+
+
+def test_top_level_help_cuts_no_description():
+    text = CliRunner().invoke(cli, ["--help"]).output
+    commands = text.split("Commands:")[1].strip().splitlines()
+    assert len(commands) >= 5 and not any(line.rstrip().endswith("...") for line in commands), commands
+
+
+@pytest.mark.parametrize("command", ["distill", "eval", "export", "generate", "plot"])
+def test_every_option_has_help_and_click_type_names(command):
+    sub = cli.commands[command]
+    for param in sub.params:
+        if param.param_type_name == "option" and param.name != "help":
+            assert param.help, f"{command} {param.opts} has no help"
+    text = CliRunner().invoke(cli, [command, "--help"]).output
+    assert not re.search(r" (STR|INT)\b", text), text
+
+
+def test_eval_has_dtype():
+    assert "dtype" in {p.name for p in cli.commands["eval"].params}
+
+
+def test_generate_help_names_both_row_kinds():
+    text = " ".join(CliRunner().invoke(cli, ["generate", "--help"]).output.split())
+    assert "{messages} rows" in text and "{prompt, completion} rows" in text
+
+
+def test_errors_use_one_prefix(assets, tmp_path):
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"text": "the cat"}\nnot json\n')
+    result = CliRunner().invoke(cli, ["distill", "--teacher", str(assets["teacher"]), "--student",
+                                      str(assets["student"]), "--data", str(data), "--out", str(tmp_path / "r")])
+    assert result.exit_code == 2 and "Error: " in result.output and "error: " not in result.output

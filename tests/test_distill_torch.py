@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import write_answers
 from hpd.cli.main import cli
 
 import hpd
@@ -296,3 +298,44 @@ def test_export_command(assets, tmp_path):
     assert "optimizer.safetensors" not in names and "trainer_state.json" not in names
     again = CliRunner().invoke(cli, ["export", str(out / "checkpoints" / "step-2"), "--out", str(target)])
     assert again.exit_code != 0 and "--overwrite" in again.output
+
+
+@pytest.mark.slow
+def test_model_card_of_a_checkpoint_export_has_its_metrics(assets, tmp_path):
+    out = tmp_path / "run"
+    hpd.distill(base_config(assets, out, steps=3, save_every=1, keep_checkpoints=3))
+    target = tmp_path / "exported"
+    result = CliRunner().invoke(cli, ["export", str(out / "checkpoints" / "step-2"), "--out", str(target)])
+    assert result.exit_code == 0, result.output
+    card = (target / "README.md").read_text()
+    table = card.split("## Final metrics")[1].split("## Command")[0]
+    step2 = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][1]
+    assert step2["step"] == 2
+    assert f"| loss | {step2['loss']:.6g} |" in table and f"| kl | {step2['kl']:.6g} |" in table
+
+
+@pytest.mark.slow
+def test_distill_output(assets, tmp_path):
+    out = tmp_path / "run"
+    args = ["distill", "--teacher", str(assets["teacher"]), "--student", str(assets["student"]), "--data",
+            str(assets["data"]), "--out", str(out), "--steps", "2", "--batch-size", "2", "--grad-accum", "2",
+            "--chunked", "off", "--no-progress"]
+    text = CliRunner().invoke(cli, args, catch_exceptions=False).output
+    assert "2 steps of 4 sequences (2 per batch x 2 accumulated x 1 process)" in text
+    assert len(re.findall("export", text)) == 1, text
+    seconds = float(re.search(r"exported the student to \S+ \((\d+\.\d) s\)", text).group(1))
+    assert seconds < 30
+
+
+@pytest.mark.slow
+def test_resumed_run_prints_before_and_after_accuracy(assets, tmp_path):
+    out = tmp_path / "run"
+    common = ["distill", "--teacher", str(assets["teacher"]), "--student", str(assets["student"]), "--data",
+              str(assets["data"]), "--eval-data", str(write_answers(tmp_path / "held.jsonl")), "--eval-generate", "2",
+              "--max-length", "64", "--rollout-max-new-tokens", "4", "--out", str(out), "--batch-size", "4",
+              "--chunked", "off", "--no-progress", "--save-every", "1"]
+    first = CliRunner().invoke(cli, [*common, "--steps", "1"], catch_exceptions=False)
+    assert "held-out exact match: student" in first.output
+    resumed = CliRunner().invoke(cli, [*common, "--steps", "2", "--resume"], catch_exceptions=False)
+    assert resumed.exit_code == 0, resumed.output
+    assert "held-out exact match: student" in resumed.output and "before" in resumed.output

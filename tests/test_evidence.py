@@ -1,33 +1,25 @@
-"""benchmarks/evidence.py: the rate choice, TRL's inputs, and a smoke run with two methods."""
+"""benchmarks.evidence: the rate choice, TRL's inputs, and a smoke run with two methods."""
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load(name):
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import evidence
+from benchmarks.sums_runner import choose, searched
 
 
 def test_each_method_gets_its_best_rate_and_trl_rows_take_jsds():
-    bench = load("evidence")
     grid = [{"method": m, "lr": lr, "val_greedy": acc} for m, lr, acc in [
         ("sft", 1e-4, 0.5), ("sft", 3e-4, 0.7), ("sft", 1e-3, 0.6),
         ("jsd (on-policy)", 1e-4, 0.4), ("jsd (on-policy)", 3e-4, 0.4), ("jsd (on-policy)", 1e-3, 0.1)]]
     methods = ["sft", "jsd (on-policy)", "trl gkd (on-policy)"]
-    assert bench.searched(methods) == ["sft", "jsd (on-policy)"]  # TRL's row is not searched
-    assert bench.searched(["trl gkd (on-policy)"]) == ["trl gkd (on-policy)"]  # unless jsd's row is absent
+    assert searched(evidence.METHODS, methods) == ["sft", "jsd (on-policy)"]  # TRL's row is not searched
+    # unless jsd's row is absent
+    assert searched(evidence.METHODS, ["trl gkd (on-policy)"]) == ["trl gkd (on-policy)"]
     # a tie goes to the smaller rate; TRL's row takes the rate of hpd's row of the same objective
-    assert bench.choose(grid, methods) == {"sft": 3e-4, "jsd (on-policy)": 1e-4, "trl gkd (on-policy)": 1e-4}
+    assert choose(evidence.METHODS, grid, methods) == {"sft": 3e-4, "jsd (on-policy)": 1e-4,
+                                                      "trl gkd (on-policy)": 1e-4}
 
 
 def test_trl_rows_see_hpds_token_ids():
@@ -36,7 +28,8 @@ def test_trl_rows_see_hpds_token_ids():
     from hpd.data.examples import encode_row
     from hpd.tasks import sums4
 
-    trl_inputs = load("evidence_trl")
+    from benchmarks import sums_trl as trl_inputs
+
     tok = transformers.AutoTokenizer.from_pretrained(sums4.STUDENT_DIR)
     rows = sums4.load_rows("train")[:3] + sums4.load_rows("train_teacher")[:2]
     batch = trl_inputs.collator(tok)(rows)
@@ -53,17 +46,11 @@ def test_trl_rows_see_hpds_token_ids():
 
 
 @pytest.mark.slow
-def test_smoke_two_methods(tmp_path):
-    torch = pytest.importorskip("torch")
-    bench = load("evidence")
-    threads = torch.get_num_threads()
-    try:
-        results = bench.main(["--methods", "sft", "hpd", "--starts", "sft-init", "--steps", "4", "--seeds", "0",
-                              "--grid-sft-init", "1e-4", "3e-4", "--sft-init-steps", "4", "--eval-every", "2",
-                              "--curve-rows", "2", "--val-rows", "4", "--test-rows", "4", "--samples", "2",
-                              "--sample-rows", "2", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+def test_smoke_two_methods(tmp_path, keep_torch_threads):
+    results = evidence.main(["--methods", "sft", "hpd", "--starts", "sft-init", "--steps", "4", "--seeds", "0",
+                             "--grid-sft-init", "1e-4", "3e-4", "--sft-init-steps", "4", "--eval-every", "2",
+                             "--curve-rows", "2", "--val-rows", "4", "--test-rows", "4", "--samples", "2",
+                             "--sample-rows", "2", "--out", str(tmp_path)])
     grid = [r for r in results["runs"] if r["phase"] == "grid"]
     final = [r for r in results["runs"] if r["phase"] == "final"]
     assert sorted((r["method"], r["lr"]) for r in grid) == [("hpd", 1e-4), ("hpd", 3e-4), ("sft", 1e-4), ("sft", 3e-4)]

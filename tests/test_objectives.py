@@ -687,3 +687,16 @@ def test_import_hpd_pulls_in_no_framework():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("method", ["hpd", "sft", "rkl", "jsd", "fkl"])
+def test_every_method_reports_the_token_kl(method):
+    import torch
+
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    y = torch.randint(0, 11, (2, 5))
+    y[0, 0] = -100
+    _, metrics = hpd.loss(method, s, t, y)
+    _, reference = hpd.loss("fkl", s, t, y)
+    assert metrics["kl"] == pytest.approx(reference["fkl"], rel=1e-5)

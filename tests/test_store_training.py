@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from chunked_grads import loss_and_grads
 
-import hpd
 from hpd.teachers.store import Store
 from hpd.teachers.stored import StoreTeacher, batch_rows, reconstruct
 
@@ -68,23 +68,6 @@ def _case(assets, backend_name):
     return be, batch, arrays, t_out, s_out.hidden, head, sampled
 
 
-def _loss_and_grads(backend_name, method, hidden, head, targets, teacher, sampled):
-    kw = dict(targets=targets, teacher=teacher, sampled=sampled, chunk_size=13)
-    if backend_name == "torch":
-        h = hidden.detach().clone().requires_grad_(True)
-        w = head.detach().clone().requires_grad_(True)
-        value, _ = hpd.chunked_loss(method, h, w, **kw)
-        value.backward()
-        return float(value.detach()), h.grad.numpy(), w.grad.numpy()
-    import mlx.core as mx
-
-    def f(h, w):
-        return hpd.chunked_loss(method, h, w, **kw)[0]
-
-    value, (gh, gw) = mx.value_and_grad(f, argnums=(0, 1))(hidden, head)
-    return float(value), np.array(gh), np.array(gw)
-
-
 def _compare(backend_name, assets, store, methods, tol_loss, tol_grad):
     from hpd.objectives.teacher import LiveTeacher
 
@@ -92,8 +75,8 @@ def _compare(backend_name, assets, store, methods, tol_loss, tol_grad):
     live = LiveTeacher(t_out.hidden, t_out.head)
     cached = StoreTeacher(be.to_arrays(batch_rows(store, batch)), vocab=store.vocab, temperature=1.0)
     for method in methods:
-        a = _loss_and_grads(backend_name, method, hidden, head, arrays["targets"], live, sampled)
-        b = _loss_and_grads(backend_name, method, hidden, head, arrays["targets"], cached, sampled)
+        a = loss_and_grads(backend_name, method, hidden, head, arrays["targets"], live, sampled, chunk_size=13)
+        b = loss_and_grads(backend_name, method, hidden, head, arrays["targets"], cached, sampled, chunk_size=13)
         assert np.isfinite(a[0]) and abs(a[0] - b[0]) <= tol_loss * max(abs(a[0]), 1e-3), (method, a[0], b[0])
         for ga, gb in zip(a[1:], b[1:]):
             scale = np.abs(ga).max()
@@ -123,8 +106,8 @@ def test_top_k_store_runs_every_method(assets, stores, backend_name):
     cached = StoreTeacher(be.to_arrays(batch_rows(store, batch)), vocab=store.vocab, temperature=1.0)
     live = LiveTeacher(t_out.hidden, t_out.head)
     for method in METHODS:
-        a = _loss_and_grads(backend_name, method, hidden, head, arrays["targets"], live, sampled)
-        b = _loss_and_grads(backend_name, method, hidden, head, arrays["targets"], cached, sampled)
+        a = loss_and_grads(backend_name, method, hidden, head, arrays["targets"], live, sampled, chunk_size=13)
+        b = loss_and_grads(backend_name, method, hidden, head, arrays["targets"], cached, sampled, chunk_size=13)
         assert np.isfinite(b[0]) and all(np.isfinite(g).all() for g in b[1:]), method
         if method == "sft":  # no teacher in the loss: identical
             assert a[0] == pytest.approx(b[0], rel=1e-6)

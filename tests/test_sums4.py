@@ -1,10 +1,7 @@
 """The four-number sums task: its generator and split, its shipped assets, and a student that
 can learn it (SFT on the data reaches half the teacher in the benchmark's quick configuration)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -62,10 +59,10 @@ def test_sft_reaches_half_the_teacher(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     import hpd
+    from benchmarks.evidence import QUICK as plan
     from hpd.tasks import sums_models as sm
     from hpd.train.config import DistillConfig
 
-    plan = load_benchmark().QUICK
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matmuls: one thread is as fast, and immune to a busy machine
     try:
@@ -83,12 +80,3 @@ def test_sft_reaches_half_the_teacher(tmp_path):
     manifest = sums4.load_manifest()["models"]
     assert got["accuracy"] >= 0.5 * manifest["teacher"]["greedy_accuracy"], got["accuracy"]
     assert got["accuracy"] > manifest["student"]["greedy_accuracy"] and got["openings"]["pairs"] > 0.9
-
-
-def load_benchmark():
-    bench = Path(__file__).resolve().parent.parent / "benchmarks"
-    sys.path.insert(0, str(bench))
-    spec = importlib.util.spec_from_file_location("evidence", bench / "evidence.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module

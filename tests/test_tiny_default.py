@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from click.testing import CliRunner
+from conftest import write_answers
 from hpd.cli.main import cli
 
 from hpd.tasks import tiny
@@ -59,3 +61,21 @@ def test_tiny_recipe_short_run_and_plot(tmp_path, backend):
 def test_plot_rejects_a_folder_without_metrics(tmp_path):
     result = CliRunner().invoke(cli, ["plot", str(tmp_path), "--out", str(tmp_path / "x.png")])
     assert result.exit_code != 0 and "metrics.jsonl" in result.output
+
+
+@pytest.mark.slow
+def test_eval_limit_limits_every_metric_and_tokens_are_whole(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    from hpd.data.batches import load_dataset
+
+    held = write_answers(tmp_path / "held.jsonl")
+    args = ["eval", "--model", str(assets["student"]), "--teacher", str(assets["teacher"]), "--data",
+            str(held), "--limit", "3", "--max-new-tokens", "2", "--no-progress", "--device", "cpu"]
+    result = CliRunner().invoke(cli, [*args, "--json"], catch_exceptions=False)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    first3 = load_dataset(held, AutoTokenizer.from_pretrained(assets["tokenizer"]), 1024).examples[:3]
+    assert report["rows"] == 3
+    assert report["tokens"] == sum(sum(e.loss_mask) for e in first3)
+    table = CliRunner().invoke(cli, args, catch_exceptions=False).stdout
+    assert re.search(r"^tokens\s+\d+$", table, re.M), table

@@ -1,25 +1,14 @@
-"""A smoke run of benchmarks/when_hpd_helps.py: two methods, a handful of steps."""
+"""benchmarks.when_hpd_helps: the report's definitions, and a smoke run of two methods, a handful of steps."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def load_benchmark():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("when_hpd_helps", BENCH / "when_hpd_helps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmarks import sums_report as report
+from benchmarks import when_hpd_helps
 
 
 def test_spike_and_series_definitions():
-    report = load_benchmark().report
     assert report.spikes([1.0] * 25) == 0
     assert report.spikes([1.0] * 20 + [3.5, 1.0, 2.9]) == 1  # only > 3x the median of the 20 before
     # small rollout-step gradients followed by an offline step: a spike only if kinds are mixed up
@@ -41,16 +30,10 @@ def test_spike_and_series_definitions():
 
 
 @pytest.mark.slow
-def test_smoke_two_methods(tmp_path):
-    torch = pytest.importorskip("torch")
-    bench = load_benchmark()
-    threads = torch.get_num_threads()
-    try:
-        results = bench.main(["--methods", "sft", "hpd", "--steps", "4", "--seeds", "0", "--eval-every", "2",
-                              "--eval-generate", "3", "--final-rows", "4", "--samples", "2", "--sample-rows", "2",
-                              "--threads", "1", "--out", str(tmp_path)])
-    finally:
-        torch.set_num_threads(threads)
+def test_smoke_two_methods(tmp_path, keep_torch_threads):
+    results = when_hpd_helps.main(["--methods", "sft", "hpd", "--steps", "4", "--seeds", "0", "--eval-every", "2",
+                                   "--eval-generate", "3", "--final-rows", "4", "--samples", "2", "--sample-rows", "2",
+                                   "--threads", "1", "--out", str(tmp_path)])
     assert [r["method"] for r in results["runs"]] == ["sft", "hpd"]
     for r in results["runs"]:
         assert 0.0 <= r["greedy"] <= 1.0 and 0.0 <= r["sampled"] <= 1.0 and r["kl_teacher_text"] >= 0.0

@@ -1,4 +1,4 @@
-"""TRL's GKDTrainer on the sums4 models and data: the reference rows of benchmarks/evidence.py.
+"""TRL's GKDTrainer on the sums models and data: the reference rows of benchmarks.evidence.
 
 TRL is a benchmark-only dependency (`pip install trl`); nothing in hpd imports it. The
 trainer runs as TRL ships it (its loss, its on-policy step, its Trainer loop). This module
@@ -16,6 +16,8 @@ What differs by TRL's design (docs/evidence.md): the data order and the sampling
 come from TRL's own seeded sampler and RNG, and on an on-policy step TRL divides the
 summed loss by the target tokens of the data batch, counted before the batch is replaced
 by the student's rollouts (hpd divides by the rollout's own tokens).
+
+    python -m benchmarks.sums_trl      # hpd's jsd against TRL's generalized_jsd_loss, on random logits
 """
 
 from __future__ import annotations
@@ -137,6 +139,16 @@ def run(*, student: str, teacher: str, rows: list, out: str, steps: int, lr: flo
     model.eval()
     model.config.use_cache = True  # the scores after training too
     return {"model": model, "tokenizer": tok, "records": records, "evals": evals}
+
+
+def series(got: dict, on_policy: int) -> dict:
+    """A run's series shaped like hpd's (benchmarks.sums_report.series) from `run`'s records and
+    curve points; `on_policy` (TRL's lmbda, 0 or 1) marks every step."""
+    records = got["records"]
+    return {"steps": [r["step"] for r in records], "loss": [r.get("loss", float("nan")) for r in records],
+            "grad_norm": [r.get("grad_norm", float("nan")) for r in records],
+            "seconds": [r["seconds"] for r in records], "on_policy": [on_policy] * len(records), "tokens": [],
+            "rollout_tokens": [], "diagnostics": {}, "evals": got["evals"]}
 
 
 def loss_agreement(betas=(0.0, 0.1, 0.5, 0.9, 1.0), seed: int = 0) -> list:

@@ -1,4 +1,4 @@
-"""CUDA checks for issue #23 (torch --compile, half-precision chunk logits), one short run.
+"""CUDA checks of torch --compile and half-precision chunk logits, one short run.
 
 1. half logits: the chunked loss with a bfloat16 teacher head (152k x 3584, as Qwen2.5-7B's)
    and a float32 student head (1536 wide), 4096 supervised positions: HALF_LOGITS auto
@@ -6,9 +6,9 @@
    gradient differences, time and peak memory of each.
 2. compile: tests/test_compile_torch.py's steps on CUDA, compiled against uncompiled
    (loss and gradients), and the graph counts.
-3. speed: benchmarks/profile_step.py, chat and long presets, fkl, --compile off and on.
+3. speed: benchmarks.profile_step, chat and long presets, fkl, --compile off and on.
 
-    python benchmarks/cuda_check_issue23.py [--skip-profile]
+    python -m benchmarks.cuda_compile_half_logits [--skip-profile]
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks._common import ROOT
 
 
 def half_logits_check():
@@ -61,10 +60,8 @@ def half_logits_check():
 def compile_check():
     import torch
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    import test_compile_torch as t
-
     from hpd.backends.torch import compiled
+    from tests import test_compile_torch as t
 
     t.Cfg.device = "cuda"
     batches = [t.batch(20, 0), t.batch(27, 1), t.batch(40, 2), t.batch(21, 3)]
@@ -85,10 +82,10 @@ def compile_check():
 def profile():
     runs = [("chat", "off"), ("chat", "on"), ("long", "off"), ("long", "on")]
     for preset, mode in runs:
-        cmd = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), "--preset", preset, "--method", "fkl",
+        cmd = [sys.executable, "-m", "benchmarks.profile_step", "--preset", preset, "--method", "fkl",
                "--device", "cuda", "--repeat", "1", "--iters", "10", "--warmup", "3", "--hpd-args", f"compile={mode}"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
         print(f"\n### profile_step {preset} compile={mode} ({time.perf_counter() - t0:.0f} s)\n{proc.stdout}"
               f"{proc.stderr[-1500:] if proc.returncode else ''}", flush=True)
 
