@@ -145,7 +145,7 @@ class Timers:
 
 def instrument(backend, timers):
     """Wrap the backend's calls (on this instance only) in the phase timers."""
-    forward, run, optimizer_step = backend.forward, backend._run, backend.optimizer_step
+    forward, run, optimizer_step = backend.forward, backend.run_model, backend.optimizer_step
     inside = {"fb": False}
 
     def timed_forward(model, batch, *, hidden=False):
@@ -185,7 +185,7 @@ def instrument(backend, timers):
         with timers.phase("optimizer"):
             return optimizer_step(*a, **k)
 
-    backend.forward, backend._run = timed_forward, timed_run
+    backend.forward, backend.run_model = timed_forward, timed_run
     backend.forward_backward, backend.optimizer_step = timed_forward_backward, timed_optimizer_step
 
 
