@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 from hpd.backends.torch import family
 from hpd.files.rng import host_rng_state, seed_host, set_host_rng_state
 from hpd.models.backend import Outputs
+from hpd.models.families import needs_eager_attention
 from hpd.models.loading import hub_failure, local_or_hub, weight_files
 from hpd.objectives.heads import Head
 
@@ -56,11 +57,13 @@ def model_inputs(batch) -> dict:
 def model_from_pretrained(path: str, **kwargs):
     """A causal LM from safetensors only: a local folder's weights are checked first, and
     transformers is told never to fall back to pytorch_model.bin (a pickle)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     source = local_or_hub(path)
     if isinstance(source, Path):
         weight_files(source)
+    if needs_eager_attention(from_pretrained(AutoConfig, path).to_dict()):
+        kwargs.setdefault("attn_implementation", "eager")
     return from_pretrained(AutoModelForCausalLM, path, use_safetensors=True, **kwargs)
 
 

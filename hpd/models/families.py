@@ -47,6 +47,16 @@ MLX_IGNORED: dict[str, tuple[str, ...]] = {
     "gemma3_text": ("final_logit_softcapping", "attn_logit_softcapping"),
 }
 
+# Config settings that only transformers' eager attention applies: its SDPA and flash paths
+# drop them (transformers 5.19, vLLM's pin, builds Gemma2 with SDPA and its logits move by
+# ~4e-3), so a model that sets one loads with attn_implementation="eager".
+EAGER_ATTENTION: tuple[str, ...] = ("attn_logit_softcapping",)
+
+
+def needs_eager_attention(config: dict) -> bool:
+    return any(config.get(k) not in (None, 0, 0.0) for k in EAGER_ATTENTION)
+
+
 # Where a family's mlx-lm code computes something close to, not equal to, transformers'
 # model: (what differs, applies?). Loading warns; the difference is small but not float noise.
 MLX_APPROXIMATES: dict[str, tuple[tuple[str, object], ...]] = {
