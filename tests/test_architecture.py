@@ -25,10 +25,12 @@ LAYERS = {
     "data": {"files"},
     "models": {"objectives", "files", "data"},
     "backends": {"objectives", "files", "data", "models"},
-    "teachers": {"objectives", "files", "data", "models", "backends"},
+    "engines": {"objectives", "files", "data", "models"},
+    "teachers": {"objectives", "files", "data", "models", "backends", "engines"},
     "tasks": {"objectives", "files", "data", "models", "backends"},
-    "report": {"objectives", "files", "data", "models", "backends", "teachers", "tasks"},
-    "train": {"objectives", "files", "data", "models", "backends", "teachers", "tasks", "report", "recipes"},
+    "report": {"objectives", "files", "data", "models", "backends", "engines", "teachers", "tasks"},
+    "train": {"objectives", "files", "data", "models", "backends", "engines", "teachers", "tasks", "report",
+              "recipes"},
 }
 
 
