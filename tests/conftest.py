@@ -68,6 +68,31 @@ def build_model(folder: Path, tokenizer_dir: Path, *, family: str = "llama", hid
     return folder
 
 
+def distill_config(assets, out: Path, **kw) -> dict:
+    """A small hpd.distill config over the session's assets (plain loss, seeded); `kw` overrides."""
+    cfg = dict(teacher=str(assets["teacher"]), student=str(assets["student"]), data=str(assets["data"]),
+               out=str(out), steps=6, batch_size=4, lr=3e-3, warmup_ratio=0.0, progress=False,
+               chunked="off", seed=0)
+    cfg.update(kw)
+    return cfg
+
+
+def nan_teacher(assets, folder: Path) -> Path:
+    """The assets' teacher with a NaN output head, saved in `folder` with its tokenizer."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets["teacher"])
+    with torch.no_grad():
+        model.get_output_embeddings().weight.fill_(float("nan"))
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(assets["teacher"] / name, folder)
+    return folder
+
+
 def write_rows(path: Path, n: int = 64, seed: int = 0) -> Path:
     rng = random.Random(seed)
     texts = corpus(n * 2, seed + 1)

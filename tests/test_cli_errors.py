@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 from click.testing import CliRunner
+
 from hpd.cli.main import cli
 
 pytestmark = pytest.mark.slow
@@ -134,16 +135,9 @@ def test_device_cuda_without_cuda(assets, tmp_path, command):
 
 
 def test_nan_stop_has_no_traceback(assets, tmp_path):
-    import torch
-    from transformers import AutoModelForCausalLM
+    from conftest import nan_teacher
 
-    bad = tmp_path / "nan_teacher"
-    model = AutoModelForCausalLM.from_pretrained(assets["teacher"])
-    with torch.no_grad():
-        model.get_output_embeddings().weight.fill_(float("nan"))
-    model.save_pretrained(bad)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(assets["teacher"] / name, bad)
+    bad = nan_teacher(assets, tmp_path / "nan_teacher")
     result = CliRunner().invoke(cli, distill_args(assets, tmp_path, **{
         "--teacher": str(bad), "--steps": "10", "--max-bad-steps": "2"}))
     assert_one_line_error(result, "consecutive", "checkpoints/step-0")

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import write_answers
-from hpd.cli.main import cli
+from conftest import distill_config, nan_teacher, write_answers
 
 import hpd
+from hpd.cli.main import cli
 from hpd.data.batches import load_dataset
 from hpd.data.examples import DataError
 from hpd.train import checkpoint as ckpt
@@ -22,12 +22,7 @@ from hpd.train import checkpoint as ckpt
 pytestmark = pytest.mark.slow
 
 
-def base_config(assets, out: Path, **kw) -> dict:
-    cfg = dict(teacher=str(assets["teacher"]), student=str(assets["student"]), data=str(assets["data"]),
-               out=str(out), steps=6, batch_size=4, lr=3e-3, warmup_ratio=0.0, progress=False,
-               chunked="off", seed=0)
-    cfg.update(kw)
-    return cfg
+base_config = distill_config
 
 
 def token_kl(teacher_dir, student, assets) -> float:
@@ -178,15 +173,7 @@ def test_interrupted_checkpoint_write_leaves_previous_whole(assets, tmp_path, mo
 
 
 def test_nan_loss_stops_with_checkpoint(assets, tmp_path):
-    from transformers import AutoModelForCausalLM
-
-    bad = tmp_path / "nan_teacher"
-    model = AutoModelForCausalLM.from_pretrained(assets["teacher"])
-    with torch.no_grad():
-        model.get_output_embeddings().weight.fill_(float("nan"))
-    model.save_pretrained(bad)
-    shutil.copy(assets["teacher"] / "tokenizer.json", bad)
-    shutil.copy(assets["teacher"] / "tokenizer_config.json", bad)
+    bad = nan_teacher(assets, tmp_path / "nan_teacher")
     out = tmp_path / "run"
     from hpd.train.loop import NonFiniteLoss
 

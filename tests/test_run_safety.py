@@ -14,20 +14,17 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from hpd.cli.main import cli
+from conftest import distill_config
 
 import hpd
+from hpd.cli.main import cli
 from hpd.train import checkpoint as ckpt
 
 pytestmark = pytest.mark.slow
 
 
 def base_config(assets, out: Path, **kw) -> dict:
-    cfg = dict(teacher=str(assets["teacher"]), student=str(assets["student"]), data=str(assets["data"]),
-               out=str(out), steps=2, batch_size=4, lr=3e-3, warmup_ratio=0.0, progress=False,
-               chunked="off", seed=0)
-    cfg.update(kw)
-    return cfg
+    return distill_config(assets, out, **{"steps": 2, **kw})
 
 
 def weights(model) -> dict[str, np.ndarray]:
@@ -154,7 +151,6 @@ def test_records_once_after_a_kill_mid_line(assets, tmp_path):
 
 def test_nan_gradient_norm_skips_the_step_and_never_saves_nan(assets, tmp_path, monkeypatch):
     from hpd.backends.torch import TorchBackend
-
     from hpd.train.loop import NonFiniteLoss
 
     original = TorchBackend.forward_backward
@@ -186,8 +182,9 @@ def test_nan_gradient_norm_skips_the_step_and_never_saves_nan(assets, tmp_path, 
 
 
 def test_checkpoint_is_never_written_from_non_finite_weights(assets, tmp_path):
-    from hpd.backends.torch import TorchBackend
     from transformers import AutoTokenizer
+
+    from hpd.backends.torch import TorchBackend
 
     backend = TorchBackend()
     model = backend.load_model(str(assets["student"]), trainable=True)
