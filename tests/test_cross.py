@@ -464,8 +464,8 @@ def test_templates_that_disagree_are_refused(pair, tmp_path):
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
 
 
-def test_text_the_teacher_cannot_spell_is_refused(pair, tmp_path):
-    """A teacher tokenizer without byte fallback reads an emoji as <unk>: not the text."""
+def _unk_teacher(folder: Path) -> Path:
+    """A teacher whose tokenizer has no byte fallback: it reads an emoji as <unk>."""
     from conftest import build_model
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -479,11 +479,32 @@ def test_text_the_teacher_cannot_spell_is_refused(pair, tmp_path):
     tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>")
     tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(tmp_path / "unk_tok")
-    teacher = build_model(tmp_path / "unk_teacher", tmp_path / "unk_tok", hidden=16, layers=1)
+    tok.save_pretrained(folder / "unk_tok")
+    return build_model(folder / "unk_teacher", folder / "unk_tok", hidden=16, layers=1)
+
+
+def test_text_the_teacher_cannot_spell_is_refused(pair, tmp_path):
+    """A teacher tokenizer without byte fallback reads an emoji as <unk>: not the text."""
+    teacher = _unk_teacher(tmp_path)
     result = CliRunner().invoke(cli, distill_args(pair, tmp_path, **{"--teacher": str(teacher)}))
     one_line_error(result, f"{pair['data']}:2", "do not spell")
     assert result.exit_code == 2 and not (tmp_path / "run").exists()
+
+
+def test_a_named_teacher_pairs_only_the_rows_it_scores(pair, tmp_path):
+    """Beside another teacher, a teacher of another tokenizer pairs its own rows only: the rows
+    it cannot spell (an emoji) are another teacher's, and the run trains."""
+    rows = [json.loads(line) for line in pair["data"].read_text().splitlines()]
+    routed = [{**r, "teacher": "same" if "😀" in json.dumps(r, ensure_ascii=False) or "text" in r else "unk"}
+              for r in rows]
+    data = write_jsonl(tmp_path / "routed.jsonl", routed)
+    args = distill_args(pair, tmp_path, **{"--teacher": f"unk={_unk_teacher(tmp_path)}", "--data": str(data)})
+    result = CliRunner().invoke(cli, args + ["--teacher", f"same={pair['same_teacher']}"])
+    assert result.exit_code == 0, result.output
+    counts = {name: sum(r["teacher"] == name for r in routed) for name in ("same", "unk")}
+    assert counts["same"] and counts["unk"]
+    assert f"teachers: same {counts['same']} rows, unk {counts['unk']} rows" in result.output
+    assert "unk: teacher tokenizer: cross:" in result.output  # paired, on its own rows alone
 
 
 def test_a_store_for_another_tokenizer_is_refused(pair, tmp_path):

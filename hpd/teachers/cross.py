@@ -132,7 +132,8 @@ class CrossData:
                 f"{100 * self.share:.1f}% of {self.targets} student target positions paired with a teacher position")
 
 
-def prepare(sources, student_tok, teacher_tok, max_length: int, *, same: bool | None = None) -> CrossData:
+def prepare(sources, student_tok, teacher_tok, max_length: int, *, same: bool | None = None,
+            keep=None) -> CrossData:
     """Pair every row of `sources` [(path, read_rows kwargs)]. A row the two tokenizers
     cannot share raises PairingError with its place; a file with no paired target at all
     too (the tokenizers have no text in common). `same` (default: whether the tokenizers
@@ -144,6 +145,8 @@ def prepare(sources, student_tok, teacher_tok, max_length: int, *, same: bool | 
     for path, kwargs in sources:
         targets = paired = 0
         for where, row in read_rows(path, **kwargs):
+            if keep is not None and not keep(row):  # another teacher's row (hpd.teachers.named)
+                continue
             try:
                 ex = encode_row(row, student_tok)
                 n = min(len(ex.input_ids), max_length)
@@ -281,15 +284,16 @@ def run_errors(cfg) -> list[str]:
     return errors
 
 
-def prepare_for_run(cfg, student_tok, teacher_tok, eval_kwargs: dict | None = None) -> CrossData:
-    """The run's pairs: its data and held-out data, after checking what the run asks for."""
+def prepare_for_run(cfg, student_tok, teacher_tok, eval_kwargs: dict | None = None, keep=None) -> CrossData:
+    """The run's pairs: its data and held-out data (the rows `keep` accepts, when given),
+    after checking what the run asks for."""
     errors = run_errors(cfg)
     if errors:
         raise ValueError("--teacher-tokenizer cross: " + "; ".join(errors))
     sources = [(cfg.data, {"split": cfg.data_split, "columns": cfg.data_columns})]
     if cfg.eval_data:
         sources.append((cfg.eval_data, dict(eval_kwargs or {})))
-    return prepare(sources, student_tok, teacher_tok, cfg.max_length)
+    return prepare(sources, student_tok, teacher_tok, cfg.max_length, keep=keep)
 
 
 def batch_teacher(backend, teacher, data: CrossData, batch: dict, targets, *, vocab: int, hidden: bool,

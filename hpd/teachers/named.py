@@ -33,8 +33,10 @@ class NamedTeachers:
     @classmethod
     def from_config(cls, cfg) -> NamedTeachers:
         names = tuple(cfg.teacher_names())
-        teachers = {n: RunTeacher(cfg.teachers.get(n, ""), cfg.teacher_caches.get(n, "")) for n in names}
-        return cls(teachers, Route(cfg.teacher_column, names, cfg.default_teacher), cfg.teacher_offload)
+        route = Route(cfg.teacher_column, names, cfg.default_teacher)
+        teachers = {n: RunTeacher(cfg.teachers.get(n, ""), cfg.teacher_caches.get(n, ""),
+                                  keep=lambda row, k=k: route.of(row) == k) for k, n in enumerate(names)}
+        return cls(teachers, route, cfg.teacher_offload)
 
     @property
     def name(self) -> str:

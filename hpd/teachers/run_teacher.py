@@ -28,6 +28,7 @@ class RunTeacher:
     cross: CrossData | None = None  # every row paired across the tokenizers
     store: Any = None  # hpd.teachers.store.Store, opened by check_data
     model: Any = None  # set by load()
+    keep: Callable | None = None  # the rows it scores, where several teachers share the data (all: None)
     route = None  # one teacher: rows name none (hpd.teachers.named routes several)
 
     @property
@@ -64,7 +65,7 @@ class RunTeacher:
         against this data, tokenizer and settings; a bad row or a store written for other
         data stops the run here."""
         if self.mode == "cross":
-            self.cross = prepare_for_run(cfg, tokenizer, self.tokenizer, eval_kwargs)
+            self.cross = prepare_for_run(cfg, tokenizer, self.tokenizer, eval_kwargs, keep=self.keep)
             say(f"teacher tokenizer: cross: {self.cross.describe()}")
         if self.cache:
             from hpd.teachers.stored import open_for_run
