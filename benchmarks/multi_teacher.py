@@ -10,8 +10,9 @@ answers, and the sums teacher's greedy answers to the sums prompts), in four way
 - four only / six only: one teacher scores every row, its own task's and the other's;
 - sft: the same rows, no teacher.
 
-Reported per run: held-out exact match on each task and the KL to each teacher on that
-teacher's held-out rows (`hpd eval --teacher NAME=...`), over seeds.
+Reported per run: held-out exact match on each task, and the KL to each teacher on that
+teacher's held-out answers (its own text: the rows it would write; `hpd eval --teacher
+NAME=...`), over seeds.
 
     python -m benchmarks.multi_teacher                  # 300 steps x 2 seeds, about 20 minutes here
     python -m benchmarks.multi_teacher --quick          # a smoke run (minutes)
@@ -55,12 +56,18 @@ def prepare_data(work: Path, rows: int, held: int) -> dict[str, Path]:
     out["train"].write_text("".join(json.dumps({"prompt": r["prompt"], "completion": r["completion"],
                                                 "teacher": "four" if i % 2 == 0 else "six"}) + "\n"
                                     for i, r in enumerate(mixed)))
+    answers = {"four": "hpd:sums4/test_teacher.jsonl", "six": "hpd:sums/held_teacher.jsonl"}
     for name, source in (("four", "hpd:sums4/test.jsonl"), ("six", "hpd:sums/held.jsonl")):
-        lines = Path(asset_path(source)).read_text().splitlines()[:held]
-        out[name] = work / f"held_{name}.jsonl"
-        out[name].write_text("".join(json.dumps({**json.loads(line), "teacher": name}) + "\n" for line in lines))
-    out["held"] = work / "held.jsonl"
-    out["held"].write_text(out["four"].read_text() + out["six"].read_text())
+        out[name] = _tagged(asset_path(source), work / f"held_{name}.jsonl", name, held)  # prompts for exact match
+        _tagged(asset_path(answers[name]), work / f"answers_{name}.jsonl", name, held)
+    out["held"] = work / "answers.jsonl"  # each teacher's own answers, for the KL to it
+    out["held"].write_text((work / "answers_four.jsonl").read_text() + (work / "answers_six.jsonl").read_text())
+    return out
+
+
+def _tagged(source, out: Path, name: str, n: int) -> Path:
+    lines = Path(source).read_text().splitlines()[:n]
+    out.write_text("".join(json.dumps({**json.loads(line), "teacher": name}) + "\n" for line in lines))
     return out
 
 
@@ -80,7 +87,7 @@ def config(run: str, data: dict, out: Path, args, seed: int) -> dict:
 
 
 def score(folder: Path, data: dict, held: int) -> dict[str, float]:
-    """Exact match on each task's held-out rows and KL to each teacher on its own rows."""
+    """Exact match on each task's held-out prompts and KL to each teacher on its own answers."""
     from hpd.backends import get_backend
     from hpd.data.routing import Route
     from hpd.models.loading import asset_path
@@ -94,15 +101,16 @@ def score(folder: Path, data: dict, held: int) -> dict[str, float]:
         out[f"accuracy/{name}"] = accuracy(be, model, tok, str(data[name]), limit=held, max_new_tokens=96,
                                            batch_size=64, progress=False)["accuracy"]
     teachers = {n: be.load_model(asset_path(p), trainable=False, dtype="float32") for n, p in TEACHERS.items()}
-    kl = likelihood(be, model, tok, str(data["held"]), teachers=teachers, route=Route("teacher", tuple(sorted(TEACHERS))),
-                    max_length=128)
+    route = Route("teacher", tuple(sorted(TEACHERS)))
+    kl = likelihood(be, model, tok, str(data["held"]), teachers=teachers, route=route, max_length=128)
     out.update({f"kl/{n}": kl[f"kl_to_teacher/{n}"] for n in TEACHERS})
     return out
 
 
 def table(results: dict) -> str:
     keys = [f"accuracy/{n}" for n in TEACHERS] + [f"kl/{n}" for n in TEACHERS]
-    heads = ["four-number exact match", "six-number exact match", "KL to four (its rows)", "KL to six (its rows)"]
+    heads = ["four-number exact match", "six-number exact match", "KL to four (its answers)",
+             "KL to six (its answers)"]
     lines = ["| student | " + " | ".join(heads) + " |", "|---|" + "---|" * len(keys)]
     for run in RUNS:
         cells = []
