@@ -130,6 +130,27 @@ def test_hpd_tied_sharded_teacher_matches_one_process(assets, tmp_path):
     assert config["tie_word_embeddings"] is True and "lm_head.weight" not in weights(tmp_path / "two")
 
 
+def test_named_sharded_teachers_match_one_process(assets, tmp_path):
+    """Two named teachers sharded across 2 ranks: every rank runs each teacher's forward, also
+    one whose rows all went to the other rank, and the run equals one process's."""
+    rows = [json.loads(line) for line in Path(assets["data"]).read_text().splitlines()]
+    data = tmp_path / "routed.jsonl"
+    data.write_text("".join(json.dumps({**r, "teacher": "ab"[i % 2]}) + "\n" for i, r in enumerate(rows)))
+    teachers = {"a": str(assets["teacher"]), "b": str(assets["qwen_teacher"])}
+    recipe = tmp_path / "teachers.yaml"
+    recipe.write_text(json.dumps({"teachers": teachers}))  # YAML reads JSON
+    two = common(assets, tmp_path / "two", data=str(data), method="fkl", batch_size=2, teacher_placement="shard",
+                 chunked="on")
+    two.pop("teacher")
+    torchrun(two, recipe=recipe)
+    one = common(assets, tmp_path / "one", data=str(data), method="fkl", batch_size=4, chunked="on",
+                 teachers=teachers)
+    one.pop("teacher")
+    hpd.distill(one)
+    assert_same_run(tmp_path / "one", tmp_path / "two")
+    assert any(r.get("teacher/a/rows") and r.get("teacher/b/rows") for r in steps_of(tmp_path / "two"))
+
+
 def test_resume_of_two_ranks_equals_uninterrupted(assets, tmp_path):
     """hpd with per-position samples: 2 steps + resume + 2 steps == 4 steps, bit for bit."""
     cfg = common(assets, tmp_path / "full", method="hpd", batch_size=2, save_every=2)

@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from hpd.data.routing import Route, prompt_routes, take_rows
 from hpd.teachers.live import teacher_source_of
 from hpd.teachers.routed import RoutedTeacher, split_by_teacher
@@ -113,6 +115,10 @@ class NamedTeachers:
             return min(sizes)
         return min(t.vocab(backend, student) for t in self.teachers.values())
 
+    def _sharded(self, backend) -> bool:
+        """Teachers sharded across processes (--teacher-placement shard under torchrun)."""
+        return backend.world_size > 1 and getattr(self._cfg, "teacher_placement", "replicate") == "shard"
+
     def hook(self) -> Callable:
         hooks = {name: teacher.hook() for name, teacher in self.teachers.items()}
 
@@ -122,11 +128,15 @@ class NamedTeachers:
             route = micro_batch["route"]
             present = split_by_teacher(route, len(self.names))
             seconds = self._keep_only({self.names[k] for k, _ in present}) if self.offload else 0.0
-            parts = []
-            for k, rows in present:
-                sub = take_rows(micro_batch, rows)
+            parts, rows_of = [], dict(present)
+            # sharded teachers gather their weights from every rank in each forward: every rank then
+            # runs every teacher, in one order (on one row of its own, discarded, where it has none)
+            order = range(len(self.names)) if self._sharded(loop.backend) else rows_of
+            for k in order:
+                sub = take_rows(micro_batch, rows_of.get(k, np.arange(1)))
                 found = hooks[self.names[k]](loop, sub, loop.backend.to_arrays(sub), plan)
-                parts.append((k, teacher_source_of(found), rows))
+                if k in rows_of:
+                    parts.append((k, teacher_source_of(found), rows_of[k]))
             owners = prompt_routes(micro_batch)  # each example's teacher (packed rows hold several)
             extra = {f"teacher/{self.names[k]}/rows": float(owners.count(k)) for k, _ in present}
             extra["rows"] = float(len(owners))
