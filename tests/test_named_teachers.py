@@ -209,12 +209,17 @@ def test_a_store_and_a_live_teacher_in_one_run(assets, tmp_path):
 def test_torch_and_mlx_agree_on_a_routed_run(assets, tmp_path):
     pytest.importorskip("mlx_lm")
     data = routed_data(assets, tmp_path / "rows.jsonl")
+    held = routed_data(assets, tmp_path / "held.jsonl", n=12)
     for backend in ("torch", "mlx"):
-        hpd.distill(config(assets, tmp_path / backend, data, backend=backend, method="fkl"))
-    for a, b in zip(records(tmp_path / "torch"), records(tmp_path / "mlx")):
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
-        for n in NAMES:
-            np.testing.assert_allclose(a[f"teacher/{n}/kl"], b[f"teacher/{n}/kl"], rtol=1e-4)
+        hpd.distill(config(assets, tmp_path / backend, data, backend=backend, method="fkl", eval_data=str(held)))
+    torch_records, mlx_records = records(tmp_path / "torch"), records(tmp_path / "mlx")
+    for a, b in zip(torch_records, mlx_records):
+        key = "loss" if "loss" in a else "eval/kl"
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-4)
+        for n in NAMES:  # per teacher, in training and in the held-out evaluation
+            key = f"teacher/{n}/kl" if "loss" in a else f"eval/teacher/{n}/kl"
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4)
+    assert "eval/teacher/a/kl" in torch_records[-1]
 
 
 @pytest.mark.slow

@@ -98,32 +98,22 @@ class ObjectiveLoss:
         for obj, m in zip(self.objectives, found):
             metrics.update(metric_names(m, obj.method, len(self.objectives)))
         if routed is not None:
-            metrics.update(per_group(self.objectives, found, routed[1]))
+            metrics.update(per_group([obj.weight for obj in self.objectives], found, routed[1]))
         report = getattr(self.teacher, "metrics", None)  # a source's own figures (hpd.teachers.cross)
         if report is not None:
             metrics.update(report())
         return total, metrics
 
 
-@dataclass(frozen=True)
-class _Objective:
-    method: str
-    weight: float = 1.0
-    params: dict = field(default_factory=dict)
-
-
-EVAL_OBJECTIVE = _Objective("fkl")  # what evaluation measures: KL(teacher || student)
-
-
-def per_group(objectives, found: list[dict], names) -> dict[str, float]:
-    """teacher/<name>/loss (the objectives' weighted sum over that teacher's positions),
-    /kl and /tokens, from each objective's group/<g>/... metrics; the group's keys removed."""
+def per_group(weights, found: list[dict], names) -> dict[str, float]:
+    """teacher/<name>/loss (the objectives' sum, by `weights`, over that teacher's positions),
+    /kl and /tokens, from each objective's group/<g>/... metrics (`found`, one per objective)."""
     out = {}
     for g, name in enumerate(names):
         key = f"group/{g}"
         out[f"teacher/{name}/tokens"] = found[0][f"{key}/tokens"]
         out[f"teacher/{name}/kl"] = found[0][f"{key}/kl"]
-        out[f"teacher/{name}/loss"] = sum(obj.weight * m[f"{key}/objective"] for obj, m in zip(objectives, found))
+        out[f"teacher/{name}/loss"] = sum(w * m[f"{key}/objective"] for w, m in zip(weights, found))
     return out
 
 
@@ -304,7 +294,7 @@ class Loop:
                 _, m = loss("fkl", s_out.logits, teacher, arrays["targets"], temperature=1.0,
                             groups=None if routed is None else (routed[0], len(routed[1])))
                 if routed is not None:
-                    m.update(per_group([EVAL_OBJECTIVE], [m], routed[1]))
+                    m.update(per_group([1.0], [m], routed[1]))
             means.add(m, m["tokens"])
         r = means.result()
         out = {"eval/loss": r.get("nll", float("nan")), "eval/tokens": r.get("tokens", 0.0)}
