@@ -15,7 +15,9 @@ Optional members serve what a row over the student's vocabulary cannot say (the
 cross-tokenizer teacher, `hpd.teachers.cross`, has them): `sorted_log_probs`, the
 teacher's whole distribution sorted, for ULD's distance; `width`, the columns a row
 passes through on its way (its own vocabulary), which sizes the chunked loss's chunks;
-and `metrics()`, the source's own figures for the step's record.
+`metrics()`, the source's own figures for the step's record; and `groups`, (each
+position's group (B, T), the groups' names) for a source over the rows of several teachers
+(`hpd.teachers.routed`), by which the loss also reports its metrics per teacher.
 """
 
 from __future__ import annotations

@@ -69,13 +69,18 @@ class NamedTeachers:
             counts[example.route] += 1
         say("teachers: " + ", ".join(f"{n} {c} rows" for n, c in zip(self.names, counts)))
 
-    def load(self, backend, cfg) -> None:
+    def load(self, backend, cfg, say: Callable[[str], None] = lambda message: None) -> None:
+        """Every teacher, each timed; with --teacher-offload, each released again (a batch that
+        needs it loads it), and the start says what a load costs."""
         self._backend, self._cfg = backend, cfg
         for name, teacher in self.teachers.items():
             self._load(name)
-            if self.offload:  # measured once, then loaded when a batch needs it
+            if self.offload:
                 teacher.release()
         gc.collect()
+        if self.offload:
+            loads = ", ".join(f"{n} {s:.1f} s" for n, s in self.load_seconds.items())
+            say(f"teacher offload: only the teachers a batch needs stay loaded; a load costs {loads}")
 
     def _load(self, name: str) -> float:
         teacher = self.teachers[name]
@@ -97,13 +102,6 @@ class NamedTeachers:
         if released:
             gc.collect()
         return sum(self._load(name) for name in sorted(needed))
-
-    def offload_line(self) -> str:
-        """What --teacher-offload costs, for the start line."""
-        if not self.offload:
-            return ""
-        loads = ", ".join(f"{n} {s:.1f} s" for n, s in self.load_seconds.items())
-        return f"teacher offload: only the teachers a batch needs stay loaded; a load costs {loads}"
 
     def vocab(self, backend, student) -> int:
         if self.offload:  # every teacher's size, loaded one at a time

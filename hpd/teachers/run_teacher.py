@@ -72,7 +72,7 @@ class RunTeacher:
 
             self.store = open_for_run(cfg, tokenizer, data, cache=self.cache, teacher=self.path)
 
-    def load(self, backend, cfg) -> None:
+    def load(self, backend, cfg, say: Callable[[str], None] = lambda message: None) -> None:
         if self.path:
             self.model = backend.load_model(self.path, trainable=False, dtype=cfg.dtype,
                                             quantize=cfg.teacher_quantize)

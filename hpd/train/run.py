@@ -154,10 +154,8 @@ class Run:
     def _load_models(self) -> None:
         backend = self.backend
         self.student = student_kind.load_student(backend, self.cfg, self.resume_from, say=self.say)
-        self.teacher.load(backend, self.cfg)
+        self.teacher.load(backend, self.cfg, self.say)
         self.vocab = self.teacher.vocab(backend, self.student)
-        if line := getattr(self.teacher, "offload_line", lambda: "")():
-            self.say(line)
         if len(self.tokenizer) > self.vocab:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but a model's vocabulary only "
                              f"{self.vocab}")
