@@ -113,26 +113,30 @@ def _drop_capabilities() -> None:
     _check(lib.capset(header, data), "capset")
 
 
-def confine(folder: str) -> None:
+def confine(folder: str, keep: tuple[str, ...] | list[str] = ()) -> None:
     """In the child: new mount and network namespaces (and a user namespace when not root), every
-    mount read-only, a fresh tmpfs on /tmp and /dev/shm, `folder` writable at its own path, no
+    mount read-only, a fresh tmpfs on /tmp and /dev/shm, `folder` writable at its own path, the
+    folders `keep` (the interpreter's, where a fresh /tmp would hide it) read-only at theirs, no
     capabilities, no new privileges. Raises OSError when any step fails."""
     lib, uid, gid = libc(), os.getuid(), os.getgid()
     _check(lib.unshare(CLONE_NEWNS | CLONE_NEWNET | (0 if uid == 0 else CLONE_NEWUSER)), "unshare")
     if uid != 0:
         _map_user(uid, gid)
     _mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing done here may reach the host's mounts
-    keep = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    # handles on what the fresh tmpfs will cover, bound back at their own paths after it
+    handles = [os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC) for path in (folder, *keep)]
     try:
         _read_only_everywhere()
         for tmp in PRIVATE_TMP:
             if os.path.isdir(tmp):
                 _mount(b"tmpfs", tmp, b"tmpfs", MS_NOSUID | MS_NODEV, TMPFS_OPTIONS)
-        os.makedirs(folder, exist_ok=True)  # in the fresh /tmp when the folder was under it
-        _mount(f"/proc/self/fd/{keep}".encode(), folder, None, MS_BIND)
-        _mount(None, folder, None, MS_BIND | MS_REMOUNT | _flags_of(folder))
+        for path, handle, writable in zip((folder, *keep), handles, (True,) + (False,) * len(keep)):
+            os.makedirs(path, exist_ok=True)  # in the fresh /tmp when the path was under it
+            _mount(f"/proc/self/fd/{handle}".encode(), path, None, MS_BIND)
+            _mount(None, path, None, MS_BIND | MS_REMOUNT | (0 if writable else MS_RDONLY) | _flags_of(path))
     finally:
-        os.close(keep)
+        for handle in handles:
+            os.close(handle)
     os.chdir(folder)  # the working directory was entered through the old, now read-only, mount
     _check(lib.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
     if uid == 0:

@@ -84,9 +84,24 @@ def _bwrap_sizes_tmpfs() -> bool:
     return "--size" in found.stdout + found.stderr
 
 
+def interpreter() -> str:
+    """The Python that runs a program: the file behind this process's (a virtual environment's
+    python is a link to it). The program runs isolated (-I -S), so it needs nothing else of
+    the environment: the interpreter and its standard library."""
+    return os.path.realpath(sys.executable)
+
+
+def hidden_by_private_tmp() -> list[str]:
+    """The interpreter's installation where a private /tmp would hide it (a clone built under
+    /tmp, as CI does): bound back read-only inside the sandbox."""
+    base = os.path.realpath(sys.base_prefix)
+    return [base] if any(base == tmp or base.startswith(tmp + "/") for tmp in kernel.PRIVATE_TMP) else []
+
+
 def _bwrap_args(folder: str) -> list[str]:
     size = ["--size", str(TMP_SIZE)] if _bwrap_sizes_tmpfs() else []
-    return [_bwrap(), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *size, "--tmpfs", "/tmp",
+    keep = [arg for path in hidden_by_private_tmp() for arg in ("--ro-bind", path, path)]
+    return [_bwrap(), "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", *size, "--tmpfs", "/tmp", *keep,
             "--bind", folder, folder, "--unshare-all", "--cap-drop", "ALL", "--die-with-parent",
             "--new-session", "--chdir", folder, "--"]
 
@@ -96,6 +111,7 @@ def _child_setup(folder: str, timeout_s: float, memory_mb: int, cgroup: str | No
 
     if confine:
         kernel.prepare()  # here, not in the forked child
+    keep = hidden_by_private_tmp()
     cpu = math.ceil(timeout_s) + 1
     limits = [("RLIMIT_AS", memory_mb * 2**20, memory_mb * 2**20), ("RLIMIT_CPU", cpu, cpu + 1),
               ("RLIMIT_FSIZE", OUTPUT_LIMIT, OUTPUT_LIMIT), ("RLIMIT_NPROC", PROCESS_LIMIT, PROCESS_LIMIT),
@@ -107,7 +123,7 @@ def _child_setup(folder: str, timeout_s: float, memory_mb: int, cgroup: str | No
             if cgroup is not None:
                 kernel.join(cgroup)
             if confine:
-                kernel.confine(folder)
+                kernel.confine(folder, keep)
         except OSError as e:  # the parent reads why from the program's stderr file
             os.write(2, f"hpd code sandbox: {e}\n".encode())
             raise
@@ -168,7 +184,7 @@ def _execute(program: str, timeout_s: float, memory_mb: int, layers: frozenset[s
         path, out_path, err_path = (os.path.join(folder, name) for name in ("solution.py", ".stdout", ".stderr"))
         with open(path, "w", encoding="utf-8") as f:
             f.write(program)
-        argv = [sys.executable, *FLAGS, "-c", _guard_source() if "guard" in layers else _BARE, path]
+        argv = [interpreter(), *FLAGS, "-c", _guard_source() if "guard" in layers else _BARE, path]
         if "bwrap" in layers:
             argv = _bwrap_args(folder) + argv
         # PWD too, which bwrap would set anyway: the same five variables whatever the layers
@@ -285,7 +301,7 @@ def _isolation(layers: frozenset[str]) -> dict:
     else:
         process_limit = None if root or "RLIMIT_NPROC" not in limits else f"RLIMIT_NPROC: {limits['RLIMIT_NPROC']}"
     return {
-        "interpreter": f"{sys.executable} {' '.join(FLAGS)}",
+        "interpreter": f"{interpreter()} {' '.join(FLAGS)}",
         "temporary_directory": True,
         "environment": list(ENVIRONMENT),
         "rlimits": limits,
