@@ -131,3 +131,12 @@ def test_the_servers_address():
         with pytest.raises(ServerError, match="HOST:PORT/v1"):
             Client(bad)
     assert is_url("HTTP://h:1/v1") and not is_url("hpd:tiny/teacher") and not is_url("Qwen/Qwen2.5-0.5B")
+
+
+def test_dry_run_says_a_served_teacher_is_not_planned(tmp_path):
+    from hpd.models.memory import dry_run
+    from hpd.train.config import DistillConfig
+
+    cfg = DistillConfig(teacher="http://127.0.0.1:9/v1", student="hpd:tiny/student", data="x", out=str(tmp_path))
+    with pytest.raises(ValueError, match="http://127.0.0.1:9/v1 is a served teacher"):
+        dry_run(cfg)
