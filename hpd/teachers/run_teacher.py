@@ -86,7 +86,7 @@ class RunTeacher:
             self.store = open_for_run(cfg, tokenizer, data, cache=self.cache,
                                       teacher="" if self.served is not None else self.path)
         if self.served is not None:
-            self.served.check_data(cfg, data, self.cross, self.store is None)
+            self.served.check_data(cfg, data, self.cross, data_rows=self.store is None)
 
     def load(self, backend, cfg) -> None:
         self._cfg = cfg

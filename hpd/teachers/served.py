@@ -129,19 +129,19 @@ class ServedModel:
                               f"{self.max_model_len - 1} (its --max-model-len {self.max_model_len}, less one token "
                               f"it must generate): start it with --max-model-len {longest + 1}, or lower --max-length")
 
-    def check_data(self, cfg, data, cross, rollouts: bool) -> None:
+    def check_data(self, cfg, data, cross, data_rows: bool = True) -> None:
         """Before training: every row of the data fits the server (in the teacher's tokens across
-        tokenizers), and so do student rollouts where the server scores them."""
+        tokenizers; `data_rows` False: a store scores them), and so do student rollouts where
+        the schedule has them."""
+        from hpd.teachers.stored import on_policy_share
+
         if cross is not None:
             longest = max((len(p.teacher_ids) for p in cross.examples.values()), default=0)
             self.check_lengths(longest, "the data's rows in the teacher's tokens")
-        else:
+        elif data_rows:
             self.check_lengths(max((len(e.input_ids) for e in data.examples), default=0), "the data's rows")
-        if rollouts:
-            from hpd.teachers.stored import on_policy_share
-
-            if on_policy_share(cfg):
-                self.check_lengths(int(cfg.max_length), "student rollouts (--max-length)")
+        if on_policy_share(cfg):
+            self.check_lengths(int(cfg.max_length), "student rollouts (--max-length)")
 
     def describe(self) -> str:
         return f"{self.model} served at {self.url} (top-{self.top_k})"
