@@ -10,7 +10,8 @@ vLLM server (the shipped tiny teacher, float32).
   which resets every open connection and then refuses, as a killed server's port does: the
   session keeps its one vLLM process) stops the run with a checkpoint and one line, and
   `--resume` ends exactly where an uninterrupted run does;
-- a teacher of another tokenizer under --teacher-tokenizer cross, and torchrun with 2 ranks.
+- a teacher of another tokenizer under --teacher-tokenizer cross, a store beside the server (the
+  server scoring only the rollouts), and torchrun with 2 ranks.
 """
 
 from __future__ import annotations
@@ -209,3 +210,13 @@ def test_torchrun_two_ranks_equal_one_process(vllm_server, tmp_path):
 
     a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("one", "two"))
     assert a.keys() == b.keys() and max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5
+
+
+def test_a_store_for_the_data_and_the_server_for_rollouts(vllm_server, store, tmp_path):
+    schedule = {"lambda_schedule": "constant", "lambda_start": 0.5}
+    hpd.distill(config(url(vllm_server), tmp_path / "run", teacher_cache=str(store), steps=6, batch_size=8,
+                       method="hpd", schedule=schedule, rollout_max_new_tokens=8))
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["schedule/on_policy"] for r in records}
+    assert kinds == {0, 1}  # both kinds of step ran
+    assert all(("teacher/wait_s" in r) == bool(r["schedule/on_policy"]) for r in records)
