@@ -9,7 +9,9 @@
 3. `hpd distill`: seconds per step with the in-process teacher, and with the same teacher
    served by a vLLM server process on 127.0.0.1 (top-8 and top-32 log-probs), prefetch off (0)
    and on (2); per round one run of each, the median over its steps after the first (which
-   nothing was sent ahead for).
+   nothing was sent ahead for). And "replayed": the server's answers, recorded once and sent
+   again by a stand-in process that computes nothing, as a server on hardware of its own
+   would be seen (the step pays for the network and its own side of the serialisation).
    Step time is the loop's own (tokens / tokens_per_s: the teacher's part included).
 
 The shipped tiny teacher and student (float32), hpd:tiny/held.jsonl. On a machine whose cores
@@ -27,11 +29,13 @@ import argparse  # noqa: E402
 import json
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks._common import commit, read_metrics
+from benchmarks._common import ROOT, commit, read_metrics
 from hpd.models.loading import asset_path
 
 TEACHER, STUDENT, DATA = (asset_path(f"hpd:tiny/{n}") for n in ("teacher", "student", "held.jsonl"))
@@ -97,7 +101,58 @@ def cache_part(engine, rounds: int, tmp: Path) -> dict[str, list[float]]:
     return _rounds(rounds, {"torch": lambda: timed(on_torch), "vllm": lambda: timed(on_vllm)})
 
 
-def distill_part(url: str, rounds: int, steps: int, ks: list[int], tmp: Path) -> dict[str, list[float]]:
+def replay(upstream: int, port: int) -> None:
+    """A stand-in for a server on other hardware: answers each request the vLLM server on port
+    `upstream` answered before (asking it the first time), so that a step pays for the
+    network and the serialisation on its own side only. Runs until killed."""
+    import hashlib
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    answers: dict[str, tuple[int, bytes]] = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, body: bytes | None) -> None:
+            key = hashlib.sha256(self.command.encode() + self.path.encode() + (body or b"")).hexdigest()
+            if key not in answers:
+                request = urllib.request.Request(f"http://127.0.0.1:{upstream}{self.path}", data=body,
+                                                 headers={"Content-Type": "application/json"}, method=self.command)
+                with urllib.request.urlopen(request) as r:
+                    answers[key] = (r.status, r.read())
+            status, data = answers[key]
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):  # noqa: N802 (http.server's names)
+            self._answer(None)
+
+        def do_POST(self):  # noqa: N802
+            self._answer(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+        def log_message(self, *args):
+            pass
+
+    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+
+
+def _wait_for(port: int, timeout: float = 120.0) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def distill_part(url: str, replayed: str, rounds: int, steps: int, ks: list[int], tmp: Path) -> dict[str, list[float]]:
     import hpd
 
     def step_s(**teacher) -> float:
@@ -113,6 +168,8 @@ def distill_part(url: str, rounds: int, steps: int, ks: list[int], tmp: Path) ->
         for depth in (0, 2):
             runs[f"served, top-{k}, prefetch {depth}"] = (
                 lambda k=k, depth=depth: step_s(teacher=url, teacher_top_k=k, teacher_prefetch=depth))
+        runs[f"replayed, top-{k}, prefetch 2"] = lambda k=k: step_s(teacher=replayed, teacher_top_k=k)
+        step_s(teacher=replayed, teacher_top_k=k)  # the replay learns the server's answers
     return _rounds(rounds, runs, warm=False)  # a run's first step is left out instead
 
 
@@ -137,6 +194,9 @@ def report(gen, cache, dist, args) -> str:
              f"{med['cache vllm']:.0f} | {_ratios(cache, 'vllm', 'torch')} |",
              *(f"| `hpd distill`, s/step, {name.removeprefix('served, ')} | {med['in-process']:.4f} | "
                f"{med[name]:.4f} | {_ratios(dist, name, 'in-process')} |" for name in dist if name != "in-process"),
+             "", "replayed: the server's answers, recorded once, sent again by a stand-in process that computes "
+             "nothing (a server on hardware of its own: the step pays for the network and its own side of the "
+             "serialisation only).",
              ""]
     return "\n".join(lines)
 
@@ -148,7 +208,10 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=12, help="steps per distill run")
     p.add_argument("--ks", type=int, nargs="+", default=[8, 32], help="the served teacher's top-k")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/vllm-teacher"))
+    p.add_argument("--replay", type=int, nargs=2, help=argparse.SUPPRESS)  # UPSTREAM PORT: the stand-in's process
     args = p.parse_args(argv)
+    if args.replay:
+        return replay(*args.replay)
     from hpd.engines import vllm as engines
     from tests import vllm_process as server
 
@@ -161,11 +224,17 @@ def main(argv=None):
             cache = cache_part(engine, args.rounds, tmp)
         finally:
             engine.shutdown()
-        port = server.free_port()
+        port, stand_in = server.free_port(), server.free_port()
         proc = server.start(TEACHER, "tiny-teacher", port, tmp / "server.log", max_logprobs=max(args.ks))
+        replaying = subprocess.Popen([sys.executable, "-m", "benchmarks.vllm_teacher", "--replay", str(port),
+                                      str(stand_in)], cwd=ROOT)
         try:
-            dist = distill_part(f"http://127.0.0.1:{port}/v1", args.rounds, args.steps, args.ks, tmp)
+            _wait_for(stand_in)
+            dist = distill_part(f"http://127.0.0.1:{port}/v1", f"http://127.0.0.1:{stand_in}/v1", args.rounds,
+                                args.steps, args.ks, tmp)
         finally:
+            replaying.kill()
+            replaying.wait()
             server.stop(proc)
     text = report(gen, cache, dist, args)
     args.out.mkdir(parents=True, exist_ok=True)
