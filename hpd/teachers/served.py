@@ -75,8 +75,11 @@ class ServedModel:
             raise ServerError(f"--temperature {cfg.temperature}: a served teacher gives its log-probs at "
                               "temperature 1 (vLLM's prompt log-probs are the model's own distribution); use "
                               "--temperature 1, or an in-process teacher")
+        if int(cfg.teacher_top_k) > len(tokenizer):
+            raise ServerError(f"--teacher-top-k {cfg.teacher_top_k} is larger than the vocabulary "
+                              f"({len(tokenizer)} tokens)")
         self.connect(cfg)
-        self._check_top_k(tokenizer)
+        self._check_top_k()
         differs = self.tokenizer_difference(tokenizer)
         if differs is None:
             asked = " (the vocabularies are equal: every token is shared)" if cfg.teacher_tokenizer == "cross" else ""
@@ -96,10 +99,11 @@ class ServedModel:
                               f"uses: {mismatch}")
         return "cross", f"as asked: the server's tokenizer differs from the student's ({differs})", teacher_tok
 
-    def _check_top_k(self, tokenizer) -> None:
-        if self.top_k > len(tokenizer):
-            raise ServerError(f"--teacher-top-k {self.top_k} is larger than the vocabulary ({len(tokenizer)} tokens)")
-        ids = (tokenizer.encode("a b c", add_special_tokens=False) * 2)[:4]  # two tokens at least: one position
+    def _check_top_k(self) -> None:
+        """One request as training will send them: the server allows --teacher-top-k log-probs."""
+        ids = self.client.call("/tokenize", {"model": self.model, "prompt": "a b c", "add_special_tokens": False},
+                               api=False, retries=1)["tokens"]
+        ids = (list(ids) * 2)[:4]  # two tokens at least: one position to score
         try:
             self.client.prompt_logprobs(self.model, [ids], self.top_k, retries=1)
         except ServerError as e:

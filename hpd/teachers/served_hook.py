@@ -111,7 +111,11 @@ class ServedHook:
         if not prompts:
             return []
         answers = self.client.prompt_logprobs(self.served.model, prompts, self.k)
-        return [json_rows(a, p, self.k, self.vocab) for a, p in zip(answers, prompts)]
+        try:
+            return [json_rows(a, p, self.k, self.vocab) for a, p in zip(answers, prompts)]
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # an answer of another shape: no row from it
+            raise TeacherUnavailable(f"teacher server {self.client.url} answered with rows that cannot be read "
+                                     f"({type(e).__name__}: {e})") from None
 
     def __call__(self, loop, micro_batch: dict, arrays: dict, plan):
         if self.vocab is None:
