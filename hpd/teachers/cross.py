@@ -296,15 +296,21 @@ def prepare_for_run(cfg, student_tok, teacher_tok, eval_kwargs: dict | None = No
     return prepare(sources, student_tok, teacher_tok, cfg.max_length, keep=keep)
 
 
+def gather_map(data: CrossData, vocab: int, teacher_vocab: int) -> np.ndarray:
+    """(vocab,) the teacher column of each student id: its shared teacher id, or
+    `teacher_vocab` (the -inf column a CrossTeacher adds) where it has none."""
+    ids = data.teacher_id_of[:vocab]
+    ids = np.concatenate([ids, np.full(max(vocab - len(ids), 0), -1, np.int64)])
+    return np.where((ids >= 0) & (ids < teacher_vocab), ids, teacher_vocab)
+
+
 def batch_teacher(backend, teacher, data: CrossData, batch: dict, targets, *, vocab: int, hidden: bool,
                   cache: dict) -> CrossTeacher:
     """The teacher's forward on its own tokens of `batch` (numpy, the student's), as a
     CrossTeacher over the student's positions; `cache` keeps the vocabulary map's array."""
     if "gather" not in cache:
         v_t = backend.vocab_size(teacher)
-        ids = data.teacher_id_of[:vocab]
-        ids = np.concatenate([ids, np.full(max(vocab - len(ids), 0), -1, np.int64)])
-        cache["gather"] = backend.to_arrays({"g": np.where((ids >= 0) & (ids < v_t), ids, v_t)})["g"]
+        cache["gather"] = backend.to_arrays({"g": gather_map(data, vocab, v_t)})["g"]
         cache["v_t"] = v_t
     tok = data.teacher_tok
     t = teacher_batch(data, batch, tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
@@ -330,4 +336,4 @@ def cross_source(data: CrossData, model_of=None):
 
 
 __all__ = ["MODES", "CrossData", "CrossTeacher", "batch_teacher", "choose_mode", "cross_source", "example_key",
-           "identical", "prepare", "prepare_for_run", "run_errors", "teacher_batch", "teacher_ids_of"]
+           "gather_map", "identical", "prepare", "prepare_for_run", "run_errors", "teacher_batch", "teacher_ids_of"]

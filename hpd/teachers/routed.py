@@ -87,7 +87,9 @@ class RoutedTeacher:
         for k, source, _ in self.parts:
             report = getattr(source, "metrics", None)
             if report is not None:
-                out.update({f"teacher/{self.names[k]}/{key}": v for key, v in report().items()})
+                # a source's own teacher/... figures (a served teacher's wait) become teacher/<name>/...
+                out.update({f"teacher/{self.names[k]}/{key.removeprefix('teacher/')}": v
+                            for key, v in report().items()})
         return out
 
 

@@ -40,7 +40,8 @@ _COMPILE = (
 @dataclass
 class DistillConfig:
     # what to distil
-    teacher: str = _f("", "teacher model: a local folder, a hub id, or hpd:tiny/teacher (shipped); several "
+    teacher: str = _f("", "teacher model: a local folder, a hub id, hpd:tiny/teacher (shipped), or a vLLM server's "
+                      "URL, http(s)://HOST:PORT/v1 (docs/scale.md); several "
                       "teachers as NAME=SOURCE, repeatable, each row scored by the one its --teacher-column "
                       "names", cli="named:teachers")
     teachers: dict = _f({}, "several teachers by name, NAME: SOURCE (each a --teacher); a row names its own in "
@@ -56,6 +57,16 @@ class DistillConfig:
     teacher_offload: bool = _f(False, "with named teachers: keep in memory only the teachers the current batch "
                                "needs (the others wait on the CPU when the student is on CUDA, else are unloaded "
                                "and loaded again when needed); the cost is logged as teacher/load_s")
+    # a served teacher (--teacher http(s)://HOST:PORT/v1: a vLLM OpenAI-compatible server)
+    teacher_top_k: int = _f(32, "served teacher: log-probs per position asked of the server (the top k, and always "
+                            "the data token's); at most the server's --max-logprobs", low=1)
+    teacher_prefetch: int = _f(2, "served teacher: steps whose requests are in flight ahead of the one training "
+                               "(0: ask when the step needs them); the time a step still waits is teacher/wait_s",
+                               low=0)
+    teacher_timeout: float = _f(120.0, "served teacher: seconds a request may take before it is retried",
+                                low=0.0, low_open=True)
+    teacher_retries: int = _f(5, "served teacher: retries of a failed request (after 0.5, 1, 2, ... s) before the "
+                              "run stops with a checkpoint", low=0)
     data: str = _f("", "training data: a JSONL, JSON or Parquet file, a datasets save_to_disk folder, or a "
                    "hub dataset id; rows of {messages}, {prompt, completion}, {text}, ShareGPT or Alpaca")
     data_split: str = _f("", "split of a datasets folder or hub id for --data (default: train, or the only one)")
