@@ -115,6 +115,7 @@ def distill(recipe, params, **flags):
     from hpd.train.checkpoint import CheckpointError
     from hpd.train.interrupt import Interrupted
     from hpd.train.loop import NonFiniteLoss
+    from hpd.train.rollout_vllm import RolloutEngineError
     from hpd.train.run import command_line
     from hpd.train.run import distill as run
 
@@ -122,7 +123,7 @@ def distill(recipe, params, **flags):
         result = run(cfg, command=command_line())
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
         fail(str(e))
-    except CheckpointError as e:  # the disk, not the input: a run-time failure
+    except (CheckpointError, RolloutEngineError) as e:  # the disk or the engine, not the input: run-time failures
         fail(str(e), 1)
     except Interrupted as e:  # SIGINT / SIGTERM: checkpoint written, resume command given
         fail(str(e), e.status)
