@@ -7,7 +7,7 @@ On the shipped tiny student (float32, the CPU), rounds alternating the two engin
 machine load falls on both alike; a ratio is the median of the rounds' ratios:
 
 1. rollout tokens/s for a batch of --prompts prompts (the tiny task's own) x --new new tokens,
-   sampled at temperature 1:
+   sampled at temperature 1 (--model WIDTHxLAYERS: of a random Llama of that shape instead):
    - "hpd rollouts": the calls hpd's rollout hook makes (Backend.generate: one left-padded
      batch with a KV cache; StudentEngine.generate: a seed per request), stopping at EOS;
    - "all --new tokens": EOS masked until --new tokens on both sides (min_new_tokens,
@@ -48,7 +48,9 @@ def median_ratio(pairs) -> tuple[float, list[float]]:
     return statistics.median(ratios), ratios
 
 
-def setup(args):
+def setup(args, root: Path):
+    """The student (the tiny one, or with --model a random Llama of that shape), its prompts
+    and an engine on it whose KV cache holds them all (no preemption)."""
     import torch
 
     from hpd.backends import get_backend
@@ -60,15 +62,18 @@ def setup(args):
 
     torch.set_num_threads(args.threads)
     backend = get_backend("torch")
-    tok = backend.load_tokenizer(asset_path(STUDENT))
-    model = backend.load_model(asset_path(STUDENT), trainable=True, dtype="float32")
+    folder = asset_path(STUDENT)
+    if args.model:
+        folder = str(build_model(root / "student", *(int(x) for x in args.model.split("x"))))
+    tok = backend.load_tokenizer(folder)
+    model = backend.load_model(folder, trainable=True, dtype="float32")
     examples = load_dataset(asset_path(DATA), tok, 1024).examples[:args.prompts]
     prompts = [e.input_ids[:e.prompt_len] for e in examples]
     length = 64 + args.new  # the tiny task's prompts are shorter than 64 tokens
-    need = sequence_kv_bytes(Shape.from_folder(asset_path(STUDENT)), 4, length, ENGINE_BLOCK["cpu"], args.prompts)
-    options = EngineOptions(dtype="float32", max_model_len=length, kv_cache_mb=-(-need // 2**20))  # no preemption
+    need = sequence_kv_bytes(Shape.from_folder(folder), 4, length, ENGINE_BLOCK["cpu"], args.prompts)
+    options = EngineOptions(dtype="float32", max_model_len=length, kv_cache_mb=-(-need // 2**20))
     started = time.perf_counter()
-    engine = StudentEngine.start(asset_path(STUDENT), options, tok.eos_token_id)
+    engine = StudentEngine.start(folder, options, tok.eos_token_id)
     return backend, tok, model, prompts, engine, time.perf_counter() - started
 
 
@@ -103,7 +108,8 @@ def vllm_rollouts(engine, prompts, new: int, full: bool, round_: int) -> int:
 
 
 def throughput(args, backend, model, tok, prompts, engine) -> list[str]:
-    lines = ["## Rollout tokens/s (tiny student, sampled, float32)", "",
+    student = f"a random Llama {args.model}" if args.model else "tiny student"
+    lines = [f"## Rollout tokens/s ({student}, sampled, float32)", "",
              f"{len(prompts)} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, up to {args.new} "
              "new tokens each.", "",
              "| rollouts | HF tokens | HF tok/s (rounds) | vLLM tokens | vLLM tok/s (rounds) | vLLM / HF (rounds) |",
@@ -236,9 +242,12 @@ def memory(args, root: Path) -> list[str]:
     rss.append(("+ engine (KV 64 MiB)", rss_mib()))
     engine.generate([[1, 5, 6, 7]] * 16, [32] * 16, seeds=list(range(16)))
     rss.append(("after a 16 x 32 rollout", rss_mib()))
-    for k in range(3):
+    load_s = []
+    for k in range(args.loads):
         step()
+        started = time.perf_counter()
         engine.load_weights(backend.full_weights(model).items())
+        load_s.append(time.perf_counter() - started)
         rss.append((f"after weight load {k + 1}", rss_mib()))
     shape = Shape.from_folder(str(folder))
     weights = weight_bytes(shape, 4, backend="torch")
@@ -251,7 +260,9 @@ def memory(args, root: Path) -> list[str]:
     lines += ["", f"Engine side measured (after the loads, less the model and its step): {measured:.0f} MiB = "
               f"{(measured - kv_mb) / (weights / 2**20):.2f} x the weights + the KV cache. The plan counts "
               f"{planned['rollout engine: weights and loads'] / 2**20:.0f} MiB of weights and loads + {kv_mb} MiB KV, "
-              f"and {ENGINE_RUNTIME / 2**20:.0f} MiB of vLLM's runtime (`import vllm` is in the first row here)."]
+              f"and {ENGINE_RUNTIME / 2**20:.0f} MiB of vLLM's runtime (`import vllm` is in the first row here).",
+              "", f"A weight load took {statistics.median(load_s) * 1e3:.0f} ms (median; "
+              f"{', '.join(f'{x * 1e3:.0f}' for x in load_s)})."]
     engine.shutdown()
     return lines
 
@@ -270,6 +281,9 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="on-policy steps per engine (0: none)")
     p.add_argument("--profile", action="store_true")
+    p.add_argument("--model", default="", help="WIDTHxLAYERS: rollouts of a random Llama of that shape instead of "
+                   "the tiny student (no on-policy steps then)")
+    p.add_argument("--loads", type=int, default=6, help="--memory: weight loads to measure after")
     p.add_argument("--memory", default="", help="WIDTHxLAYERS of a random Llama to measure memory on (e.g. 1024x8)")
     p.add_argument("--out", default="runs/vllm-rollouts")
     args = p.parse_args()
@@ -277,14 +291,14 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     import vllm
 
-    backend, tok, model, prompts, engine, start_s = setup(args)
-    lines = [f"# vLLM rollouts vs transformers generate (commit {commit()}, vllm {vllm.__version__}, "
-             f"{args.threads} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average "
-             f"{os.getloadavg()[0]:.1f} at the start)", "", f"Engine start: {start_s:.1f} s.", ""]
-    if args.rounds:
-        lines += throughput(args, backend, model, tok, prompts, engine)
     with tempfile.TemporaryDirectory() as root:
-        if args.steps:
+        backend, tok, model, prompts, engine, start_s = setup(args, Path(root))
+        lines = [f"# vLLM rollouts vs transformers generate (commit {commit()}, vllm {vllm.__version__}, "
+                 f"{args.threads} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, load average "
+                 f"{os.getloadavg()[0]:.1f} at the start)", "", f"Engine start: {start_s:.1f} s.", ""]
+        if args.rounds:
+            lines += throughput(args, backend, model, tok, prompts, engine)
+        if args.steps and not args.model:  # the tiny teacher goes with the tiny student
             lines += step_times(args, engine, Path(root))
         if args.profile:
             lines += profile(args, engine, prompts)

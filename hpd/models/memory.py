@@ -159,11 +159,11 @@ def attention_scores(shape: Shape, batch: int, length: int) -> int:
 
 # vLLM's KV cache blocks, in tokens: its CPU build's, and its GPU builds' default
 ENGINE_BLOCK = {"cpu": 128, "cuda": 16}
-# A colocated vLLM rollout engine besides its KV cache, measured on the CPU build with a 103M
-# Llama (393 MB of float32 weights) and the tiny student: its own copy of the weights (repacked
-# for its kernels, 0.45-1.0x), what the first weight loads keep (0.56-0.66x, flat afterwards),
-# and the runtime (`import vllm` 0.5 GB, the engine 0.1 GB).
-ENGINE_WEIGHT_COPIES = 1.7
+# A colocated vLLM rollout engine besides its KV cache, measured on the CPU build with a 101M
+# Llama (384 MiB of float32 weights, docs/memory-plan.md): its own copy of the weights (repacked
+# for its kernels) and what its first weight loads keep (flat after the second), 1.41-1.74x the
+# weights with the engine's fixed ~0.1 GB; the runtime (`import vllm` 0.5 GB, that 0.1 GB).
+ENGINE_WEIGHT_COPIES = 1.8
 ENGINE_RUNTIME = 600 * 2**20
 
 
