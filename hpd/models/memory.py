@@ -161,9 +161,9 @@ def attention_scores(shape: Shape, batch: int, length: int) -> int:
 ENGINE_BLOCK = {"cpu": 128, "cuda": 16}
 # A colocated vLLM rollout engine besides its KV cache, measured on the CPU build with a 101M
 # Llama (384 MiB of float32 weights, docs/memory-plan.md): its own copy of the weights (repacked
-# for its kernels) and what its first weight loads keep (flat after the second), 1.41-1.74x the
-# weights with the engine's fixed ~0.1 GB; the runtime (`import vllm` 0.5 GB, that 0.1 GB).
-ENGINE_WEIGHT_COPIES = 1.8
+# for its kernels) and what its weight loads keep, 1.4-2.0x the weights (with the engine's fixed
+# ~0.1 GB, at the highest point after up to 6 loads); the runtime (`import vllm` 0.5 GB, that 0.1 GB).
+ENGINE_WEIGHT_COPIES = 2.0
 ENGINE_RUNTIME = 600 * 2**20
 
 
