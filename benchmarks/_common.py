@@ -71,11 +71,11 @@ def read_metrics(folder) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def capture_loop(config):
-    """The `hpd.train.loop.Loop` that `hpd.distill(config)` builds, taken when it would start
-    running: models, optimizer, batches and schedule exactly as `hpd distill` sets them up, so
-    that a benchmark can time its `train_step`s beside something else. `hpd.distill` is left
-    by an exception before its first step (and its export)."""
+def capture_loop(config, **hooks):
+    """The `hpd.train.loop.Loop` that `hpd.distill(config, **hooks)` builds, taken when it would
+    start running: models, optimizer, batches and schedule exactly as `hpd distill` sets them
+    up, so that a benchmark can time its `train_step`s beside something else. `hpd.distill` is
+    left by an exception before its first step (and its export)."""
     import hpd
     from hpd.train.loop import Loop
 
@@ -90,7 +90,7 @@ def capture_loop(config):
 
     original, Loop.run = Loop.run, capture
     try:
-        hpd.distill(config)
+        hpd.distill(config, **hooks)
     except Captured:
         pass
     finally:

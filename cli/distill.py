@@ -116,6 +116,7 @@ def distill(recipe, params, **flags):
     from hpd.train.checkpoint import CheckpointError
     from hpd.train.interrupt import Interrupted
     from hpd.train.loop import NonFiniteLoss
+    from hpd.train.rollout_vllm import RolloutEngineError
     from hpd.train.run import command_line
     from hpd.train.run import distill as run
 
@@ -123,7 +124,8 @@ def distill(recipe, params, **flags):
         result = run(cfg, command=command_line())
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLoss) as e:
         fail(str(e))
-    except (CheckpointError, TeacherUnavailable) as e:  # the disk or a teacher server, not the input
+    except (CheckpointError, TeacherUnavailable, RolloutEngineError) as e:  # the disk, a teacher server or the
+        # rollout engine, not the input: run-time failures
         fail(str(e), 1)
     except Interrupted as e:  # SIGINT / SIGTERM: checkpoint written, resume command given
         fail(str(e), e.status)

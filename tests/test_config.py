@@ -187,3 +187,28 @@ def test_errors_use_one_prefix(assets, tmp_path):
     result = CliRunner().invoke(cli, ["distill", "--teacher", str(assets["teacher"]), "--student",
                                       str(assets["student"]), "--data", str(data), "--out", str(tmp_path / "r")])
     assert result.exit_code == 2 and "Error: " in result.output and "error: " not in result.output
+
+
+@pytest.mark.parametrize("fields,needle", [
+    ({"backend": "mlx", "rollout_engine": "vllm"}, "rollout_engine=vllm runs with backend=torch"),
+    ({"rollout_kv_cache_mb": 64}, "rollout_kv_cache_mb: set only with rollout_engine=vllm"),
+    ({"rollout_engine": "vllm", "rollout_vllm_args": ["max_num_seqs"]}, "--rollout-vllm-args 'max_num_seqs'"),
+])
+def test_rollout_engine_misuse_is_refused_in_one_line(fields, needle):
+    cfg = DistillConfig.from_dict({"teacher": "t", "student": "s", "data": "d", "out": "o", **fields})
+    with pytest.raises(ValueError) as err:
+        cfg.validate(require_paths=False)
+    assert str(err.value).startswith("invalid config: ") and needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_the_rollout_engine_starts_only_where_a_step_can_be_on_policy():
+    from hpd.train.rollout_vllm import wanted
+
+    def cfg(**kw):
+        return DistillConfig.from_dict({"rollout_engine": "vllm", **kw})
+
+    assert not wanted(cfg()) and not wanted(cfg(schedule={"lambda_start": 0.0}))
+    assert wanted(cfg(schedule={"lambda_start": 0.2}))
+    assert wanted(cfg(schedule={"lambda_schedule": "linear", "lambda_start": 0.0, "lambda_end": 0.5}))
+    assert not wanted(DistillConfig.from_dict({"schedule": {"lambda_start": 1.0}}))  # hf: no engine

@@ -581,3 +581,41 @@ def test_mlx_gradient_checkpointing_lowers_the_peak_of_hpds_step(assets, tmp_pat
         backend.forward_backward(model, arrays, loss_fn, hidden=True)
         peaks.append(mx.get_peak_memory())
     assert peaks[1] < 0.8 * peaks[0], peaks
+
+
+# ---------------------------------------------------------------------- weights for an engine
+@pytest.mark.slow
+@pytest.mark.parametrize("quantize", [0, 4])
+def test_full_weights_are_the_merged_student_on_both_backends(assets, tmp_path, quantize):
+    """What a rollout engine loads (Backend.full_weights): the merged export's tensors under the
+    same names on torch and mlx, the student in memory left unmerged."""
+    from safetensors.numpy import load_file
+
+    trained = run(assets, tmp_path / "torch", "torch", student_quantize=quantize, max_length=32,
+                  student=str(assets["wide_student" if quantize else "student"]))
+    full = {k: v.detach().float().numpy() for k, v in trained["backend"].full_weights(trained["student"]).items()}
+    exported = load_file(str(tmp_path / "torch" / "model.safetensors"))
+    assert set(exported) <= set(full)  # the export drops a tied head; this student has its own
+    for name, value in exported.items():
+        np.testing.assert_allclose(full[name], value, atol=1e-6, rtol=0, err_msg=name)
+    assert trained["backend"].lora.adapters(trained["student"])  # still a LoRA student
+    if quantize:
+        return  # mlx quantizes its own base another way: the names, compared below, are what matter
+    mlx_run = run(assets, tmp_path / "mlx", "mlx", steps=1, max_length=32)
+    mlx_run["backend"].lora.set_adapters(mlx_run["student"], trained["backend"].lora.adapters(trained["student"]))
+    on_mlx = {k: np.array(v) for k, v in mlx_run["backend"].full_weights(mlx_run["student"]).items()}
+    assert set(on_mlx) == set(full)
+    for name in full:
+        np.testing.assert_allclose(on_mlx[name], full[name], atol=1e-6, rtol=0, err_msg=name)
+
+
+def test_full_weights_of_a_whole_student_are_its_own_tensors(assets):
+    from types import SimpleNamespace
+
+    from hpd.backends import get_backend
+
+    backend = get_backend("torch", SimpleNamespace(device="cpu", gradient_checkpointing=False))
+    model = backend.load_model(str(assets["student"]), trainable=True)
+    full = backend.full_weights(model)
+    assert list(full) == list(model.state_dict())
+    assert all(full[n].data_ptr() == t.data_ptr() for n, t in model.state_dict().items())  # no copy

@@ -128,3 +128,27 @@ def test_chunk_budget_default_is_larger_with_torch_on_cuda():
     assert setting_of(DistillConfig.from_dict({"device": "cuda"}), "mlx").chunk_budget_mb == 64
     with pytest.raises(ValueError):
         DistillConfig.from_dict({"chunk_budget_mb": -1}).validate(require_paths=False)
+
+
+def test_the_plan_counts_a_vllm_rollout_engine(assets, tmp_path):
+    """One micro-batch of max_length sequences of KV cache (whole blocks of 128 tokens on the
+    CPU, whole MiB), the engine's weights and loads, and vLLM's runtime; mlx keeps mlx-lm."""
+    from hpd.models.memory import ENGINE_RUNTIME, dry_run, setting_of
+    from hpd.train.config import DistillConfig
+
+    base = dict(teacher=str(assets["teacher"]), student=str(assets["student"]), data=str(assets["data"]),
+                out=str(tmp_path / "o"), batch_size=40, max_length=200, device="cpu", rollout_engine="vllm")
+    shape = shape_of(assets["student"])
+    assert 2 * shape.layers * shape.kv_heads * shape.head_dim * 4 == 128  # bytes a token, float32
+    cfg = DistillConfig.from_dict(base)
+    s = setting_of(cfg, "torch")
+    assert s.engine_kv == 2 * 2**20  # 40 x 256 x 128 B = 1.25 MiB (40 x 200 tokens would be 0.98)
+    parts = dict(plan(shape_of(assets["teacher"]), shape, s))
+    assert parts["rollout engine: KV cache"] == s.engine_kv
+    assert parts["rollout engine: vLLM runtime"] == ENGINE_RUNTIME
+    assert parts["total"] == sum(v for k, v in parts.items() if k != "total")
+    assert setting_of(DistillConfig.from_dict({**base, "rollout_kv_cache_mb": 64}), "torch").engine_kv == 64 * 2**20
+    assert setting_of(cfg, "mlx").engine_kv == 0
+    text = dry_run(cfg)
+    assert "rollout engine: KV cache" in text.split("memory plan (mlx")[0]
+    assert "rollout engine" not in text.split("memory plan (mlx")[1]

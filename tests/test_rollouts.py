@@ -78,12 +78,16 @@ def test_torch_generate_uses_plain_temperature_sampling(assets, torch_student, m
     assert seen["top_k"] == 0 and seen["do_sample"] is True and seen["temperature"] == 0.7
 
 
-def _run(assets, out, schedule, **kw):
+def _config(assets, out, schedule, **kw):
     cfg = dict(teacher=str(assets["teacher"]), student=str(assets["student"]), data=str(assets["data"]),
                out=str(out), steps=4, batch_size=4, lr=1e-3, progress=False, chunked="off",
                rollout_max_new_tokens=8, schedule=schedule)
     cfg.update(kw)
-    result = hpd.distill(cfg)
+    return cfg
+
+
+def _run(assets, out, schedule, **kw):
+    result = hpd.distill(_config(assets, out, schedule, **kw))
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return result, [r for r in records if "loss" in r]
 
@@ -130,3 +134,38 @@ def test_generate_writes_and_resumes(assets, tmp_path):
     tok = get_backend("torch", SimpleNamespace(device="cpu")).load_tokenizer(str(assets["teacher"]))
     # the file is offline data for hpd distill (empty completions aside)
     load_dataset(out, tok, 256)
+
+
+def test_transformers_rollouts_name_their_engine(assets, tmp_path):
+    _, steps = _run(assets, tmp_path / "run", {"lambda_start": 1.0}, steps=2)
+    assert all(r["rollout/engine"] == "hf" and r["rollout/sync_s"] == 0.0 for r in steps)
+
+
+def test_a_failed_rollout_keeps_the_last_step_and_the_resumed_run_repeats_the_rest(assets, tmp_path):
+    """An engine failure at step 3 (here transformers', made to fail): one line, a checkpoint
+    of step 2 and nothing of step 3; the resumed run takes step 3's batches again."""
+    from hpd.train.rollout import Rollouts
+    from hpd.train.rollout_vllm import RolloutEngineError
+
+    sampling = Sampling(max_new_tokens=8)
+    hpd.distill(_config(assets, tmp_path / "full", {"lambda_start": 1.0}), rollout=Rollouts(sampling))
+    inner, calls = Rollouts(sampling), []
+
+    def failing(loop, student, batch):
+        calls.append(loop.state.step)
+        if loop.state.step == 2:
+            raise RolloutEngineError("the engine failed at step 3 (it was made to)")
+        return inner(loop, student, batch)
+
+    with pytest.raises(RolloutEngineError) as err:
+        hpd.distill(_config(assets, tmp_path / "part", {"lambda_start": 1.0}), rollout=failing)
+    message = str(err.value)
+    assert "\n" not in message and "checkpoints/step-2; resume with: hpd.distill(..., resume=True)" in message
+    assert sorted(p.name for p in (tmp_path / "part" / "checkpoints").iterdir()) == ["step-2"]
+    records = [json.loads(line) for line in (tmp_path / "part" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2]
+    hpd.distill(_config(assets, tmp_path / "part", {"lambda_start": 1.0}, resume=True), rollout=Rollouts(sampling))
+    from safetensors.numpy import load_file
+
+    a, b = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("full", "part"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)

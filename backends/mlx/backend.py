@@ -344,6 +344,13 @@ class MlxBackend:
                         top_p=top_p, top_k=top_k, greedy=greedy)
 
     # ------------------------------------------------------------------ state
+    def full_weights(self, model) -> dict[str, mx.array]:
+        from hpd.models.lora import attached
+
+        if attached(model) is not None:
+            return self.lora.merged_weights(model)
+        return dict(tree_flatten(model.parameters()))
+
     def save_model(self, model, tokenizer, folder: Path) -> None:
         from mlx_lm.utils import save_config
 

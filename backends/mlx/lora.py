@@ -166,6 +166,24 @@ def save_merged(model, tokenizer, folder, backend, quantized: bool = False) -> N
         model.update_modules(tree_unflatten(originals))
 
 
+def merged_weights(model) -> dict[str, mx.array]:
+    """The student's dense weights under the checkpoint's names: each LoRA layer fused
+    (its quantized base dequantized), each other quantized layer dequantized; the model is
+    left as it is."""
+    lora = dict(_lora_layers(model))
+    dense = {}
+    for name, m in model.named_modules():
+        if name in lora:
+            dense[name] = m.fuse(dequantize=True)
+        elif isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)) and name.rsplit(".", 1)[0] not in lora:
+            dense[name] = _dequantized(m)
+    out = {key: value for key, value in tree_flatten(model.parameters())
+           if not any(key.startswith(name + ".") for name in dense)}
+    for name, m in dense.items():
+        out.update({f"{name}.{key}": value for key, value in tree_flatten(m.parameters())})
+    return out
+
+
 def _write_quantization(folder, model) -> None:
     """config.json's `quantization` as mlx-lm reads it: the most common (bits, group size) at
     the top, and an entry for each layer that differs or stays full precision. mlx-lm also

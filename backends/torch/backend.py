@@ -286,6 +286,13 @@ class TorchBackend:
         return result
 
     # ------------------------------------------------------------------ state
+    def full_weights(self, model) -> dict[str, torch.Tensor]:
+        from hpd.models.lora import attached
+
+        if attached(model) is not None:
+            return self.lora.merged_weights(model)
+        return {name: tensor.detach() for name, tensor in model.state_dict().items()}
+
     def save_model(self, model, tokenizer, folder: Path) -> None:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -251,6 +251,18 @@ class DistributedTorchBackend(TorchBackend):
         super().zero_grad(model, optimizer)
 
     # ------------------------------------------------------------------ state
+    def full_weights(self, model) -> dict[str, torch.Tensor]:
+        """Called on every rank together: a sharded model's full weights are all-gathered
+        onto each rank (every rank's rollout engine loads them)."""
+        if not is_sharded(model):
+            return super().full_weights(model)
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+        )
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
     def save_model(self, model, tokenizer, folder: Path) -> None:
         """Called on every rank: a sharded model is gathered to rank 0, which writes it."""
         folder = Path(folder)

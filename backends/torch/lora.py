@@ -223,30 +223,43 @@ def _bnb_modules(model) -> dict:
     return {name: m for name, m in model.named_modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))}
 
 
-def _dequantized_merge(model):
-    """A plain float32 transformers model with the student's weights: every bitsandbytes
-    layer dequantized (peft's own helper), plus scale * B @ A where it carries an adapter."""
-    from peft.utils.integrations import dequantize_bnb_weight
-    from transformers import AutoModelForCausalLM
-
+def merged_weights(model) -> dict[str, torch.Tensor]:
+    """The student's dense weights under the base model's checkpoint names: scale * B @ A
+    added to each adapted layer's weight, and a bitsandbytes base dequantized (peft's own
+    helper; those layers come out float32). Copies where a layer changes, the model's own
+    tensors elsewhere: the model is left as it is."""
     inner = model.get_base_model()
     lora = dict(_lora_layers(model))
     quantized = _bnb_modules(inner)
     state = {}
-    for name, tensor in inner.state_dict().items():
-        # the quantized layers' weights and statistics are rebuilt below; adapters are merged
-        if ".lora_" in name or any(name.startswith(q + ".") for q in quantized):
-            continue
-        state[name.replace(".base_layer.", ".")] = tensor.detach().to("cpu", torch.float32)
-    for name, module in quantized.items():
-        owner = name.removesuffix(".base_layer")
-        weight = module.weight
-        dense = dequantize_bnb_weight(weight, state=getattr(weight, "quant_state", None) or module.state).float()
-        if owner in lora:
-            dense = dense + lora[owner].get_delta_weight(_ADAPTER).float()
-        state[f"{owner}.weight"] = dense.to("cpu")
-        if module.bias is not None:
-            state[f"{owner}.bias"] = module.bias.detach().to("cpu", torch.float32)
+    with torch.no_grad():
+        for name, tensor in inner.state_dict().items():
+            # the quantized layers' weights and statistics are rebuilt below; adapters are merged
+            if ".lora_" in name or any(name.startswith(q + ".") for q in quantized):
+                continue
+            state[name.replace(".base_layer.", ".")] = tensor.detach()
+        for name, module in quantized.items():
+            from peft.utils.integrations import dequantize_bnb_weight
+
+            owner = name.removesuffix(".base_layer")
+            weight = module.weight
+            state[f"{owner}.weight"] = dequantize_bnb_weight(
+                weight, state=getattr(weight, "quant_state", None) or module.state).float()
+            if module.bias is not None:
+                state[f"{owner}.bias"] = module.bias.detach().float()
+        for owner, layer in lora.items():
+            weight = state[f"{owner}.weight"]
+            state[f"{owner}.weight"] = weight + layer.get_delta_weight(_ADAPTER).to(weight.dtype)
+    return state
+
+
+def _dequantized_merge(model):
+    """A plain float32 transformers model with the student's weights: every bitsandbytes
+    layer dequantized, plus scale * B @ A where it carries an adapter."""
+    from transformers import AutoModelForCausalLM
+
+    inner = model.get_base_model()
+    state = {name: tensor.to("cpu", torch.float32) for name, tensor in merged_weights(model).items()}
     config = copy.deepcopy(inner.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

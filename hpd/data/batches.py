@@ -20,7 +20,7 @@ def load_dataset(path: str | Path, tokenizer, max_length: int, *, split: str = "
     """Every row encoded and truncated to max_length; raises DataError on any bad row.
     The file kinds and row shapes read are those of hpd.data.sources and hpd.data.formats;
     with `route`, each row also names its teacher (hpd.data.routing)."""
-    examples, truncated = [], 0
+    examples, wheres, truncated = [], [], 0
     rows = read_rows(path, split=split, columns=columns, default_splits=default_splits)
     for where, row in rows:
         try:
@@ -35,9 +35,10 @@ def load_dataset(path: str | Path, tokenizer, max_length: int, *, split: str = "
                          ex.route)
         if any(ex.loss_mask[1:]):
             examples.append(ex)
+            wheres.append(where)
     if not examples:
         raise DataError(f"{path}: no row has a trainable token (after truncation to {max_length} tokens)")
-    return Dataset(str(path), examples, truncated=truncated, rows=len(rows))
+    return Dataset(str(path), examples, truncated=truncated, rows=len(rows), where=wheres)
 
 
 def collate(examples: list[Example], pad_id: int) -> dict[str, np.ndarray]:

@@ -36,6 +36,7 @@ class Dataset:
     truncated: int = 0
     rows: int = 0
     stats: dict = field(default_factory=dict)
+    where: list[str] = field(default_factory=list)  # each example's source row (file:line), for messages
 
     def __len__(self) -> int:
         return len(self.examples)

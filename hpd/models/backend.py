@@ -98,6 +98,13 @@ class Backend(Protocol):
         sampling unless top_p/top_k are set, or greedy. Draws use the framework's RNG."""
         ...
 
+    def full_weights(self, model) -> dict[str, Any]:
+        """The model's whole weights under its transformers checkpoint's names, on every
+        process: gathered where they are sharded, a LoRA student's adapters merged (into
+        copies: the model trains on as it is). What an inference engine loads to generate
+        the student's rollouts (hpd.train.rollout_vllm)."""
+        ...
+
     def save_model(self, model, tokenizer, folder: Path) -> None:
         """config.json, safetensors weights, tokenizer files: a folder both ecosystems load."""
         ...

@@ -157,6 +157,27 @@ def attention_scores(shape: Shape, batch: int, length: int) -> int:
     return 2 * batch * shape.heads * length * length * 4
 
 
+# vLLM's KV cache blocks, in tokens: its CPU build's, and its GPU builds' default
+ENGINE_BLOCK = {"cpu": 128, "cuda": 16}
+# A colocated vLLM rollout engine besides its KV cache, measured on the CPU build with a 101M
+# Llama (384 MiB of float32 weights, docs/memory-plan.md): its own copy of the weights (repacked
+# for its kernels) and what its weight loads keep, 1.4-2.0x the weights (with the engine's fixed
+# ~0.1 GB, at the highest point after up to 6 loads); the runtime (`import vllm` 0.5 GB, that 0.1 GB).
+ENGINE_WEIGHT_COPIES = 2.0
+ENGINE_RUNTIME = 600 * 2**20
+
+
+def kv_cache_bytes(shape: Shape, dtype_bytes: int, tokens: int) -> int:
+    """An inference engine's KV cache for `tokens` tokens: a key and a value per layer,
+    KV head and head dimension."""
+    return 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype_bytes * tokens
+
+
+def sequence_kv_bytes(shape: Shape, dtype_bytes: int, max_model_len: int, block: int, sequences: int = 1) -> int:
+    """The KV cache that holds `sequences` sequences of max_model_len tokens, in whole blocks."""
+    return kv_cache_bytes(shape, dtype_bytes, sequences * -(-max_model_len // block) * block)
+
+
 @dataclass
 class Setting:
     """One run's memory-relevant choices (the fields of hpd.train.config.DistillConfig)."""
@@ -177,6 +198,9 @@ class Setting:
     # a half-precision dense head forms float32 logits as stored, never cast to a float32
     # copy (hpd.objectives.heads.half_logits: torch on CUDA)
     half_logits: bool = False
+    # --rollout-engine vllm: the engine's KV cache in bytes (0: no engine) and its weights' dtype
+    engine_kv: int = 0
+    engine_dtype: int = 4
 
 
 def plan(teacher: Shape | dict[str, Shape], student: Shape, s: Setting, *, offload: bool = False
@@ -226,8 +250,18 @@ def plan(teacher: Shape | dict[str, Shape], student: Shape, s: Setting, *, offlo
         # the vjp recomputes the blocks: the peak is the larger of the two phases
         loss = sum(b for name, b in parts if name.startswith("loss:")) - head_gradient(student, s, vocab)
         total -= min(activations, loss)
+    if s.engine_kv:
+        parts += engine_parts(student, s)
+        total += sum(b for _, b in parts[-3:])
     parts.append(("total", total))
     return parts
+
+
+def engine_parts(student: Shape, s: Setting) -> list[tuple[str, int]]:
+    """A vLLM rollout engine in the training process (hpd.train.rollout_vllm)."""
+    copies = int(ENGINE_WEIGHT_COPIES * weight_bytes(student, s.engine_dtype, backend="torch"))
+    return [("rollout engine: weights and loads", copies), ("rollout engine: KV cache", s.engine_kv),
+            ("rollout engine: vLLM runtime", ENGINE_RUNTIME)]
 
 
 def teacher_weights(teachers: dict[str, Shape], s: Setting, offload: bool) -> list[tuple[str, int]]:
@@ -339,6 +373,7 @@ def setting_of(cfg, backend: str | None = None) -> Setting:
             return _BYTES[cfg.dtype]
         return auto_frozen if frozen else 4
 
+    engine_dtype = 4 if cfg.dtype == "auto" else _BYTES[cfg.dtype]
     return Setting(backend=backend, batch=cfg.batch_size, length=cfg.max_length,
                    student_dtype=dtype(bool(cfg.lora_rank)), teacher_dtype=dtype(True),
                    teacher_bits=cfg.teacher_quantize, student_bits=cfg.student_quantize,
@@ -346,7 +381,22 @@ def setting_of(cfg, backend: str | None = None) -> Setting:
                    gradient_checkpointing=cfg.gradient_checkpointing, chunked=cfg.chunked != "off",
                    chunk_size=cfg.chunk_size,
                    chunk_budget_mb=resolve_chunk_budget(cfg.chunk_budget_mb, backend == "torch" and _cuda(cfg.device)),
-                   half_logits=backend == "torch" and _cuda(cfg.device))
+                   half_logits=backend == "torch" and _cuda(cfg.device),
+                   engine_kv=engine_kv_bytes(cfg, engine_dtype) if backend == "torch" else 0,
+                   engine_dtype=engine_dtype)
+
+
+def engine_kv_bytes(cfg, dtype_bytes: int) -> int:
+    """--rollout-engine vllm: the KV cache asked for, or its default (one micro-batch of
+    max_model_len sequences, in whole blocks); 0 without an engine."""
+    if getattr(cfg, "rollout_engine", "hf") != "vllm":
+        return 0
+    if cfg.rollout_kv_cache_mb:
+        return cfg.rollout_kv_cache_mb * 2**20
+    block = ENGINE_BLOCK["cuda" if _cuda(cfg.device) else "cpu"]
+    need = sequence_kv_bytes(Shape.from_folder(cfg.student), dtype_bytes, cfg.rollout_max_model_len or cfg.max_length,
+                             block, cfg.batch_size)
+    return 2**20 * -(-need // 2**20)
 
 
 def gib(n: int) -> str:

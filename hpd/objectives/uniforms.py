@@ -51,6 +51,20 @@ def keyed_uniforms(seed: int, step: int, rows, positions) -> np.ndarray:
     return ((h >> np.uint64(40)).astype(np.float32) * np.float32(2.0 ** -24)).astype(np.float32)
 
 
+_SEED_DOMAIN = 0x5EED0F5A3B  # the per-request seeds of engine rollouts, apart from the uniforms
+
+
+def keyed_seeds(seed: int, step: int, rows) -> np.ndarray:
+    """int64 seeds in [0, 2**63), one per global row: the seed of that row's rollout request
+    at `step` (an engine that seeds each request draws the same continuation for the same key,
+    however the rows are batched, split over processes or resumed)."""
+    rows = _as_u64(rows)
+    h = mix64(np.uint64(_SEED_DOMAIN) ^ _as_u64(seed))
+    h = mix64(h ^ _as_u64(step))
+    h = mix64(h ^ rows)
+    return (h >> np.uint64(1)).astype(np.int64)
+
+
 def token_keys(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(rows, positions), each shaped like batch["targets"]: the global row of every token
     and its position inside that row, for plain (one row per line) and packed batches.
@@ -79,4 +93,4 @@ def batch_uniforms(seed: int, step: int, batch: dict[str, np.ndarray]) -> np.nda
     return keyed_uniforms(seed, step, rows, positions)
 
 
-__all__ = ["keyed_uniforms", "batch_uniforms", "token_keys", "has_row_keys", "mix64"]
+__all__ = ["keyed_uniforms", "keyed_seeds", "batch_uniforms", "token_keys", "has_row_keys", "mix64"]

@@ -30,6 +30,11 @@ _TEACHER_TOKENIZER = (
     "cross (another tokenizer: both render each row, targets are paired by their text, and the teacher's "
     "log-probs move to the student's vocabulary at the tokens both share), auto (same when the two "
     "vocabularies are equal token for token, else cross)")
+_ROLLOUT_ENGINE = (
+    "torch: what generates the student's rollouts (on-policy steps of the schedule): hf (transformers' generate) "
+    "or vllm (a vLLM engine in the training process, on every process under torchrun, loaded with the "
+    "student's weights before a rollout whenever an optimizer step changed them; each request seeded from "
+    "the run's seed, step and row, so --resume repeats it). mlx generates with mlx-lm")
 _COMPILE = (
     "torch: torch.compile the student's and the teacher's forwards (lengths padded to --compile-buckets) and "
     "the chunked loss's per-chunk function, the graph count logged as compile/graphs; mlx: run the student's "
@@ -87,6 +92,16 @@ class DistillConfig:
     rollout_temperature: float = _f(1.0, "sampling temperature of rollouts", low=0.0, low_open=True)
     rollout_top_p: float = _f(1.0, "nucleus sampling of rollouts (1: off)", low=0.0, high=1.0, low_open=True)
     rollout_top_k: int = _f(0, "top-k sampling of rollouts (0: off)", low=0)
+    # where the student's rollouts are generated (hpd.train.rollout_vllm)
+    rollout_engine: str = _f("hf", _ROLLOUT_ENGINE, choices=("hf", "vllm"))
+    rollout_kv_cache_mb: int = _f(0, "--rollout-engine vllm: MiB of KV cache for the engine (0: room for one "
+                                  "micro-batch of --rollout-max-model-len sequences); a smaller cache makes vLLM "
+                                  "preempt and recompute sequences (slower, the same rollouts)", low=0)
+    rollout_max_model_len: int = _f(0, "--rollout-engine vllm: the longest sequence the engine holds, prompt and "
+                                    "rollout (0: --max-length); a prompt as long is refused before training",
+                                    low=0)
+    rollout_vllm_args: list = _f([], "--rollout-engine vllm: more vllm.LLM arguments as KEY=VALUE (e.g. "
+                                 "gpu_memory_utilization=0.3); repeatable", cli="multiple")
     # how long
     steps: int = _f(0, "optimizer steps; 0 means derive from --epochs", low=0)
     epochs: float = _f(1.0, "passes over the data when --steps is 0", low=0.0, low_open=True)
@@ -302,6 +317,11 @@ class DistillConfig:
         from hpd.models.lora import config_errors
 
         errors.extend(config_errors(self))
+        from hpd.train.rollout_vllm import config_errors as rollout_errors
+
+        errors.extend(rollout_errors(self))
+        if len(errors) == 1:  # one problem, one line
+            raise ValueError(f"invalid config: {errors[0]}")
         if errors:
             raise ValueError("invalid config:\n  - " + "\n  - ".join(errors))
         return self

@@ -198,10 +198,15 @@ class Loop:
     def train_step(self, plan) -> dict[str, float] | None:
         cfg, backend = self.config, self.backend
         step = self.state.step
+        position = self.batches.state_dict()
         micro = [next(self.batches) for _ in range(cfg.grad_accum)]
         extra: dict[str, float] = {}
         if plan.on_policy and self.rollout is not None:
-            micro, extra = self._rollouts(micro)
+            try:
+                micro, extra = self._rollouts(micro)
+            except BaseException:  # the step never happened: a checkpoint taken now resumes with its batches
+                self.batches.load_state_dict(position)
+                raise
         started = time.perf_counter()  # training throughput excludes generation (logged as rollout/*)
         local = sum(target_count(mb["targets"], self.vocab) for mb in micro)
         global_tokens = backend.all_reduce_sum(float(local))
@@ -268,16 +273,22 @@ class Loop:
         return None
 
     def _rollouts(self, micro):
+        """The micro-batches' rollouts and the step's rollout/* metrics: the hook's own
+        (hpd.train.rollout.Rollouts: the engine's name, the seconds spent loading weights
+        into it) summed over micro-batches, tokens/s over the generating time alone."""
         started = time.perf_counter()
-        out, generated, rows = [], 0, 0
+        out, generated, rows, metrics = [], 0, 0, {}
         for mb in micro:
             new = self.rollout(self, self.student, mb)
             generated += int(new.pop("generated_tokens", 0))
+            for key, value in new.pop("rollout_metrics", {}).items():
+                metrics[key] = metrics.get(key, 0) + value if isinstance(value, (int, float)) else value
             rows += len(new["input_ids"])
             out.append(new)
         seconds = time.perf_counter() - started
-        return out, {"rollout/tokens": generated, "rollout/tokens_per_s": generated / max(seconds, 1e-9),
-                     "rollout/mean_length": generated / max(rows, 1), "rollout/seconds": seconds}
+        generating = seconds - metrics.get("rollout/sync_s", 0.0)
+        return out, {"rollout/tokens": generated, "rollout/tokens_per_s": generated / max(generating, 1e-9),
+                     "rollout/mean_length": generated / max(rows, 1), "rollout/seconds": seconds, **metrics}
 
     def evaluate(self) -> dict[str, float]:
         """Held-out student NLL and token-level KL(teacher || student)."""

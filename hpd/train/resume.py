@@ -25,6 +25,7 @@ OPERATIONAL = frozenset({
     "out", "resume", "overwrite", "allow_config_change", "progress", "save_every", "keep_checkpoints",
     "eval_data", "eval_every", "eval_generate", "eval_extractor", "eval_metric", "max_bad_steps", "device", "parallel",
     "teacher_placement", "gradient_checkpointing", "chunked", "chunk_size", "teacher_offload",
+    "rollout_kv_cache_mb",
 })
 _IGNORED = frozenset({"resume", "overwrite", "allow_config_change"})
 LENGTH = frozenset({"steps", "epochs"})

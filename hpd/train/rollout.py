@@ -24,6 +24,7 @@ class Sampling:
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    greedy: bool = False  # the most likely token at each position (engines compared token for token)
 
 
 def prompts_of(batch: dict[str, np.ndarray]) -> list[list[int]]:
@@ -36,10 +37,17 @@ def prompts_of(batch: dict[str, np.ndarray]) -> list[list[int]]:
 
 def rollout_batch(backend, model, tokenizer, batch: dict[str, np.ndarray], sampling: Sampling,
                   max_length: int) -> dict[str, np.ndarray]:
-    """The batch's prompts continued by `model`; targets are the generated tokens only."""
+    """The batch's prompts continued by `model` through the backend's `generate`; targets are
+    the generated tokens only."""
     prompts = prompts_of(batch)
-    generated = backend.generate(model, tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
-                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    return rollout_examples(batch, prompts, _backend_generate(backend, model, tokenizer, prompts, sampling),
+                            tokenizer, max_length)
+
+
+def rollout_examples(batch: dict[str, np.ndarray], prompts: list[list[int]], generated: list[list[int]],
+                     tokenizer, max_length: int) -> dict[str, np.ndarray]:
+    """The rollout batch of `batch`'s rows: each prompt and its continuation (cut at
+    max_length), the continuation its only targets, collated as `batch` was."""
     routes = prompt_routes(batch) or [-1] * len(prompts)  # a row keeps its teacher (hpd.data.routing)
     examples = []
     for prompt, gen, route in zip(prompts, generated, routes):
@@ -59,13 +67,50 @@ def rollout_batch(backend, model, tokenizer, batch: dict[str, np.ndarray], sampl
     return out
 
 
-def make_rollout(sampling: Sampling):
-    """The Loop's rollout hook: (loop, student, batch) -> rollout batch."""
+def _backend_generate(backend, model, tokenizer, prompts, sampling: Sampling) -> list[list[int]]:
+    return backend.generate(model, tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
+                            temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k,
+                            greedy=sampling.greedy)
 
-    def rollout(loop, student, batch):
-        return rollout_batch(loop.backend, student, loop.tokenizer, batch, sampling, loop.config.max_length)
 
-    return rollout
+class BackendRollouts:
+    """Rollouts from the training backend's own `generate` (transformers on torch, mlx-lm on
+    mlx), drawing from the framework's RNG, whose state checkpoints keep."""
+
+    def __init__(self, name: str = "hf"):
+        self.name = name  # what metrics.jsonl calls it: hf (torch) or mlx-lm
+
+    def generate(self, loop, student, batch: dict[str, np.ndarray], prompts: list[list[int]],
+                 sampling: Sampling) -> tuple[list[list[int]], dict[str, float]]:
+        return _backend_generate(loop.backend, student, loop.tokenizer, prompts, sampling), {"rollout/sync_s": 0.0}
+
+    def close(self) -> None:
+        pass
+
+
+class Rollouts:
+    """The Loop's rollout hook, (loop, student, batch) -> rollout batch, over the rollout
+    engine chosen at set-up (`generate(loop, student, batch, prompts, sampling)` ->
+    (continuations, metrics); `close()`). The rollout batch carries the engine's metrics
+    under "rollout_metrics" (hpd.train.loop adds them to the step's record)."""
+
+    def __init__(self, sampling: Sampling, engine=None):
+        self.sampling, self.engine = sampling, engine or BackendRollouts()
+
+    def __call__(self, loop, student, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = prompts_of(batch)
+        generated, metrics = self.engine.generate(loop, student, batch, prompts, self.sampling)
+        out = rollout_examples(batch, prompts, generated, loop.tokenizer, loop.config.max_length)
+        out["rollout_metrics"] = {"rollout/engine": self.engine.name, **metrics}
+        return out
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def make_rollout(sampling: Sampling, engine=None) -> Rollouts:
+    """The Loop's rollout hook over `engine` (default: the backend's `generate`)."""
+    return Rollouts(sampling, engine)
 
 
 # ----------------------------------------------------------------------------- hpd generate
@@ -129,4 +174,5 @@ def _completed(out: Path) -> set[tuple[int, int]]:
     return done
 
 
-__all__ = ["Sampling", "rollout_batch", "make_rollout", "generate_file", "prompts_of", "prompt_ids"]
+__all__ = ["Sampling", "Rollouts", "BackendRollouts", "rollout_batch", "rollout_examples", "make_rollout",
+           "generate_file", "prompts_of", "prompt_ids"]

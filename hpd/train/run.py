@@ -36,10 +36,12 @@ from hpd.report.evaluate import EVAL_SPLITS, eval_source
 from hpd.teachers import setup as teacher_setup
 from hpd.train import checkpoint as ckpt
 from hpd.train import resume as resume_check
+from hpd.train import rollout_vllm
 from hpd.train.config import DistillConfig
 from hpd.train.interrupt import Interrupted, StopOnSignal, signal_name
 from hpd.train.loop import Loop, LoopState
 from hpd.train.metrics_log import MetricsLog
+from hpd.train.rollout import BackendRollouts, Sampling, make_rollout
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -82,9 +84,12 @@ def distill(config: DistillConfig | dict, *, command: str | None = None, **loop_
     try:
         with StopOnSignal() as stop:
             run = Run(cfg, backend, stop, command, loop_hooks)
-            run.setup()
-            final = run.train()
-            run.export(final)
+            try:
+                run.setup()
+                final = run.train()
+                run.export(final)
+            finally:
+                run.close()
             return {"out": str(out), "steps": run.loop.state.step, "metrics": final, "student": run.student,
                     "tokenizer": run.tokenizer, "backend": backend}
     except BaseException:
@@ -107,6 +112,8 @@ class Run:
         self.cfg, self.backend, self.stop, self.command, self.hooks = cfg, backend, stop, command, hooks
         self.rank, self.out = backend.rank, Path(cfg.out)
         self.saved_at: int | None = None  # the step of the latest checkpoint
+        # what generates the rollouts (hpd.train.rollout): the backend's generate, or an engine
+        self.rollout_engine, self.rollout_options = BackendRollouts("hf" if backend.name == "torch" else "mlx-lm"), None
 
     def say(self, message: str) -> None:
         say(message, self.rank)
@@ -144,6 +151,8 @@ class Run:
         data = self.data
         self.say(f"data: {data.rows} rows from {cfg.data}, {len(data)} usable, {data.truncated} truncated "
                  f"to {cfg.max_length} tokens, {data.target_tokens} target tokens")
+        if "rollout" not in self.hooks and rollout_vllm.wanted(cfg):  # checked before any model loads
+            self.rollout_options = rollout_vllm.prepare(cfg, data)
         self.eval_batches = None
         if cfg.eval_data:
             held = load_dataset(cfg.eval_data, self.tokenizer, cfg.max_length, route=self.teacher.route,
@@ -159,6 +168,8 @@ class Run:
         if len(self.tokenizer) > self.vocab:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but a model's vocabulary only "
                              f"{self.vocab}")
+        if self.rollout_options is not None:
+            self.rollout_engine = rollout_vllm.start(self.cfg, backend, self.tokenizer, self.rollout_options, self.say)
 
     def _training_state(self) -> None:
         """The batches, the schedule, the optimizer and the loop's counters, restored from a
@@ -219,10 +230,9 @@ class Run:
         self.chunked, self.loss_path = choose_loss_path(cfg.chunked, backend, student=self.student,
                                                         **self.teacher.models())
         hooks.setdefault("teacher_source", self.teacher.hook())
-        from hpd.train.rollout import Sampling, make_rollout
-
         hooks.setdefault("rollout", make_rollout(Sampling(
-            cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_top_k)))
+            cfg.rollout_max_new_tokens, cfg.rollout_temperature, cfg.rollout_top_p, cfg.rollout_top_k),
+            self.rollout_engine))
         self.loop = Loop(backend=backend, config=cfg, student=self.student, teacher=self.teacher.model,
                          tokenizer=self.tokenizer, optimizer=self.optimizer, batches=self.batches,
                          schedule=self.schedule, total_steps=self.total, vocab=self.vocab, chunked=self.chunked,
@@ -259,7 +269,10 @@ class Run:
                  f"{cfg.grad_accum} accumulated x {processes}); {self.loss_path}{self.teacher.describe()}")
         baseline = self._baseline()
         try:
-            last = self.loop.run()
+            try:
+                last = self.loop.run()
+            except rollout_vllm.RolloutEngineError as e:  # the last finished step is kept, then one line
+                raise rollout_vllm.RolloutEngineError(f"{e}: {self._checkpoint_now()}") from None
             if self.loop.state.step < self.total:  # a signal stopped the loop: checkpoint, then say how to go on
                 self._stop_with_checkpoint()
         except BaseException:
@@ -291,18 +304,29 @@ class Run:
         return baseline
 
     def _stop_with_checkpoint(self) -> None:
+        signum = self.stop.signum or signal.SIGTERM  # another rank may have received it
+        raise Interrupted(f"{signal_name(signum)} at step {self.loop.state.step} of {self.total}: "
+                          f"{self._checkpoint_now()}", signum)
+
+    def _checkpoint_now(self) -> str:
+        """A checkpoint of the loop's step (unless the latest is one), and how to go on from it."""
         loop = self.loop
         if self.saved_at != loop.state.step:
             self.save(loop)
-        signum = self.stop.signum or signal.SIGTERM  # another rank may have received it
         command = self.command
         if command:
             again = command if "--resume" in command.split() else f"{command} --resume"
         else:
             again = "hpd.distill(..., resume=True)"
         where = ckpt.checkpoint_root(self.out) / f"step-{loop.state.step}"
-        raise Interrupted(f"{signal_name(signum)} at step {loop.state.step} of {self.total}: checkpoint written "
-                          f"to {where}; resume with: {again}", signum)
+        return f"checkpoint written to {where}; resume with: {again}"
+
+    def close(self) -> None:
+        """Stop what the run started beside the models (a rollout engine); under torchrun this
+        comes last, since vLLM's shutdown takes the default process group down with it."""
+        engine, self.rollout_engine = self.rollout_engine, None
+        if engine is not None:
+            engine.close()
 
     # ------------------------------------------------------------------ export
     def export(self, final: dict) -> None:
