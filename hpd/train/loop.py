@@ -283,7 +283,7 @@ class Loop:
         for mb in micro:
             new = self.rollout(self, self.student, mb)
             generated += int(new.pop("generated_tokens", 0))
-            rows += len(new["input_ids"])
+            rows += int(new.pop("generated_rows", len(new["input_ids"])))
             out.append(new)
         seconds = time.perf_counter() - started
         return out, {"rollout/tokens": generated, "rollout/tokens_per_s": generated / max(seconds, 1e-9),

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hpd.data.batches import collate
-from hpd.data.examples import DataError, Example, pad_id_of, prompt_ids, read_jsonl
+from hpd.data.examples import IGNORE_INDEX, DataError, Example, pad_id_of, prompt_ids, read_jsonl
 from hpd.data.routing import prompt_routes
 
 
@@ -35,15 +35,24 @@ def prompts_of(batch: dict[str, np.ndarray]) -> list[list[int]]:
 
 
 def rollout_batch(backend, model, tokenizer, batch: dict[str, np.ndarray], sampling: Sampling,
-                  max_length: int) -> dict[str, np.ndarray]:
-    """The batch's prompts continued by `model`; targets are the generated tokens only."""
+                  max_length: int, replace: list[bool] | None = None) -> dict[str, np.ndarray]:
+    """The batch's prompts continued by `model`; targets are the generated tokens only. With
+    `replace` (a flag per row, in `prompts_of` order), only the flagged rows are continued and
+    the others keep their data (prompt, completion and targets)."""
     prompts = prompts_of(batch)
-    generated = backend.generate(model, tokenizer, prompts, max_new_tokens=sampling.max_new_tokens,
-                                 temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    replace = [True] * len(prompts) if replace is None else list(replace)
+    asked = [p for p, r in zip(prompts, replace) if r]
+    generated = backend.generate(model, tokenizer, asked, max_new_tokens=sampling.max_new_tokens,
+                                 temperature=sampling.temperature, top_p=sampling.top_p,
+                                 top_k=sampling.top_k) if asked else []
     routes = prompt_routes(batch) or [-1] * len(prompts)  # a row keeps its teacher (hpd.data.routing)
-    examples = []
-    for prompt, gen, route in zip(prompts, generated, routes):
-        gen = list(gen)[: max(0, max_length - len(prompt))]
+    kept = data_examples(batch) if not all(replace) else None
+    examples, gens = [], iter(generated)
+    for i, (prompt, route) in enumerate(zip(prompts, routes)):
+        if not replace[i]:
+            examples.append(kept[i])
+            continue
+        gen = list(next(gens))[: max(0, max_length - len(prompt))]
         if not gen:  # nothing to learn from; keep the shapes valid
             gen = [tokenizer.eos_token_id]
         examples.append(Example(prompt + gen, [False] * len(prompt) + [True] * len(gen), len(prompt), route))
@@ -56,14 +65,32 @@ def rollout_batch(backend, model, tokenizer, batch: dict[str, np.ndarray], sampl
         if "rows" in batch:
             out["rows"] = batch["rows"]  # the keys of split-invariant draws stay with their rows
     out["generated_tokens"] = np.asarray(sum(len(g) for g in generated))
+    out["generated_rows"] = np.asarray(len(generated))  # rows continued (a packed batch has fewer lines)
     return out
 
 
+def data_examples(batch: dict[str, np.ndarray]) -> list[Example]:
+    """Every row of a right-padded or packed batch as the Example it was collated from."""
+    routes = prompt_routes(batch) or [-1] * len(batch["prompt_lens"])
+    if "token_rows" in batch:
+        owner = batch["token_rows"]
+        cols = [(batch["input_ids"][owner == r], batch["targets"][owner == r]) for r in batch["rows"]]
+    else:
+        lengths = batch["attention_mask"].sum(axis=1)
+        cols = [(batch["input_ids"][i, :n], batch["targets"][i, :n]) for i, n in enumerate(lengths)]
+    return [Example(ids.tolist(), [False] + [bool(t != IGNORE_INDEX) for t in targets[:-1]], int(n), route)
+            for (ids, targets), n, route in zip(cols, batch["prompt_lens"], routes)]
+
+
 def make_rollout(sampling: Sampling):
-    """The Loop's rollout hook: (loop, student, batch) -> rollout batch."""
+    """The Loop's rollout hook: (loop, student, batch) -> rollout batch. The schedule says which
+    rows its rollouts replace (all, unless `rollout_mix: rows`)."""
 
     def rollout(loop, student, batch):
-        return rollout_batch(loop.backend, student, loop.tokenizer, batch, sampling, loop.config.max_length)
+        keys = batch["rows"] if "rows" in batch else range(len(batch["prompt_lens"]))
+        replace = loop.schedule.rollout_rows(loop.state.step, keys)
+        return rollout_batch(loop.backend, student, loop.tokenizer, batch, sampling, loop.config.max_length,
+                             replace=replace)
 
     return rollout
 
@@ -129,4 +156,4 @@ def _completed(out: Path) -> set[tuple[int, int]]:
     return done
 
 
-__all__ = ["Sampling", "rollout_batch", "make_rollout", "generate_file", "prompts_of", "prompt_ids"]
+__all__ = ["Sampling", "rollout_batch", "data_examples", "make_rollout", "generate_file", "prompts_of", "prompt_ids"]
