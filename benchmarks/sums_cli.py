@@ -20,14 +20,20 @@ def parser_for(bench: SumsBenchmark) -> argparse.ArgumentParser:
     full, quick = bench.full, bench.quick
     p = argparse.ArgumentParser(description=bench.doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help=f"a short check (a few minutes on 2 CPU cores): {quick}")
+    if bench.teachers:
+        p.add_argument("--teacher", default=next(iter(bench.teachers)), choices=list(bench.teachers),
+                       help=f"the teacher of every run (default: {next(iter(bench.teachers))})")
     if bench.recipe_option:
         p.add_argument("--recipe", default=bench.recipe, help=f"recipe every run starts from (default: {bench.recipe})")
     if len(bench.starts) > 1:
         notes = "".join(f"; {name} is {start.note}" for name, start in bench.starts.items() if start.note)
-        p.add_argument("--starts", nargs="+", default=list(bench.starts), choices=list(bench.starts),
-                       help=f"students every method starts from (default: all){notes}")
-    p.add_argument("--methods", nargs="+", default=list(bench.methods), choices=list(bench.methods), metavar="METHOD",
-                   help=f"any of: {', '.join(repr(m) for m in bench.methods)} (default: all)")
+        default = [name for name, start in bench.starts.items() if start.by_default]
+        p.add_argument("--starts", nargs="+", default=default, choices=list(bench.starts),
+                       help=f"students every method starts from (default: {' '.join(default)}){notes}")
+    own = "; ".join(f"from {name}: {', '.join(start.methods)}" for name, start in bench.starts.items() if start.methods)
+    default = f"each start's own ({own}; from the others all)" if own else "all"
+    p.add_argument("--methods", nargs="+", default=None, choices=list(bench.methods), metavar="METHOD",
+                   help=f"any of: {', '.join(repr(m) for m in bench.methods)} (default: {default})")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help=f"the table's seeds (default: {' '.join(map(str, full['seeds']))}, quick "
                    f"{' '.join(map(str, quick['seeds']))})")
@@ -43,6 +49,7 @@ def parser_for(bench: SumsBenchmark) -> argparse.ArgumentParser:
                        "(for a longer check of the chosen rates)")
     for key, help_text in bench.options.items():
         p.add_argument("--" + key.replace("_", "-"), type=int, default=0,
+                       nargs="+" if isinstance(full[key], list) else None,
                        help=f"{help_text} (default: {full[key]}, quick {quick[key]})")
     p.add_argument("--threads", type=int, default=bench.threads, help=f"torch threads (default: {bench.threads})")
     p.add_argument("--out", default=bench.out, help="folder for the runs, the table and the figures")
@@ -74,6 +81,8 @@ def main(bench: SumsBenchmark, argv=None) -> dict:
     additions = [fn for flag, (_, fn) in bench.additions.items() if getattr(args, flag[2:].replace("-", "_"))]
     if additions and not args.from_results:
         parser.error(f"{', '.join(bench.additions)} need --from-results")
+    if bench.teachers:
+        bench = bench.for_teacher(args.teacher)
     if args.from_results:
         if not Path(args.from_results).is_file():
             parser.error(f"--from-results: no file {args.from_results}")
@@ -102,6 +111,7 @@ def run(bench: SumsBenchmark, args, argv) -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": at_commit,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {args.threads}",
             "torch": torch.__version__, **({"trl": trl_version()} if _uses_trl(bench) else {}),
+            **({"teacher": args.teacher} if bench.teachers else {}),
             "plan": plan, "params": runner.params, "prompt_tokens": runner.prompt_tokens,
             "total_seconds": time.perf_counter() - started}
     analysis = {}

@@ -83,7 +83,7 @@ def for_runner(runner) -> dict:
     print("recovery: " + "; ".join(f"{name} {r['students']['recovery']:.3f} on the students' prefixes, "
                                    f"{r['hand-made']['recovery']:.3f} on hand-made ones" for name, r in got.items()),
           flush=True)
-    return {"students_teacher": runner.base.teacher, "checkpoints": list(plan["recovery_steps"]),
+    return {"students_teacher": Path(runner.base.teacher).name, "checkpoints": list(plan["recovery_steps"]),
             "rows": plan["recovery_rows"], "seconds": time.perf_counter() - started, "teachers": got}
 
 
