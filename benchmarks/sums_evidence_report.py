@@ -235,6 +235,19 @@ def recovery_table(rec: dict | None) -> list:
         cut = f"{got[0].get('prefixes', 0)} of {got[0]['cut']}" if "cut" in got[0] else f"{got[0].get('prefixes', 0)}"
         vals = [f"{g['recovery']:.3f}" if g.get("recovery") is not None else "-" for g in got]
         lines.append(f"| {label} | {cut} | " + " | ".join(vals) + " |")
+    return lines + _breaks_table(rec.get("answers"))
+
+
+def _breaks_table(answers: dict | None) -> list:
+    """Where the recovery students' whole answers stop being sound."""
+    if not answers:
+        return []
+    lines = ["", "The recovery students' whole answers (shares of all answers):", "",
+             "| student | sound throughout | open in the teacher's style | of which wrong on the first line | "
+             "wrong on the line after it |", "|---|---|---|---|---|"]
+    for source, a in answers.items():
+        lines.append(f"| {source} | {a['sound']:.2f} | {a['teacher_opening']:.2f} | {a['wrong_first_line']:.2f} | "
+                     f"{a['wrong_second_line']:.2f} |")
     return lines
 
 

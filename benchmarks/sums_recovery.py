@@ -11,7 +11,8 @@ distilled from `--students-teacher`. Each writes a greedy and a sampled (T=1) an
 first `--rows` test prompts; each answer is cut after one random token
 (hpd.tasks.sums_recovery.cut), and hand-made mixed-style prefixes of the same prompts join
 them. Every teacher of `--teachers` then continues every sound prefix; recovery is the share
-that ends on the right answer, beside the teacher's own accuracy on the same prompts.
+that ends on the right answer, beside the teacher's own accuracy on the same prompts. Where
+the students' whole answers stop being sound is recorded too (hpd.tasks.sums_recovery.breaks).
 
 --write-prefixes writes the students' prefixes to hpd/assets/sums4/prefixes.jsonl, the file
 the expert teacher's card and tests/test_sums_expert.py read.
@@ -32,7 +33,7 @@ from hpd.tasks import sums, sums4  # noqa: E402
 from hpd.tasks import sums_recovery as rec  # noqa: E402
 
 # where the students come from: the evidence benchmark's SFT initialization and the rates its
-# 100-step grid chose from there (docs/evidence-results.json)
+# 100-step grid chose from there (docs/evidence-previous-results.json)
 SFT_INIT = {"method": "sft", "steps": 150, "lr": 3e-3}
 DISTILLED = {"fkl": {"method": "fkl", "lr": 1e-4},
              "jsd (on-policy)": {"method": "jsd", "method_params": {"beta": 0.5}, "lr": 3e-4,
@@ -78,25 +79,27 @@ def for_runner(runner) -> dict:
     started = time.perf_counter()
     folders = train_students(runner.base.teacher, runner.out / "recovery", sft_init=sft_init,
                              checkpoints=plan["recovery_steps"])
-    prefixes = student_prefixes(folders, plan["recovery_rows"])
+    prefixes, answers = student_prefixes(folders, plan["recovery_rows"])
     got = measure({name: str(folder) for name, folder in sums4.TEACHERS.items()}, prefixes, plan["recovery_rows"])
     print("recovery: " + "; ".join(f"{name} {r['students']['recovery']:.3f} on the students' prefixes, "
                                    f"{r['hand-made']['recovery']:.3f} on hand-made ones" for name, r in got.items()),
           flush=True)
     return {"students_teacher": Path(runner.base.teacher).name, "checkpoints": list(plan["recovery_steps"]),
-            "rows": plan["recovery_rows"], "seconds": time.perf_counter() - started, "teachers": got}
+            "rows": plan["recovery_rows"], "seconds": time.perf_counter() - started, "teachers": got,
+            "answers": answers}
 
 
-def student_prefixes(folders: dict, rows: int, seed: int = SEED) -> list:
+def student_prefixes(folders: dict, rows: int, seed: int = SEED) -> tuple[list, dict]:
     """A greedy and a sampled answer of each student to the first `rows` test prompts, each cut
-    once (hpd.tasks.sums_recovery.cut); the rows, sound or not, with their sources."""
+    once (hpd.tasks.sums_recovery.cut): the rows, sound or not, with their sources; and where
+    each student's whole answers stop being sound (hpd.tasks.sums_recovery.breaks)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hpd.tasks.sums_models import generate_ids
+    from hpd.tasks.sums_models import decode, generate_ids
 
     prompts = [r["prompt"] for r in sums4.load_rows("test")[:rows]]
-    rng, out = random.Random(seed), []
+    rng, out, answers = random.Random(seed), [], {}
     for name, folder in folders.items():
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         tok = AutoTokenizer.from_pretrained(folder)
@@ -104,7 +107,8 @@ def student_prefixes(folders: dict, rows: int, seed: int = SEED) -> list:
             torch.manual_seed(seed)
             gens = generate_ids(model, tok, prompts, greedy=how == "greedy", max_new_tokens=48)
             out += [rec.cut(p, g, tok, rng, f"{name}/{how}") for p, g in zip(prompts, gens)]
-    return out
+            answers[f"{name}/{how}"] = rec.breaks(prompts, [decode(tok, g) for g in gens])
+    return out, answers
 
 
 def measure(teachers: dict, prefixes: list, rows: int) -> dict:
@@ -140,12 +144,12 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     started = time.perf_counter()
     folders = train_students(str(sums4.TEACHERS[args.students_teacher]), out)
-    prefixes = student_prefixes(folders, args.rows)
+    prefixes, answers = student_prefixes(folders, args.rows)
     if args.write_prefixes:
         sums.write_jsonl([{"prompt": r["prompt"], "prefix": r["prefix"], "source": r["source"]} for r in prefixes],
                          sums4.path("prefixes"))
     got = measure({t: str(sums4.TEACHERS[t]) for t in args.teachers}, prefixes, args.rows)
-    results = {"students_teacher": args.students_teacher, "rows": args.rows, "teachers": got,
+    results = {"students_teacher": args.students_teacher, "rows": args.rows, "teachers": got, "answers": answers,
                "seconds": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -155,6 +159,9 @@ def main(argv=None) -> dict:
               f"hand-made {r['hand-made']['recovery']:.3f} ({r['hand-made']['prefixes']})")
         for source, s in r["students"]["by_source"].items():
             print(f"  {source:28s} {s['recovery']:.3f} ({s['prefixes']} sound of {s['cut']})")
+    print("the students' whole answers: " + "; ".join(
+        f"{source} sound {a['sound']:.2f}, teacher's opening {a['teacher_opening']:.2f} (wrong on its first line "
+        f"{a['wrong_first_line']:.2f}, on the next {a['wrong_second_line']:.2f})" for source, a in answers.items()))
     return results
 
 

@@ -59,6 +59,19 @@ def test_random_workings_and_continuation_rows_are_sound():
         assert sound_prefix(row["prompt"], given) and sound_working(row["prompt"], row["completion"])
 
 
+def test_breaks_say_where_answers_go_wrong():
+    from hpd.tasks.sums_recovery import breaks
+
+    prompt = P.prompt()
+    texts = [P.completion("pairs"),  # sound
+             "a: 7\n3+3 = 7\nAnswer: 10",  # the teacher's opening, wrong on the line after it
+             "a: 5\nb: 5+3=8\nAnswer: 8",  # the teacher's opening, wrong on its first line (a is 7)
+             "a: 1 = 4+3 = 6\nAnswer: 6",  # no opening of the teacher's (nor any style's)
+             P.completion("forward")]  # the teacher's opening, sound throughout
+    got = breaks([prompt] * 5, texts)
+    assert got == {"sound": 0.4, "teacher_opening": 0.6, "wrong_first_line": 0.2, "wrong_second_line": 0.2}
+
+
 def test_next_lines_know_every_kind_of_step():
     from hpd.tasks.sums_working import walk
 

@@ -132,6 +132,24 @@ def _summary(scored: list) -> dict:
             "sound_finish": statistics.fmean(x["sound"] for x in scored), "prefixes": len(scored)}
 
 
+def breaks(prompts: list, texts: list) -> dict:
+    """Where whole answers stop being sound: the share sound throughout, the share that open in
+    the teacher's style (a forward or backward first line), and of those the share whose first
+    line is already wrong and the share that go wrong on the line after it."""
+    n = max(len(texts), 1)
+    counts = {"sound": 0, "teacher_opening": 0, "wrong_first_line": 0, "wrong_second_line": 0}
+    for prompt, text in zip(prompts, texts):
+        counts["sound"] += sound_working(prompt, text)
+        if sums.opening_of(prompt, text) in ("forward", "backward"):
+            lines = text.split("\n")
+            good = next((k for k in range(len(lines)) if not sound_prefix(prompt, "\n".join(lines[: k + 1]) + "\n")),
+                        len(lines))
+            counts["teacher_opening"] += 1
+            counts["wrong_first_line"] += good == 0
+            counts["wrong_second_line"] += good == 1
+    return {k: v / n for k, v in counts.items()}
+
+
 def own_accuracy(model, tok, problems: list, *, max_new_tokens: int = 48) -> float:
     """Greedy exact match from the bare prompt: the teacher's own accuracy, the empty prefix."""
     from hpd.tasks.sums_models import generate_texts
@@ -141,4 +159,4 @@ def own_accuracy(model, tok, problems: list, *, max_new_tokens: int = 48) -> flo
 
 
 __all__ = ["MIXES", "HANDMADE_SEED", "cut", "handmade", "continuation_rows", "read_prefixes", "measure", "recovery",
-           "own_accuracy"]
+           "breaks", "own_accuracy"]
