@@ -44,11 +44,17 @@ from benchmarks.when_hpd_helps import METHODS as SUMS_METHODS
 from hpd.tasks import sums4
 
 # the seven hpd rows of the sums comparison (when_hpd_helps), the hybrid schedule again with
-# rollouts mixed into every step's rows instead of replacing whole steps, then TRL's reference rows
+# rollouts mixed into every step's rows instead of replacing whole steps, HPD alone with rollouts
+# mixed into its rows, then TRL's reference rows
 METHODS = {
     **SUMS_METHODS,
     "hpd (hybrid, rows)": {**SUMS_METHODS["hpd (hybrid)"],
                            "schedule": {**SUMS_METHODS["hpd (hybrid)"]["schedule"], "rollout_mix": "rows"}},
+    # HPD alone throughout (no forward-KL phase, whose support is the whole vocabulary), with the
+    # hybrid's ramp of rollouts mixed into every step's rows: HPD's support in every step
+    "hpd (rows)": {"method": "hpd", "schedule": {"rollout_mix": "rows", "lambda_schedule": "linear",
+                                                 "lambda_start": 0.0, "lambda_end": 0.5, "ramp_start": 0.1,
+                                                 "ramp_end": 0.6}},
     # TRL's rows take the learning rate chosen for hpd's row of the same objective: one rate for
     # two implementations of one loss, so that a difference between them is not the grid's
     "trl gkd (off-policy)": {"trl": {"lmbda": 0.0, "beta": 0.5}, "lr_from": "jsd (off-policy)"},
@@ -61,7 +67,7 @@ METHODS = {
 # control, the same protocol with the teacher's own answers as the data, and asks known result (a);
 # raw (not run by default) is the previous page's third start.
 FROM_SFT_INIT = ("sft", "fkl", "jsd (off-policy)", "jsd (on-policy)", "hpd", "hpd (hybrid)", "hpd (hybrid, rows)",
-                 "trl gkd (off-policy)", "trl gkd (on-policy)")
+                 "hpd (rows)", "trl gkd (off-policy)", "trl gkd (on-policy)")
 STARTS = {"sft-init": Start("train", sft_init=True, methods=FROM_SFT_INIT),
           "teacher-style": Start("train_teacher", sft_init=True, methods=("sft", "fkl", "trl gkd fkl (off-policy)"),
                                  note="the control: SFT-initialized on the teacher's own answers, trained on them"),

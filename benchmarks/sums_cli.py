@@ -55,6 +55,9 @@ def parser_for(bench: SumsBenchmark) -> argparse.ArgumentParser:
     p.add_argument("--out", default=bench.out, help="folder for the runs, the table and the figures")
     p.add_argument("--from-results", metavar="JSON", default="",
                    help="only rewrite the table and the figures from an earlier run's results.json")
+    p.add_argument("--add-to", metavar="JSON", default="",
+                   help="run --methods into an earlier run's results.json (its plan, its starting students), "
+                   "add them to it and rewrite the table and the figures")
     for flag, (help_text, _) in bench.additions.items():
         p.add_argument(flag, action="store_true", help=f"with --from-results: {help_text}")
     return p
@@ -92,6 +95,10 @@ def main(bench: SumsBenchmark, argv=None) -> dict:
         if additions:
             Path(args.from_results).write_text(json.dumps(results, indent=1) + "\n")
         return bench.write_report(results, list(bench.methods), Path(args.out))
+    if args.add_to:
+        if not args.methods:
+            parser.error("--add-to needs --methods: the methods to add")
+        return bench.write_report(add_to(bench, args, argv), list(bench.methods), Path(args.out))
     return bench.write_report(run(bench, args, argv), list(bench.methods), Path(args.out))
 
 
@@ -121,6 +128,36 @@ def run(bench: SumsBenchmark, args, argv) -> dict:
         analysis["teacher_on_data"] = teacher_on_data(bench, got["inits"].get("sft-init", {}).get("out", ""))
     results = {"meta": meta, **{k: v for k, v in got.items() if k != "runs"}, **analysis, "runs": got["runs"]}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    return results
+
+
+def add_to(bench: SumsBenchmark, args, argv) -> dict:
+    """`--methods` run into the results file `--add-to` under its own plan, from its starting
+    students (its SFT-initialized ones where it made them); the file is written back with the
+    new runs, their chosen rates and a record of the addition in meta["added"]."""
+    import torch
+
+    path = Path(args.add_to)
+    results = json.loads(path.read_text())
+    plan = results["meta"]["plan"]
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started, at_commit = time.perf_counter(), commit()
+    runner = Runner(bench, plan, out, getattr(args, "recipe", bench.recipe))
+    for start, init in results.get("inits", {}).items():
+        if not Path(init["out"], "config.json").is_file():
+            raise SystemExit(f"--add-to: the {start} student {init['out']} is gone; run the benchmark again")
+        runner.starts[start] = init["out"]
+    for start in [s for s in getattr(args, "starts", results["chosen_lr"]) if s in results["chosen_lr"]]:
+        chosen, runs = runner.run_start(start, args.methods)
+        results.setdefault("chosen_lr", {}).setdefault(start, {}).update(chosen)
+        results["runs"] += runs
+    results["meta"].setdefault("added", []).append({
+        "command": " ".join(["python -m", bench.module, *(argv if argv is not None else sys.argv[1:])]),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": at_commit,
+        "methods": args.methods, "total_seconds": time.perf_counter() - started})
+    path.write_text(json.dumps(results, indent=1) + "\n")
     return results
 
 

@@ -102,6 +102,9 @@ def _starting_points(results: dict) -> list:
         f"mean ± standard deviation over them. Greedy exact match on {plan['test_rows']} test prompts; sampled: "
         f"temperature 1, {plan['samples']} samples on each of the first {plan['sample_rows']}.",
         *([f"Note: {meta['note']}."] if meta.get("note") else []),
+        *[f"Added later, from the same starting students under the same plan: {', '.join(a['methods'])}, by "
+          f"`{a['command']}` ({a['date']}, commit {a['commit']}, {a['total_seconds'] / 60:.1f} min)."
+          for a in meta.get("added", [])],
         "", "### Starting points", "",
         "| student | test greedy | test sampled (T=1) | KL to teacher, teacher's text | KL to teacher, data's text | "
         "validation greedy | greedy first line fwd / bwd / pairs / other |", "|---|---|---|---|---|---|---|",

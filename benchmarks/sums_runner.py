@@ -125,7 +125,9 @@ class Runner:
         self.backend = get_backend("torch", self.base)
         self.tok = self.backend.load_tokenizer(self.base.student)
         self.teacher = self.backend.load_model(self.base.teacher, trainable=False)
-        self.params = {"teacher": sum(p.numel() for p in self.teacher.parameters())}
+        student = self.backend.load_model(self.base.student, trainable=False)
+        self.params = {"teacher": sum(p.numel() for p in self.teacher.parameters()),
+                       "student": sum(p.numel() for p in student.parameters())}
         prompts, _ = self.rows(self.task.test, plan[bench.task.test_rows])
         self.prompt_tokens = sum(len(self.tok.encode(p, add_special_tokens=False)) + 1 for p in prompts) / len(prompts)
         self.starts = {name: self.base.student for name in bench.starts}
@@ -184,8 +186,6 @@ class Runner:
             model = self.backend.load_model(path, trainable=False)
             out[name] = {**self.scores(model, self.tok, 0, None if name == teacher_name else self.teacher),
                          **self.validation(model, self.tok)}
-            if name == student_name:
-                self.params["student"] = sum(p.numel() for p in model.parameters())
         return out
 
     def sft_init(self, start: str) -> dict:
@@ -281,6 +281,18 @@ class Runner:
                       f"({runs[-1]['seconds']:.0f} s)", flush=True)
         return choose(self.bench.methods, runs, names), runs
 
+    def run_start(self, start: str, names: list | None, rates_from: str = "") -> tuple[dict, list]:
+        """One start's rates (grid runs included) and final runs of `names`, or of its own methods."""
+        these = names or list(self.bench.starts[start].methods or self.bench.methods)
+        chosen, runs = self.rates(start, these, rates_from)
+        for seed in self.plan["seeds"]:
+            for name in these:
+                r = self.run(name, start, chosen[name], seed, "final")
+                runs.append(r)
+                print(f"[{start}] {name:22s} lr {r['lr']:g} seed {seed}: test greedy {r['greedy']:.3f} sampled "
+                      f"{r['sampled']:.3f} KL {r['kl_teacher_text']:.3f} ({r['seconds']:.0f} s)", flush=True)
+        return chosen, runs
+
     def run_all(self, starts: list, names: list | None, rates_from: str = "") -> dict:
         """The baselines, each start's SFT initialization, the benchmark's measures, rates and final
         runs (`names`, or each start's own methods): a results file without its meta."""
@@ -296,14 +308,7 @@ class Runner:
         measured = {name: measure(self) for name, measure in self.bench.measures.items()}
         runs, chosen = [], {}
         for start in starts:
-            these = names or list(self.bench.starts[start].methods or self.bench.methods)
-            chosen[start], grid_runs = self.rates(start, these, rates_from)
-            runs += grid_runs
-            for seed in self.plan["seeds"]:
-                for name in these:
-                    r = self.run(name, start, chosen[start][name], seed, "final")
-                    runs.append(r)
-                    print(f"[{start}] {name:22s} lr {r['lr']:g} seed {seed}: test greedy {r['greedy']:.3f} sampled "
-                          f"{r['sampled']:.3f} KL {r['kl_teacher_text']:.3f} ({r['seconds']:.0f} s)", flush=True)
+            chosen[start], got = self.run_start(start, names, rates_from)
+            runs += got
         protocol = {"inits": inits, "chosen_lr": chosen} if "grid" in self.plan or inits else {}
         return {"baselines": base, **protocol, **measured, "runs": runs}

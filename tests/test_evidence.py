@@ -77,5 +77,15 @@ def test_smoke_two_methods(tmp_path, keep_torch_threads):
     for needle in ("Starting points", "SFT-initialized", "| sft |", "| hpd |", "Known results", "chosen",
                    "Efficiency", "Stability", "Recovery", "equal training time"):
         assert needle in table, needle
+    # a method added later: run under the file's plan from its SFT-initialized student, written back into it
+    added = evidence.main(["--add-to", str(tmp_path / "results.json"), "--methods", "hpd (rows)", "--starts",
+                           "sft-init", "--out", str(tmp_path)])
+    new = [r for r in added["runs"] if r["method"] == "hpd (rows)"]
+    assert [(r["phase"], r["lr"]) for r in new if r["phase"] == "grid"] == [("grid", 1e-4), ("grid", 3e-4)]
+    assert [r["seed"] for r in new if r["phase"] == "final"] == [0] and len(added["runs"]) == 9
+    assert added["chosen_lr"]["sft-init"].keys() == {"sft", "hpd", "hpd (rows)"}
+    assert added["meta"]["added"][0]["methods"] == ["hpd (rows)"] and added["inits"] == results["inits"]
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == added["runs"]
+    assert "| hpd (rows) |" in (tmp_path / "results.md").read_text()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "curves-sft-init.png").stat().st_size > 10_000

@@ -48,8 +48,8 @@ training (constant before and after), HPD plus 0.1 x SFT, then JSD alone after s
         - objectives: {jsd: {weight: 1.0, beta: 0.5}}
 
 HPD's support kept while rollouts come in: the share of each step's rows replaced by
-student rollouts ramps from 0 to 0.5 over the first half; the other rows stay data rows,
-where HPD sees the data token beside the student's sample::
+student rollouts ramps from 0 to 0.5 between 10% and 60% of training; the other rows stay
+data rows, where HPD sees the data token beside the student's sample::
 
     method: hpd
     schedule:
@@ -57,7 +57,8 @@ where HPD sees the data token beside the student's sample::
       lambda_schedule: linear
       lambda_start: 0.0
       lambda_end: 0.5
-      ramp_end: 0.5
+      ramp_start: 0.1
+      ramp_end: 0.6
 
 DistiLLM-style adaptive: start offline, and raise the on-policy fraction by 0.1 (up to
 0.8) each time the held-out loss rises from one evaluation to the next (needs
