@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import math
 
-from hpd.train.config import DistillConfig
-
 
 def add_openings(bench, results: dict) -> None:
     """Greedy answers of the baselines and of every run's exported student again; fills in
@@ -17,7 +15,7 @@ def add_openings(bench, results: dict) -> None:
 
     from hpd.tasks import sums_models as sm
 
-    base = DistillConfig.from_recipe(bench.recipe)
+    base = bench.base_config()
     rows = bench.task.rows(bench.task.test)[: results["meta"]["plan"][bench.task.test_rows]]
     prompts, refs = [r["prompt"] for r in rows], [r["completion"] for r in rows]
     teacher, student = bench.baselines
@@ -49,7 +47,7 @@ def teacher_on_data(bench, student: str = "", n: int = 100) -> dict:
 
     from hpd.data.examples import encode_row
 
-    base = DistillConfig.from_recipe(bench.recipe)
+    base = bench.base_config()
     teacher = AutoModelForCausalLM.from_pretrained(base.teacher, dtype=torch.float32).eval()
     other = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval() if student else None
     tok = AutoTokenizer.from_pretrained(base.teacher)

@@ -50,6 +50,8 @@ class Start:
     data: str = ""
     sft_init: bool = False
     note: str = ""  # for --help
+    methods: tuple = ()  # the methods run from this start unless --methods names others (empty: all)
+    by_default: bool = True  # run when --starts is not given
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,23 @@ class SumsBenchmark:
     recipe_option: bool = False  # --recipe may name another recipe
     teacher_on_data: bool = False  # record where the teacher disagrees with the data (sums_analysis)
     additions: dict = field(default_factory=dict)  # --flag -> (help, function(benchmark, results)), with --from-results
+    teacher: str = ""  # a teacher folder in place of the recipe's
+    # --teacher NAME: name -> fields of this benchmark replaced for that teacher (its folder, its
+    # own answers' splits); the first is the default
+    teachers: dict = field(default_factory=dict)
+    # name -> function(runner) run after the starting points; what it returns goes to results[name]
+    measures: dict = field(default_factory=dict)
+
+    def base_config(self, recipe: str = "") -> DistillConfig:
+        """The recipe's config, with this benchmark's teacher where it names one."""
+        return DistillConfig.from_recipe(recipe or self.recipe, {"teacher": self.teacher} if self.teacher else {})
+
+    def for_teacher(self, name: str) -> SumsBenchmark:
+        from dataclasses import replace
+
+        if name not in self.teachers:
+            raise ValueError(f"unknown teacher {name!r}; known: {', '.join(self.teachers)}")
+        return replace(self, **self.teachers[name])
 
 
 def searched(methods: dict, names: list) -> list:
@@ -102,11 +121,13 @@ class Runner:
         from hpd.backends import get_backend
 
         self.bench, self.task, self.plan, self.out = bench, bench.task, plan, out
-        self.base = DistillConfig.from_recipe(recipe)
+        self.base = bench.base_config(recipe)
         self.backend = get_backend("torch", self.base)
         self.tok = self.backend.load_tokenizer(self.base.student)
         self.teacher = self.backend.load_model(self.base.teacher, trainable=False)
-        self.params = {"teacher": sum(p.numel() for p in self.teacher.parameters())}
+        student = self.backend.load_model(self.base.student, trainable=False)
+        self.params = {"teacher": sum(p.numel() for p in self.teacher.parameters()),
+                       "student": sum(p.numel() for p in student.parameters())}
         prompts, _ = self.rows(self.task.test, plan[bench.task.test_rows])
         self.prompt_tokens = sum(len(self.tok.encode(p, add_special_tokens=False)) + 1 for p in prompts) / len(prompts)
         self.starts = {name: self.base.student for name in bench.starts}
@@ -165,8 +186,6 @@ class Runner:
             model = self.backend.load_model(path, trainable=False)
             out[name] = {**self.scores(model, self.tok, 0, None if name == teacher_name else self.teacher),
                          **self.validation(model, self.tok)}
-            if name == student_name:
-                self.params["student"] = sum(p.numel() for p in model.parameters())
         return out
 
     def sft_init(self, start: str) -> dict:
@@ -262,9 +281,21 @@ class Runner:
                       f"({runs[-1]['seconds']:.0f} s)", flush=True)
         return choose(self.bench.methods, runs, names), runs
 
-    def run_all(self, starts: list, names: list, rates_from: str = "") -> dict:
-        """The baselines, each start's SFT initialization, rates and final runs: a results file
-        without its meta."""
+    def run_start(self, start: str, names: list | None, rates_from: str = "") -> tuple[dict, list]:
+        """One start's rates (grid runs included) and final runs of `names`, or of its own methods."""
+        these = names or list(self.bench.starts[start].methods or self.bench.methods)
+        chosen, runs = self.rates(start, these, rates_from)
+        for seed in self.plan["seeds"]:
+            for name in these:
+                r = self.run(name, start, chosen[name], seed, "final")
+                runs.append(r)
+                print(f"[{start}] {name:22s} lr {r['lr']:g} seed {seed}: test greedy {r['greedy']:.3f} sampled "
+                      f"{r['sampled']:.3f} KL {r['kl_teacher_text']:.3f} ({r['seconds']:.0f} s)", flush=True)
+        return chosen, runs
+
+    def run_all(self, starts: list, names: list | None, rates_from: str = "") -> dict:
+        """The baselines, each start's SFT initialization, the benchmark's measures, rates and final
+        runs (`names`, or each start's own methods): a results file without its meta."""
         base = self.baselines()
         teacher, student = self.bench.baselines
         print(f"{teacher}: test greedy {base[teacher]['greedy']:.3f}; {student}: {base[student]['greedy']:.3f}",
@@ -274,15 +305,10 @@ class Runner:
             inits[start] = init = self.sft_init(start)
             print(f"{start}: SFT-initialized student ({self.plan['sft_init_steps']} steps, lr "
                   f"{self.plan['sft_init_lr']:g}): test greedy {init['greedy']:.3f}", flush=True)
+        measured = {name: measure(self) for name, measure in self.bench.measures.items()}
         runs, chosen = [], {}
         for start in starts:
-            chosen[start], grid_runs = self.rates(start, names, rates_from)
-            runs += grid_runs
-            for seed in self.plan["seeds"]:
-                for name in names:
-                    r = self.run(name, start, chosen[start][name], seed, "final")
-                    runs.append(r)
-                    print(f"[{start}] {name:22s} lr {r['lr']:g} seed {seed}: test greedy {r['greedy']:.3f} sampled "
-                          f"{r['sampled']:.3f} KL {r['kl_teacher_text']:.3f} ({r['seconds']:.0f} s)", flush=True)
+            chosen[start], got = self.run_start(start, names, rates_from)
+            runs += got
         protocol = {"inits": inits, "chosen_lr": chosen} if "grid" in self.plan or inits else {}
-        return {"baselines": base, **protocol, "runs": runs}
+        return {"baselines": base, **protocol, **measured, "runs": runs}

@@ -86,6 +86,11 @@ def distill(recipe, params, **flags):
         phases:
           - {until: 0.1, objectives: {fkl: 1.0}}
           - objectives: {hpd: 1.0, sft: 0.1}
+
+    With `rollout_mix: rows` in the schedule, lambda is the share of every step's
+    rows that student rollouts replace (a coin per row) instead of the share of
+    steps trained on rollouts alone: the other rows keep their data, so HPD's data
+    token stays beside the student's sample in every step.
     """
     overrides = {k: (int(v) if k in ("teacher_quantize", "student_quantize") else v) for k, v in flags.items()
                  if v is not None and v != ()}

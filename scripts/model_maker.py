@@ -44,7 +44,7 @@ class Prepared:
     """A task's data, written to the output folder, and what its models are trained and measured on."""
 
     tokenizer: Any
-    rows: dict  # model name -> its training rows ({"prompt", "completion"})
+    rows: dict  # model name -> its training rows ({"prompt", "completion"}, optionally "given")
     notes: dict  # model name -> the model card's line on its data
     summary: dict  # the manifest's fields before "models"
     held: Any  # what `Task.measure` and `Task.probe` read
@@ -57,9 +57,9 @@ class Task:
 
     name: str
     out: Path  # the default output folder
-    specs: dict  # "teacher" / "student" -> {"arch": {...}, "train": {...}}
+    specs: dict  # model name ("teacher", "student", ...) -> {"arch": {...}, "train": {...}}, built in this order
     prepare: Callable[[Path], Prepared]
-    measure: Callable[[Any, Any, Prepared], dict]  # on the saved weights: the manifest's numbers
+    measure: Callable[[str, Any, Any, Prepared], dict]  # (name, model, tok, prepared) on the saved weights
     describe: Callable[[dict], str]  # the log line of what `measure` found
     card: Callable[..., str]  # (name, spec, n_params, size_mb, info, measured, vocab, note) -> README.md
     export_rows: Callable[[Prepared], list]  # rows for the mlx-lm vs transformers check
@@ -143,6 +143,17 @@ def batches(examples, batch_size: int, steps: int, seed: int, pad_id: int):
             labels[row, : len(y)] = torch.tensor(y)
             mask[row, : len(x)] = 1
         yield ids, labels, mask
+
+
+def encode(tok, row: dict):
+    """(input_ids, labels) of a row. The first `given` tokens of a row's completion carry no loss:
+    a start of the answer handed to the model, as the prompt is, which it learns to continue."""
+    ids, labels = encode_example(tok, row["prompt"], row["completion"])
+    given = row.get("given", 0)
+    if given:
+        first = next(i for i, t in enumerate(labels) if t != IGNORE_INDEX)
+        labels = labels[:first] + [IGNORE_INDEX] * given + labels[first + given:]
+    return ids, labels
 
 
 def train(model, examples, pad_id: int, steps, batch_size, lr, warmup, weight_decay, seed, name, probe=None):
@@ -245,7 +256,7 @@ def build_model(task: Task, name: str, spec: dict, prepared: Prepared, out: Path
     model = LlamaForCausalLM(make_config(tok, spec["arch"]))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{name}: {n_params:,} parameters, training {spec['train']['steps']} steps")
-    examples = [encode_example(tok, r["prompt"], r["completion"]) for r in prepared.rows[name]]
+    examples = [encode(tok, r) for r in prepared.rows[name]]
     probe_fn = (lambda m: task.probe(m, tok, prepared)) if probe else None
     info = train(model, examples, tok.pad_token_id, name=name, probe=probe_fn, **spec["train"])
     model_dir = out / name
@@ -253,7 +264,7 @@ def build_model(task: Task, name: str, spec: dict, prepared: Prepared, out: Path
     size_mb = (model_dir / "model.safetensors").stat().st_size / 1e6
     loaded = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     loaded_tok = AutoTokenizer.from_pretrained(model_dir)
-    measured = task.measure(loaded, loaded_tok, prepared)
+    measured = task.measure(name, loaded, loaded_tok, prepared)
     diff = check_exports(model_dir, task.export_rows(prepared))
     log(f"{name}: {task.describe(measured)}; mlx-lm vs transformers logits max abs diff {diff:.2e}; {size_mb:.2f} MB")
     trained = {**spec["train"], **info}
@@ -277,9 +288,9 @@ def make(task: Task, specs: dict, out: Path, wanted: set, probe: bool = False) -
     out.mkdir(parents=True, exist_ok=True)
     prepared = task.prepare(out)
     summary = {**prepared.summary, "models": {}}
-    if wanted != {"teacher", "student"}:
+    if wanted != set(specs):
         summary["models"] = json.loads((out / "manifest.json").read_text())["models"]
-    for name in ("teacher", "student"):
+    for name in specs:
         if name in wanted:
             summary["models"][name] = build_model(task, name, specs[name], prepared, out, probe)
     if prepared.scratch is not None:
@@ -294,26 +305,27 @@ def main(task: Task, argv=None, description: str = "") -> None:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     shown = task.out.relative_to(REPO) if task.out.is_relative_to(REPO) else task.out
     parser.add_argument("--out", type=Path, default=task.out, help=f"output folder (default: {shown})")
-    for name in ("teacher", "student"):
+    names = list(task.specs)
+    for name in names:
         steps = task.specs[name]["train"]["steps"]
         parser.add_argument(f"--{name}-steps", type=int, default=steps, help=f"training steps (default: {steps})")
-    parser.add_argument("--models", default="teacher,student",
-                        help="which models to (re)build; the other is kept as it is in --out")
+    parser.add_argument("--models", default=",".join(names),
+                        help=f"which of {','.join(names)} to (re)build; the others are kept as they are in --out")
     parser.add_argument("--probe", action="store_true",
                         help="print a held-out score (first 100 rows) every 100 steps, for tuning")
     task.extra_args(parser)
     args = parser.parse_args(argv)
     wanted = set(args.models.split(","))
-    if not wanted or not wanted <= {"teacher", "student"}:
-        parser.error(f"--models: a comma-separated subset of teacher,student, not {args.models!r}")
-    kept = [name for name in ("teacher", "student") if name not in wanted]
+    if not wanted or not wanted <= set(names):
+        parser.error(f"--models: a comma-separated subset of {','.join(names)}, not {args.models!r}")
+    kept = [name for name in names if name not in wanted]
     missing = [str(p) for p in (args.out / "manifest.json", *(args.out / k / "config.json" for k in kept))
                if kept and not p.is_file()]
     if missing:
-        parser.error(f"--models {args.models}: the other model is kept from {args.out}, which lacks "
-                     f"{', '.join(missing)}; build both models there first")
+        parser.error(f"--models {args.models}: the others are kept from {args.out}, which lacks "
+                     f"{', '.join(missing)}; build every model there first")
     specs = copy.deepcopy(task.specs)
-    specs["teacher"]["train"]["steps"] = args.teacher_steps
-    specs["student"]["train"]["steps"] = args.student_steps
+    for name in names:
+        specs[name]["train"]["steps"] = getattr(args, f"{name}_steps")
     task.apply_args(args, specs)
     make(task, specs, args.out, wanted, args.probe)

@@ -12,6 +12,8 @@ import torch
 
 from hpd.tasks import arith, sums, sums4
 from hpd.tasks.sums_models import generate_texts, score, style_probabilities
+from hpd.tasks.sums_recovery import continuation_rows
+from hpd.tasks.sums_recovery import measure as recovery_measure
 from hpd.tasks.tiny import encode_example, greedy_accuracy
 from scripts.model_maker import MAX_POSITIONS, REPO, Prepared, Task, build_tokenizer, log
 
@@ -63,7 +65,7 @@ def _prepare_tiny(out) -> Prepared:
     return Prepared(tok, {"teacher": pool, "student": shipped}, notes, summary, held, scratch=out / "_tokenizer")
 
 
-def _measure_tiny(model, tok, prepared: Prepared) -> dict:
+def _measure_tiny(name, model, tok, prepared: Prepared) -> dict:
     return {"held_accuracy": greedy_accuracy(model, tok, prepared.held),
             f"held_accuracy_first{TINY_EVAL_FIRST}": greedy_accuracy(model, tok, prepared.held[:TINY_EVAL_FIRST])}
 
@@ -183,11 +185,15 @@ def _probe_sums(model, tok, prepared: Prepared, max_new_tokens: int) -> str:
     return f"greedy on the first 100 scored prompts: {r['accuracy']:.2f} styles {pct(r['styles'])}"
 
 
-def _sums_task(name: str, *, measured: dict, intro: str, tokenizer: str, scores, **parts) -> Task:
-    """A sums-like task: scored on prepared.held["test"] by `measure_sums(**measured)`, with the sums
-    model card (`intro`, the `tokenizer` line and the `scores` section)."""
-    return Task(name=name, describe=_describe_sums,
-                measure=lambda model, tok, prepared: measure_sums(model, tok, prepared.held["test"], **measured),
+def _sums_task(name: str, *, measured: dict, intro: str, tokenizer: str, scores, more=None, **parts) -> Task:
+    """A sums-like task: scored on prepared.held["test"] by `measure_sums(**measured)` and by
+    `more(name, model, tok, prepared)` where given, with the sums model card (`intro`, the
+    `tokenizer` line and the `scores` section)."""
+    def measure(name, model, tok, prepared):
+        got = measure_sums(model, tok, prepared.held["test"], **measured)
+        return {**got, **(more(name, model, tok, prepared) if more else {})}
+
+    return Task(name=name, describe=_describe_sums, measure=measure,
                 card=partial(_card_sums, title=name, intro=intro, tokenizer=tokenizer, scores=scores),
                 export_rows=lambda prepared: [p.row("forward") for p in prepared.held["test"][:16]],
                 probe=partial(_probe_sums, max_new_tokens=measured["max_new_tokens"]), **parts)
@@ -271,6 +277,7 @@ SUMS4_N_VAL, SUMS4_N_TEST = 150, 300
 SUMS4_SAMPLES = 4  # sampled answers per test prompt, T=1
 SUMS4_SAMPLE_ROWS = 100
 SUMS4_MAX_NEW_TOKENS = 48  # the longest answer is 42 tokens
+SUMS4_RECOVERY_ROWS = 100  # test prompts of the recovery measure (hand-made prefixes; the students' are theirs)
 
 
 def _prepare_sums4(out) -> Prepared:
@@ -292,27 +299,51 @@ def _prepare_sums4(out) -> Prepared:
                for s in sums.STYLES}
     log(f"tokenizer: {len(tok)} tokens; answer tokens per style {({s: (min(v), max(v)) for s, v in lengths.items()})}; "
         f"working before the answer, min {working}")
+    # the expert: the teacher's rows, and as many continuations of mixed-style workings it did not start
+    rows["expert"] = rows["teacher"] + continuation_rows(teacher_pool, tok, random.Random(SEED + 40))
     summary = {"seed": SEED, "difficulty": sums4.DIFFICULTY, "teacher_mix": sums4.TEACHER_MIX,
                "student_mix": sums4.STUDENT_MIX, "vocab_size": len(tok), "n_teacher_pool": SUMS4_N_TEACHER_POOL,
                "n_student_pool": SUMS4_N_STUDENT_POOL, "n_data": SUMS4_N_DATA, "n_val": SUMS4_N_VAL,
                "n_test": SUMS4_N_TEST, "samples": SUMS4_SAMPLES, "sample_rows": SUMS4_SAMPLE_ROWS,
                "max_new_tokens": SUMS4_MAX_NEW_TOKENS,
-               "answer_tokens": {s: [min(v), max(v)] for s, v in lengths.items()}, "min_working_tokens": working}
+               "answer_tokens": {s: [min(v), max(v)] for s, v in lengths.items()}, "min_working_tokens": working,
+               "n_expert_continuations": SUMS4_N_TEACHER_POOL}
     mix = sums4.TEACHER_MIX
     notes = {"teacher": f"{SUMS4_N_TEACHER_POOL} problems answered forward / backward / in pairs "
                         f"({mix['forward']:.0%} / {mix['backward']:.0%} / {mix['pairs']:.0%}); the first {SUMS4_N_DATA} "
                         "are the prompts of `train.jsonl`",
              "student": f"{SUMS4_N_STUDENT_POOL} other problems, a third in each style, briefly, so that it starts "
-                        "weak but knows the shapes"}
-    return Prepared(tok, rows, notes, summary, {"test": test, "data": data})
+                        "weak but knows the shapes",
+             "expert": f"the teacher's {SUMS4_N_TEACHER_POOL} answers, and the same problems once more as random "
+                       "mixed-style workings cut at a random token, each followed by the rest of its line and a "
+                       "correct finish, with loss on that continuation only (hpd.tasks.sums_recovery."
+                       "continuation_rows): it answers a bare prompt as the teacher does and continues a working "
+                       "someone else started"}
+    return Prepared(tok, rows, notes, summary, {"test": test, "data": data, "out": out})
 
 
 def _finish_sums4(name, model, tok, prepared: Prepared, out) -> None:
-    if name == "teacher":  # its answers to the test prompts (KL on its text) and to the data's (a control)
+    if name in ("teacher", "expert"):  # its answers to the test prompts (KL on its text) and to the data's
         sums.write_jsonl(teacher_answers(model, tok, prepared.held["test"], SEED + 30, SUMS4_MAX_NEW_TOKENS),
-                         out / sums4.SPLITS["test_teacher"])
+                         out / sums4.SPLITS[f"test_{name}"])
         sums.write_jsonl(teacher_answers(model, tok, prepared.held["data"], SEED + 31, SUMS4_MAX_NEW_TOKENS),
-                         out / sums4.SPLITS["train_teacher"])
+                         out / sums4.SPLITS[f"train_{name}"])
+
+
+def _recovery_sums4(name, model, tok, prepared: Prepared) -> dict:
+    """The expert's recovery and the shipped teacher's, measured alike (hpd.tasks.sums_recovery.measure)
+    on the first SUMS4_RECOVERY_ROWS test prompts and on the students' prefixes where written."""
+    if name != "expert":
+        return {}
+    from transformers import AutoModelForCausalLM
+
+    problems = prepared.held["test"][:SUMS4_RECOVERY_ROWS]
+    prefixes = prepared.held["out"] / sums4.SPLITS["prefixes"]
+    prefixes = prefixes if prefixes.is_file() else None
+    teacher = AutoModelForCausalLM.from_pretrained(prepared.held["out"] / "teacher", dtype=torch.float32).eval()
+    return {"recovery": recovery_measure(model, tok, problems, prefixes, max_new_tokens=SUMS4_MAX_NEW_TOKENS),
+            "teacher_recovery": recovery_measure(teacher, tok, problems, prefixes,
+                                                 max_new_tokens=SUMS4_MAX_NEW_TOKENS)}
 
 
 def _scores_sums4(m: dict) -> str:
@@ -324,7 +355,27 @@ def _scores_sums4(m: dict) -> str:
 - style of the greedy answers: {pct(m['greedy_styles'])}
 - first line of the greedy answers: {pct(m['greedy_openings'])}
 - style of the sampled answers: {pct(m['sampled_styles'])}
-- mean probability of each style's full correct answer (first 50 prompts): {pct(m['style_probability_first50'])}"""
+- mean probability of each style's full correct answer (first 50 prompts): {pct(m['style_probability_first50'])}"""\
+        + _recovery_lines(m)
+
+
+def _recovery_lines(m: dict) -> str:
+    if "recovery" not in m:
+        return ""
+    ours, theirs = m["recovery"], m["teacher_recovery"]
+    lines = ["\n\n## Recovery (hpd/tasks/sums_recovery.py)\n",
+             "Greedy continuation of prefixes whose working is still sound, from the first "
+             f"{SUMS4_RECOVERY_ROWS} test prompts: the share that ends on the right answer, beside the shipped "
+             "teacher's, measured alike.\n",
+             f"- own accuracy on those prompts: **{ours['own_accuracy']:.3f}** (the teacher: "
+             f"{theirs['own_accuracy']:.3f})",
+             f"- hand-made mixed-style prefixes ({ours['hand-made']['prefixes']}): "
+             f"**{ours['hand-made']['recovery']:.3f}** (the teacher: {theirs['hand-made']['recovery']:.3f})"]
+    if "students" in ours:
+        got = ours["students"]
+        lines.append(f"- students' prefixes (`prefixes.jsonl`, {got['prefixes']} sound of {got['cut']}): "
+                     f"**{got['recovery']:.3f}** (the teacher: {theirs['students']['recovery']:.3f})")
+    return "\n".join(lines)
 
 
 def _student_arch(parser) -> None:
@@ -342,8 +393,9 @@ def _apply_student_arch(args, specs: dict) -> None:
 SUMS4 = _sums_task(
     "sums4", out=sums4.SUMS4_DIR,
     specs={"teacher": _spec((96, 256, 3, 4), steps=800, warmup=50, seed=SEED + 1),
-           "student": _spec((64, 160, 2, 2), steps=400, warmup=20, seed=SEED + 2)},
-    prepare=_prepare_sums4, finish=_finish_sums4, scores=_scores_sums4,
+           "student": _spec((64, 160, 2, 2), steps=400, warmup=20, seed=SEED + 2),
+           "expert": _spec((96, 256, 3, 4), steps=1200, warmup=50, seed=SEED + 3)},
+    prepare=_prepare_sums4, finish=_finish_sums4, scores=_scores_sums4, more=_recovery_sums4,
     measured=dict(samples=SUMS4_SAMPLES, max_new_tokens=SUMS4_MAX_NEW_TOKENS, style_rows=50,
                   sample_rows=SUMS4_SAMPLE_ROWS, openings=True),
     intro="The {name} of hpd's four-number sums task (hpd/tasks/sums4.py, docs/evidence.md). Made\n"

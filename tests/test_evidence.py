@@ -50,7 +50,8 @@ def test_smoke_two_methods(tmp_path, keep_torch_threads):
     results = evidence.main(["--methods", "sft", "hpd", "--starts", "sft-init", "--steps", "4", "--seeds", "0",
                              "--grid-sft-init", "1e-4", "3e-4", "--sft-init-steps", "4", "--eval-every", "2",
                              "--curve-rows", "2", "--val-rows", "4", "--test-rows", "4", "--samples", "2",
-                             "--sample-rows", "2", "--out", str(tmp_path)])
+                             "--sample-rows", "2", "--recovery-rows", "3", "--recovery-steps", "2", "4",
+                             "--out", str(tmp_path)])
     grid = [r for r in results["runs"] if r["phase"] == "grid"]
     final = [r for r in results["runs"] if r["phase"] == "final"]
     assert sorted((r["method"], r["lr"]) for r in grid) == [("hpd", 1e-4), ("hpd", 3e-4), ("sft", 1e-4), ("sft", 3e-4)]
@@ -62,11 +63,29 @@ def test_smoke_two_methods(tmp_path, keep_torch_threads):
         assert r["series"]["steps"] == [1, 2, 3, 4] and [e["step"] for e in r["series"]["evals"]] == [0, 2, 4]
     init = results["inits"]["sft-init"]
     assert init["steps"] == 4 and 0.0 <= init["greedy"] <= 1.0 and Path(init["out"], "config.json").is_file()
+    rec = results["recovery"]
+    assert rec["checkpoints"] == [2, 4] and rec["students_teacher"] == "expert"
+    for name in ("expert", "teacher"):
+        got = rec["teachers"][name]
+        assert 0.0 <= got["own_accuracy"] <= 1.0 and got["hand-made"]["prefixes"] == 3
+        # five students (sft-init, fkl and on-policy jsd at two checkpoints), each a greedy and a sampled answer
+        assert got["students"]["cut"] == 5 * 2 * 3 and len(got["students"]["by_source"]) == 10
+    assert results["meta"]["teacher"] == "expert"
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["chosen_lr"] == results["chosen_lr"] and len(saved["runs"]) == 6
     table = (tmp_path / "results.md").read_text()
     for needle in ("Starting points", "SFT-initialized", "| sft |", "| hpd |", "Known results", "chosen",
-                   "Efficiency", "Stability"):
+                   "Efficiency", "Stability", "Recovery", "equal training time"):
         assert needle in table, needle
+    # a method added later: run under the file's plan from its SFT-initialized student, written back into it
+    added = evidence.main(["--add-to", str(tmp_path / "results.json"), "--methods", "hpd (rows)", "--starts",
+                           "sft-init", "--out", str(tmp_path)])
+    new = [r for r in added["runs"] if r["method"] == "hpd (rows)"]
+    assert [(r["phase"], r["lr"]) for r in new if r["phase"] == "grid"] == [("grid", 1e-4), ("grid", 3e-4)]
+    assert [r["seed"] for r in new if r["phase"] == "final"] == [0] and len(added["runs"]) == 9
+    assert added["chosen_lr"]["sft-init"].keys() == {"sft", "hpd", "hpd (rows)"}
+    assert added["meta"]["added"][0]["methods"] == ["hpd (rows)"] and added["inits"] == results["inits"]
+    assert json.loads((tmp_path / "results.json").read_text())["runs"] == added["runs"]
+    assert "| hpd (rows) |" in (tmp_path / "results.md").read_text()
     pytest.importorskip("matplotlib")
     assert (tmp_path / "curves-sft-init.png").stat().st_size > 10_000

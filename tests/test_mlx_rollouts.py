@@ -63,7 +63,7 @@ def test_rollout_targets_cover_generated_tokens_only(assets, mlx_student):
     out = rollout_batch(backend, model, tok, batch, Sampling(max_new_tokens=12, temperature=1.5), 256)
     assert_rollout_targets(batch, out, tok.eos_token_id, 12)
     # the batch stays right-padded, as the mlx backend needs
-    backend.to_arrays({k: v for k, v in out.items() if k != "generated_tokens"})
+    backend.to_arrays({k: v for k, v in out.items() if k not in ("generated_tokens", "generated_rows")})
 
 
 def test_teacher_scores_align_with_generated_tokens(assets, mlx_student):
@@ -71,7 +71,7 @@ def test_teacher_scores_align_with_generated_tokens(assets, mlx_student):
     batch = _prompt_batch(assets, tok, n=3)
     out = rollout_batch(backend, model, tok, batch, Sampling(max_new_tokens=8, temperature=1.5), 256)
     teacher = backend.load_model(str(assets["teacher"]), trainable=False, dtype="float32")
-    arrays = backend.to_arrays({k: v for k, v in out.items() if k != "generated_tokens"})
+    arrays = backend.to_arrays({k: v for k, v in out.items() if k not in ("generated_tokens", "generated_rows")})
     logits = backend.forward(teacher, arrays).logits
     _, metrics = hpd.loss("sft", logits, logits, arrays["targets"])
     # the same log-likelihood, one generated token at a time, each from its own prefix

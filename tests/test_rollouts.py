@@ -47,7 +47,7 @@ def test_teacher_scores_align_with_generated_tokens(assets, torch_student):
     batch = _prompt_batch(assets, tok, n=2)
     out = rollout_batch(backend, model, tok, batch, Sampling(max_new_tokens=8, temperature=1.5), 256)
     teacher = backend.load_model(str(assets["teacher"]), trainable=False)
-    arrays = backend.to_arrays({k: v for k, v in out.items() if k != "generated_tokens"})
+    arrays = backend.to_arrays({k: v for k, v in out.items() if k not in ("generated_tokens", "generated_rows")})
     logits = backend.forward(teacher, arrays).logits
     _, metrics = hpd.loss("sft", logits, logits, arrays["targets"])
     # the same log-likelihood, one generated token at a time, each from its own prefix
@@ -111,6 +111,17 @@ def test_mixed_run_with_ramp_and_objective_switch(assets, tmp_path):
     on_policy = [r["schedule/on_policy"] for r in steps]
     assert on_policy[0] == 0
     assert all(("rollout/tokens" in r) == bool(r["schedule/on_policy"]) for r in steps)
+
+
+def test_rows_mix_run_keeps_data_rows_beside_rollouts(assets, tmp_path):
+    """rollout_mix rows: every step generates for about half its rows and trains on the data of the
+    others; the rollout rows are counted as such."""
+    _, steps = _run(assets, tmp_path / "run", {"rollout_mix": "rows", "lambda_start": 0.5}, steps=6, batch_size=8)
+    assert all(r["schedule/on_policy"] == 1 and r["schedule/rollout_share"] == 0.5 for r in steps)
+    assert all(np.isfinite(r["loss"]) and 1 <= r["rollout/mean_length"] <= 8 for r in steps)
+    rows = sum(r["rollout/tokens"] / r["rollout/mean_length"] for r in steps)
+    assert 0 < rows < 6 * 8  # some rows, not all, were rollouts
+    assert "hpd/sample_differs" in steps[-1]
 
 
 def test_generate_writes_and_resumes(assets, tmp_path):

@@ -31,7 +31,9 @@ STUDENT_MIX = {"forward": 1 / 3, "backward": 1 / 3, "pairs": 1 / 3}  # the raw s
 
 SUMS4_DIR = Path(__file__).resolve().parent.parent / "assets" / "sums4"
 TEACHER_DIR = SUMS4_DIR / "teacher"
+EXPERT_DIR = SUMS4_DIR / "expert"  # the teacher also trained to continue mixed-style workings
 STUDENT_DIR = SUMS4_DIR / "student"
+TEACHERS = {"teacher": TEACHER_DIR, "expert": EXPERT_DIR}
 MANIFEST_PATH = SUMS4_DIR / "manifest.json"
 SPLITS = {
     "train": "train.jsonl",  # distillation data: pairs-style reference solutions
@@ -39,6 +41,9 @@ SPLITS = {
     "val": "val.jsonl",  # chooses learning rates
     "test": "test.jsonl",  # the final table only
     "test_teacher": "test_teacher.jsonl",  # test prompts answered by the teacher, for KL on its text
+    "train_expert": "train_expert.jsonl",  # the data's prompts answered by the expert teacher (T=1)
+    "test_expert": "test_expert.jsonl",  # test prompts answered by the expert teacher
+    "prefixes": "prefixes.jsonl",  # students' answers to test prompts, cut once each (recovery)
 }
 
 

@@ -64,20 +64,36 @@ def generate_texts(model, tok, prompts, *, greedy: bool = True, samples: int = 1
                    batch_size: int = 100, temperature: float = 1.0) -> list:
     """Completions (decoded text, eos dropped) of a torch causal LM through the torch backend's
     generation; `samples` per prompt, prompt-major."""
+    gens = generate_ids(model, tok, prompts, greedy=greedy, samples=samples, max_new_tokens=max_new_tokens,
+                        batch_size=batch_size, temperature=temperature)
+    return [decode(tok, g) for g in gens]
+
+
+def generate_ids(model, tok, prompts, *, prefixes=None, greedy: bool = True, samples: int = 1,
+                 max_new_tokens: int = 96, batch_size: int = 100, temperature: float = 1.0) -> list:
+    """The generated token ids (eos included where written) of a torch causal LM for each prompt,
+    `samples` per prompt, prompt-major. With `prefixes` (one list of ids per prompt), each
+    generation continues [bos] + prompt + its prefix, and returns only what follows the prefix."""
     from types import SimpleNamespace
 
     from hpd.backends.torch import TorchBackend
     from hpd.data.examples import prompt_ids
 
     backend = TorchBackend(SimpleNamespace(device="cpu"))
-    jobs = [prompt_ids({"prompt": p}, tok)[0] for p in prompts for _ in range(samples)]
-    texts = []
+    heads = [prompt_ids({"prompt": p}, tok)[0] + (list(prefixes[i]) if prefixes is not None else [])
+             for i, p in enumerate(prompts)]
+    jobs = [h for h in heads for _ in range(samples)]
+    out = []
     for start in range(0, len(jobs), batch_size):
-        gens = backend.generate(model, tok, jobs[start:start + batch_size], max_new_tokens=max_new_tokens,
-                                temperature=temperature, top_p=1.0, top_k=0, greedy=greedy)
-        for row in gens:
-            texts.append(tok.decode([t for t in row if t != tok.eos_token_id], skip_special_tokens=True))
-    return texts
+        out += [list(g) for g in backend.generate(model, tok, jobs[start:start + batch_size],
+                                                  max_new_tokens=max_new_tokens, temperature=temperature,
+                                                  top_p=1.0, top_k=0, greedy=greedy)]
+    return out
+
+
+def decode(tok, ids) -> str:
+    """Generated ids as text, eos dropped."""
+    return tok.decode([t for t in ids if t != tok.eos_token_id], skip_special_tokens=True)
 
 
 def score(prompts, answers, texts, samples: int = 1) -> dict:

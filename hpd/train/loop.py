@@ -283,7 +283,7 @@ class Loop:
             generated += int(new.pop("generated_tokens", 0))
             for key, value in new.pop("rollout_metrics", {}).items():
                 metrics[key] = metrics.get(key, 0) + value if isinstance(value, (int, float)) else value
-            rows += len(new["input_ids"])
+            rows += int(new.pop("generated_rows", len(new["input_ids"])))
             out.append(new)
         seconds = time.perf_counter() - started
         generating = seconds - metrics.get("rollout/sync_s", 0.0)

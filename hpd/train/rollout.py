@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from hpd.data.batches import collate
-from hpd.data.examples import DataError, Example, pad_id_of, prompt_ids, read_jsonl
+from hpd.data.examples import IGNORE_INDEX, DataError, Example, pad_id_of, prompt_ids, read_jsonl
 from hpd.data.routing import prompt_routes
 
 
@@ -36,22 +36,35 @@ def prompts_of(batch: dict[str, np.ndarray]) -> list[list[int]]:
 
 
 def rollout_batch(backend, model, tokenizer, batch: dict[str, np.ndarray], sampling: Sampling,
-                  max_length: int) -> dict[str, np.ndarray]:
+                  max_length: int, replace: list[bool] | None = None) -> dict[str, np.ndarray]:
     """The batch's prompts continued by `model` through the backend's `generate`; targets are
-    the generated tokens only."""
+    the generated tokens only. With `replace` (a flag per row, in `prompts_of` order), only
+    the flagged rows are continued and the others keep their data."""
     prompts = prompts_of(batch)
-    return rollout_examples(batch, prompts, _backend_generate(backend, model, tokenizer, prompts, sampling),
-                            tokenizer, max_length)
+    asked = [p for p, r in zip(prompts, _flags(replace, len(prompts))) if r]
+    generated = _backend_generate(backend, model, tokenizer, asked, sampling) if asked else []
+    return rollout_examples(batch, prompts, generated, tokenizer, max_length, replace)
+
+
+def _flags(replace: list[bool] | None, n: int) -> list[bool]:
+    return [True] * n if replace is None else [bool(r) for r in replace]
 
 
 def rollout_examples(batch: dict[str, np.ndarray], prompts: list[list[int]], generated: list[list[int]],
-                     tokenizer, max_length: int) -> dict[str, np.ndarray]:
-    """The rollout batch of `batch`'s rows: each prompt and its continuation (cut at
-    max_length), the continuation its only targets, collated as `batch` was."""
+                     tokenizer, max_length: int, replace: list[bool] | None = None) -> dict[str, np.ndarray]:
+    """The rollout batch of `batch`'s rows: each flagged prompt (every one without `replace`)
+    and its continuation from `generated`, in order (cut at max_length), the continuation its
+    only targets; an unflagged row keeps its data (prompt, completion and targets). Collated
+    as `batch` was."""
+    replace = _flags(replace, len(prompts))
     routes = prompt_routes(batch) or [-1] * len(prompts)  # a row keeps its teacher (hpd.data.routing)
-    examples = []
-    for prompt, gen, route in zip(prompts, generated, routes):
-        gen = list(gen)[: max(0, max_length - len(prompt))]
+    kept = data_examples(batch) if not all(replace) else None
+    examples, gens = [], iter(generated)
+    for i, (prompt, route) in enumerate(zip(prompts, routes)):
+        if not replace[i]:
+            examples.append(kept[i])
+            continue
+        gen = list(next(gens))[: max(0, max_length - len(prompt))]
         if not gen:  # nothing to learn from; keep the shapes valid
             gen = [tokenizer.eos_token_id]
         examples.append(Example(prompt + gen, [False] * len(prompt) + [True] * len(gen), len(prompt), route))
@@ -64,7 +77,21 @@ def rollout_examples(batch: dict[str, np.ndarray], prompts: list[list[int]], gen
         if "rows" in batch:
             out["rows"] = batch["rows"]  # the keys of split-invariant draws stay with their rows
     out["generated_tokens"] = np.asarray(sum(len(g) for g in generated))
+    out["generated_rows"] = np.asarray(len(generated))  # rows continued (a packed batch has fewer lines)
     return out
+
+
+def data_examples(batch: dict[str, np.ndarray]) -> list[Example]:
+    """Every row of a right-padded or packed batch as the Example it was collated from."""
+    routes = prompt_routes(batch) or [-1] * len(batch["prompt_lens"])
+    if "token_rows" in batch:
+        owner = batch["token_rows"]
+        cols = [(batch["input_ids"][owner == r], batch["targets"][owner == r]) for r in batch["rows"]]
+    else:
+        lengths = batch["attention_mask"].sum(axis=1)
+        cols = [(batch["input_ids"][i, :n], batch["targets"][i, :n]) for i, n in enumerate(lengths)]
+    return [Example(ids.tolist(), [False] + [bool(t != IGNORE_INDEX) for t in targets[:-1]], int(n), route)
+            for (ids, targets), n, route in zip(cols, batch["prompt_lens"], routes)]
 
 
 def _backend_generate(backend, model, tokenizer, prompts, sampling: Sampling) -> list[list[int]]:
@@ -80,7 +107,7 @@ class BackendRollouts:
     def __init__(self, name: str = "hf"):
         self.name = name  # what metrics.jsonl calls it: hf (torch) or mlx-lm
 
-    def generate(self, loop, student, batch: dict[str, np.ndarray], prompts: list[list[int]],
+    def generate(self, loop, student, prompts: list[list[int]], keys: list[int],
                  sampling: Sampling) -> tuple[list[list[int]], dict[str, float]]:
         return _backend_generate(loop.backend, student, loop.tokenizer, prompts, sampling), {"rollout/sync_s": 0.0}
 
@@ -90,17 +117,29 @@ class BackendRollouts:
 
 class Rollouts:
     """The Loop's rollout hook, (loop, student, batch) -> rollout batch, over the rollout
-    engine chosen at set-up (`generate(loop, student, batch, prompts, sampling)` ->
-    (continuations, metrics); `close()`). The rollout batch carries the engine's metrics
-    under "rollout_metrics" (hpd.train.loop adds them to the step's record)."""
+    engine chosen at set-up (`generate(loop, student, prompts, keys, sampling)` ->
+    (continuations, metrics), `keys` the prompts' rows in the data order; `close()`). The
+    schedule says which rows the rollouts replace (all, unless `rollout_mix: rows`); the
+    engine is asked for those only. The rollout batch carries the engine's metrics under
+    "rollout_metrics" (hpd.train.loop adds them to the step's record)."""
 
     def __init__(self, sampling: Sampling, engine=None):
         self.sampling, self.engine = sampling, engine or BackendRollouts()
 
     def __call__(self, loop, student, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = prompts_of(batch)
-        generated, metrics = self.engine.generate(loop, student, batch, prompts, self.sampling)
-        out = rollout_examples(batch, prompts, generated, loop.tokenizer, loop.config.max_length)
+        keys = [int(r) for r in batch["rows"]] if "rows" in batch else list(range(len(prompts)))
+        replace = loop.schedule.rollout_rows(loop.state.step, keys)
+        asked = [(p, k) for p, k, r in zip(prompts, keys, replace) if r]
+        generated, metrics = [], {"rollout/sync_s": 0.0}
+        if asked:
+            generated, metrics = self.engine.generate(loop, student, [p for p, _ in asked], [k for _, k in asked],
+                                                      self.sampling)
+        elif loop.backend.world_size > 1 and prompts:
+            # another process may be generating: this one takes part in the engine's collectives
+            # (an FSDP student's gathered forwards, a weight load) with one row whose answer it drops
+            _, metrics = self.engine.generate(loop, student, prompts[:1], keys[:1], self.sampling)
+        out = rollout_examples(batch, prompts, generated, loop.tokenizer, loop.config.max_length, replace)
         out["rollout_metrics"] = {"rollout/engine": self.engine.name, **metrics}
         return out
 
@@ -174,5 +213,5 @@ def _completed(out: Path) -> set[tuple[int, int]]:
     return done
 
 
-__all__ = ["Sampling", "Rollouts", "BackendRollouts", "rollout_batch", "rollout_examples", "make_rollout",
-           "generate_file", "prompts_of", "prompt_ids"]
+__all__ = ["Sampling", "Rollouts", "BackendRollouts", "rollout_batch", "rollout_examples", "data_examples",
+           "make_rollout", "generate_file", "prompts_of", "prompt_ids"]

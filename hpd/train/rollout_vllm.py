@@ -20,8 +20,6 @@ from __future__ import annotations
 import math
 import time
 
-import numpy as np
-
 from hpd.objectives.uniforms import keyed_seeds
 
 
@@ -160,11 +158,11 @@ class VllmRollouts:
         self.loaded_step: int | None = None  # the optimizer step whose weights the engine holds
         self.loads = 0
 
-    def generate(self, loop, student, batch: dict[str, np.ndarray], prompts: list[list[int]],
+    def generate(self, loop, student, prompts: list[list[int]], keys: list[int],
                  sampling) -> tuple[list[list[int]], dict[str, float]]:
         step, cfg = loop.state.step, loop.config
         limits = [max(1, min(sampling.max_new_tokens, cfg.max_length - len(p))) for p in prompts]
-        seeds = None if sampling.greedy else keyed_seeds(cfg.seed, step, batch["rows"]).tolist()
+        seeds = None if sampling.greedy else keyed_seeds(cfg.seed, step, keys).tolist()
         sync_s, failure, generated = 0.0, None, []
         try:
             if self.loaded_step != step:

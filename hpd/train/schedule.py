@@ -5,7 +5,11 @@ the seed and (for the adaptive on-policy fraction only) the evaluations seen so 
 
 - the prefix source: student rollouts from the data's prompts with probability
   lambda(step), offline data otherwise. The coin for step t is drawn from an RNG seeded
-  by (seed, t) alone, so every rank and every resumed run makes the same decisions;
+  by (seed, t) alone, so every rank and every resumed run makes the same decisions.
+  With `rollout_mix: rows` lambda is a share of each step's rows instead: every row
+  has its own coin, keyed by (seed, t, the row's index in the data order), rollouts
+  replace the rows whose coin falls below lambda, and the other rows keep their data,
+  so the data token stays in every step;
 - whether the per-position student sample is drawn (`sample`);
 - the objective mix: weighted objectives, which may change in phases over training.
 
@@ -42,6 +46,19 @@ training (constant before and after), HPD plus 0.1 x SFT, then JSD alone after s
         - until: 2000
           objectives: {hpd: 1.0, sft: 0.1}
         - objectives: {jsd: {weight: 1.0, beta: 0.5}}
+
+HPD's support kept while rollouts come in: the share of each step's rows replaced by
+student rollouts ramps from 0 to 0.5 between 10% and 60% of training; the other rows stay
+data rows, where HPD sees the data token beside the student's sample::
+
+    method: hpd
+    schedule:
+      rollout_mix: rows
+      lambda_schedule: linear
+      lambda_start: 0.0
+      lambda_end: 0.5
+      ramp_start: 0.1
+      ramp_end: 0.6
 
 DistiLLM-style adaptive: start offline, and raise the on-policy fraction by 0.1 (up to
 0.8) each time the held-out loss rises from one evaluation to the next (needs
@@ -84,6 +101,9 @@ class StepPlan:
     sample: bool  # draw per-position student samples this step
     objectives: tuple[Objective, ...]
     phase: int = 0  # index of the active phase
+    # rollout_mix rows: the share of rows replaced by rollouts (each row by its own coin:
+    # `rollout_rows`); None: on an on-policy step every row is
+    rollout_share: float | None = None
 
     def as_metrics(self) -> dict[str, float]:
         metrics = {
@@ -92,6 +112,8 @@ class StepPlan:
             "schedule/sample": int(self.sample),
             "schedule/phase": self.phase,
         }
+        if self.rollout_share is not None:
+            metrics["schedule/rollout_share"] = self.rollout_share
         for obj in self.objectives:
             metrics[f"schedule/w/{obj.method}"] = obj.weight
         return metrics
@@ -122,8 +144,22 @@ class Schedule:
         lam = self.lam(step)
         phase = self.phase_index(step)
         objectives = self.phases[phase][1]
+        if self.config.rollout_mix == "rows":
+            return StepPlan(step=step, lam=lam, on_policy=lam > 0, sample=self._sample(objectives),
+                            objectives=objectives, phase=phase, rollout_share=lam)
         return StepPlan(step=step, lam=lam, on_policy=_coin(self.seed, step) < lam,
                         sample=self._sample(objectives), objectives=objectives, phase=phase)
+
+    def rollout_rows(self, step: int, rows) -> list[bool]:
+        """Which of `rows` (their indices in the data order) a step replaces by student rollouts:
+        all on an on-policy step, or under `rollout_mix: rows` those whose own coin, keyed by
+        (seed, step, row), falls below lambda; the same rows however a batch is split."""
+        plan = self.plan(step)
+        if not plan.on_policy:
+            return [False] * len(rows)
+        if plan.rollout_share is None:
+            return [True] * len(rows)
+        return [_coin(self.seed, f"{step}:{int(r)}") < plan.rollout_share for r in rows]
 
     def lam(self, step: int) -> float:
         c = self.config
@@ -207,8 +243,9 @@ def lambda_at(kind: str, step: int, total_steps: int, *, start: float, end: floa
     return start + (end - start) * progress
 
 
-def _coin(seed: int, step: int) -> float:
-    """A uniform draw in [0, 1) that depends on (seed, step) only (a str seed is hashed with sha512)."""
+def _coin(seed: int, step) -> float:
+    """A uniform draw in [0, 1) that depends on (seed, step) only (a str seed is hashed with sha512);
+    a row's coin passes "step:row" as `step`."""
     return random.Random(f"hpd.schedule:{seed}:{step}").random()
 
 

@@ -14,6 +14,7 @@ from hpd.objectives.rules import get_method, resolve_params
 LAMBDA_SCHEDULES = ("constant", "linear", "cosine", "adaptive")
 RAMPS = ("linear", "cosine")
 SAMPLE_MODES = ("auto", "always", "never")
+ROLLOUT_MIXES = ("steps", "rows")
 PHASE_KEYS = ("until", "objectives")
 STATE_KEYS = ("last_eval_step", "last_eval_loss", "lambda_changes")
 
@@ -34,6 +35,11 @@ class ScheduleConfig:
     ramp_start: float = _f(0.0, "where the ramp begins: a fraction of total steps in [0, 1] or a step > 1")
     ramp_end: float = _f(1.0, "where the ramp reaches lambda_end: a fraction of total steps in [0, 1] or a step > 1")
     adaptive_step: float = _f(0.1, "adaptive: rise of lambda each time the held-out loss rises, in (0, 1]")
+    rollout_mix: str = _f("steps", "what lambda is a share of: steps (a step trains on student rollouts with "
+                                   "probability lambda, all of its rows, else on the data) or rows (every step "
+                                   "replaces a share lambda of its rows, a coin per row, by student rollouts and "
+                                   "keeps the data in the rest, so the data token, HPD's support beside the "
+                                   "student's sample, is in every step)")
     sample: str = _f("auto", "draw the per-position student sample: auto (when an active objective needs "
                              "one, e.g. hpd), always, never")
     phases: list = _f([], "objective mix over training: a list of {until, objectives}; the last phase has "
@@ -61,6 +67,7 @@ class ScheduleConfig:
         errors = [
             *_check_choice("lambda_schedule", self.lambda_schedule, LAMBDA_SCHEDULES),
             *_check_choice("sample", self.sample, SAMPLE_MODES),
+            *_check_choice("rollout_mix", self.rollout_mix, ROLLOUT_MIXES),
             *_check_fraction("lambda_start", self.lambda_start),
             *self._lambda_end_errors(),
             *_check_bound("ramp_start", self.ramp_start),
