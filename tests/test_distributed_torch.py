@@ -51,7 +51,7 @@ def common(assets, out: Path, **kw) -> dict:
     return cfg
 
 
-def torchrun(cfg: dict, nproc: int = 2, recipe: Path | None = None) -> subprocess.CompletedProcess:
+def torchrun(cfg: dict, nproc: int = 2, recipe: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node N $(which hpd) distill ...` with cfg as flags."""
     hpd_script = Path(sys.executable).parent / "hpd"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc)]
@@ -67,7 +67,7 @@ def torchrun(cfg: dict, nproc: int = 2, recipe: Path | None = None) -> subproces
             cmd += [flag, str(value)]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env["OMP_NUM_THREADS"] = "1"  # two ranks on a two-core machine
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stdout}\n{result.stderr[-6000:]}"
     return result
 
@@ -149,6 +149,28 @@ def test_named_sharded_teachers_match_one_process(assets, tmp_path):
     hpd.distill(one)
     assert_same_run(tmp_path / "one", tmp_path / "two")
     assert any(r.get("teacher/a/rows") and r.get("teacher/b/rows") for r in steps_of(tmp_path / "two"))
+
+
+def test_a_rows_mix_where_one_rank_replaces_no_row_does_not_stall(assets, tmp_path):
+    """rollout_mix rows with one row per rank: at a share of 0.5 about half the steps ask one
+    rank for a rollout and not the other, whose FSDP shards the generating rank's forwards still
+    gather (transformers' generate runs synced across ranks); that rank takes part with one row
+    it drops, and the run finishes."""
+    from hpd.train.schedule import Schedule
+    from hpd.train.schedule_config import ScheduleConfig
+
+    schedule = {"rollout_mix": "rows", "lambda_start": 0.5}
+    coins = Schedule(ScheduleConfig.from_dict(schedule), method="hpd", method_params={}, total_steps=8, seed=0)
+    # two rows of a step drawn one in, one out: the case, for a good share of (step, pair)
+    assert sum(sum(coins.rollout_rows(t, [r, r + 1])) == 1 for t in range(8) for r in range(0, 16, 2)) > 16
+    recipe = tmp_path / "rows.yaml"
+    recipe.write_text("schedule:\n" + "".join(f"  {k}: {v}\n" for k, v in schedule.items()))
+    out = tmp_path / "two"
+    torchrun(common(assets, out, method="hpd", steps=8, batch_size=2, parallel="fsdp", rollout_max_new_tokens=6),
+             recipe=recipe, timeout=240)
+    steps = steps_of(out)
+    assert len(steps) == 8 and all(np.isfinite(r["loss"]) for r in steps)
+    assert all(r["schedule/rollout_share"] == 0.5 for r in steps)
 
 
 def test_resume_of_two_ranks_equals_uninterrupted(assets, tmp_path):
