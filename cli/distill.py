@@ -57,6 +57,20 @@ def _named(field: str, target: str, values) -> dict:
     return {target: named} if named else {field: plain[0]}
 
 
+def _method_params(params) -> dict[str, float]:
+    """--param NAME=VALUE items as method parameters."""
+    out = {}
+    for item in params:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--param")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: {value.strip()!r} is not a number", param_hint="--param") from None
+    return out
+
+
 @click.command(context_settings={"max_content_width": 100},
                short_help="Distil a teacher into a student and export it.")
 @click.option("--recipe", type=str, default=None,
@@ -99,17 +113,7 @@ def distill(recipe, params, **flags):
         if target.startswith("named:") and f.name in overrides:
             overrides.update(_named(f.name, target.split(":", 1)[1], overrides.pop(f.name)))
     if params:
-        method_params = {}
-        for item in params:
-            name, sep, value = item.partition("=")
-            if not sep:
-                raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--param")
-            try:
-                method_params[name.strip()] = float(value)
-            except ValueError:
-                raise click.BadParameter(f"{item!r}: {value.strip()!r} is not a number",
-                                         param_hint="--param") from None
-        overrides["method_params"] = method_params
+        overrides["method_params"] = _method_params(params)
     try:
         cfg = DistillConfig.from_recipe(recipe, overrides) if recipe else DistillConfig.from_dict(overrides)
         cfg.validate()
