@@ -5,8 +5,10 @@
 # torchrun (FSDP2, DDP, FSDP2 with a sharded teacher); the chunked run again at the CPU's
 # 64 MiB chunk budget (CUDA's default is 1 GiB) and under
 # --compile off, beside the default (--compile auto: compiled on CUDA) one (tokens/s and MFU); a short run of the paper-math
-# recipe scored by `hpd eval --recipe paper-math`; and `python -m benchmarks.cuda_compile_half_logits`
-# (half-precision chunk logits; compiled against eager losses and gradients). Not part of CI.
+# recipe scored by `hpd eval --recipe paper-math`; `python -m benchmarks.cuda_compile_half_logits`
+# (half-precision chunk logits; compiled against eager losses and gradients); and where vLLM is
+# installed, a store written by vLLM, on-policy runs with rollouts by transformers and by vLLM
+# (rollout tokens/s, weight sync), and a served teacher (a vLLM server on 127.0.0.1). Not part of CI.
 #
 #   bash benchmarks/gpu_check.sh                 # defaults below
 #   STEPS=50 BATCH=16 bash benchmarks/gpu_check.sh
@@ -16,7 +18,8 @@
 # DEVICE (cuda; `DEVICE=cpu NPROC=2 SIZE=tiny` runs the same script on CPU as a smoke
 # test), SIZE (small: teacher 12 x 1024, student 6 x 512, vocabulary 32768; tiny: a few
 # layers of width 64, for the CPU smoke test), SKIP_CUDA_CHECKS (set: skip the compile and
-# half-logits checks).
+# half-logits checks), VLLM_DTYPE (auto on CUDA, float32 on CPU), ROLLOUT_GPU_SHARE and
+# SERVER_GPU_SHARE (the GPU memory share of the rollout engine and of the server, 0.3 each).
 set -euo pipefail
 
 PYTHON=${PYTHON:-python}
@@ -59,7 +62,7 @@ fast.chat_template = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'
                       "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 # a realistic vocabulary for the loss's cost; the tokenizer uses the first few hundred ids
 shapes = {"small": dict(vocab=32768, teacher=(1024, 12), student=(512, 6)),
-          "tiny": dict(vocab=2048, teacher=(64, 2), student=(32, 1))}[size]
+          "tiny": dict(vocab=2048, teacher=(64, 2), student=(64, 1))}[size]  # vLLM's CPU attention: head_dim 32
 for name, seed in (("teacher", 1), ("student", 2)):
     hidden, layers = shapes[name]
     cfg = AutoConfig.for_model("llama", vocab_size=shapes["vocab"], hidden_size=hidden,
@@ -215,6 +218,75 @@ OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" cache
 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --backend torch \
     --teacher-cache "$WORK/store" "${REST[@]}" --out "$WORK/run-1-store"
 throughput "$WORK/run-1-store"
+
+# ---------------------------------------------------------------- vLLM (pip install -e ".[vllm]")
+# the store written by vLLM, rollouts on an engine beside the student, and a served teacher
+if "$PYTHON" -c "import vllm" 2>/dev/null; then
+    if [[ "$DEVICE" == cuda ]]; then
+        VLLM_DTYPE=${VLLM_DTYPE:-auto}
+        ROLLOUT_VLLM=(--rollout-vllm-args gpu_memory_utilization=${ROLLOUT_GPU_SHARE:-0.3})
+        SERVER_ARGS=(--gpu-memory-utilization "${SERVER_GPU_SHARE:-0.3}")
+    else  # the CPU build: float32, a KV cache of 1 GiB
+        VLLM_DTYPE=${VLLM_DTYPE:-float32}
+        ROLLOUT_VLLM=()
+        SERVER_ARGS=()
+        export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+    fi
+    export OMP_WAIT_POLICY=PASSIVE
+    echo "== teacher store written by vLLM (cache-teacher --backend vllm, top-32), then distill from it"
+    if OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" cache-teacher --backend vllm \
+        --teacher "$WORK/teacher" --data "$WORK/train.jsonl" --out "$WORK/store-vllm" --top-k 32 \
+        --max-length "$LENGTH" --batch-size "$BATCH" --vllm-arg dtype="$VLLM_DTYPE" --no-progress --overwrite &&
+        OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --backend torch \
+        --teacher-cache "$WORK/store-vllm" "${REST[@]}" --out "$WORK/run-1-store-vllm"; then
+        throughput "$WORK/run-1-store-vllm"
+    else
+        echo "  the vLLM store failed"
+    fi
+
+    printf 'schedule:\n  lambda_start: 1.0\n' > "$WORK/on-policy.yaml"
+    for engine in hf vllm; do
+        echo "== on-policy, rollouts by $engine (64 new tokens)"
+        extra=()
+        [[ "$engine" == vllm ]] && extra=(--rollout-engine vllm "${ROLLOUT_VLLM[@]}")
+        OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --recipe "$WORK/on-policy.yaml" \
+            --backend torch --teacher "$WORK/teacher" "${REST[@]}" --rollout-max-new-tokens 64 \
+            --out "$WORK/run-1-rollouts-$engine" "${extra[@]}" || { echo "  rollouts by $engine failed"; continue; }
+        "$PYTHON" - "$WORK/run-1-rollouts-$engine/metrics.jsonl" <<'EOF2'
+import json, statistics, sys
+
+rows = [json.loads(l) for l in open(sys.argv[1]) if '"rollout/tokens"' in l][3:]
+step = statistics.median(r["tokens"] / r["tokens_per_s"] + r["rollout/seconds"] for r in rows)
+print(f"  rollout tokens/s {statistics.median(r['rollout/tokens_per_s'] for r in rows):,.0f} (median), "
+      f"weight sync {1e3 * statistics.median(r.get('rollout/sync_s', 0.0) for r in rows):.1f} ms, "
+      f"step {step:.3f} s (median over steps {rows[0]['step']}-{rows[-1]['step']})")
+EOF2
+    done
+
+    echo "== a served teacher: a vLLM server on 127.0.0.1, top-32 log-probs, prefetch 2"
+    port=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
+    setsid "$PYTHON" -m vllm.entrypoints.openai.api_server --model "$WORK/teacher" --served-model-name teacher \
+        --dtype "$VLLM_DTYPE" --max-model-len $((2 * LENGTH)) --max-logprobs 32 --host 127.0.0.1 --port "$port" \
+        "${SERVER_ARGS[@]}" > "$WORK/server.log" 2>&1 &
+    server=$!
+    for _ in $(seq 600); do
+        "$PYTHON" -c "import urllib.request, sys; urllib.request.urlopen(sys.argv[1], timeout=2)" \
+            "http://127.0.0.1:$port/health" 2>/dev/null && break
+        kill -0 "$server" 2>/dev/null || break
+        sleep 1
+    done
+    if OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} "$PYTHON" "$WORK/hpd_with_memory.py" distill --backend torch \
+        --teacher "http://127.0.0.1:$port/v1" --teacher-top-k 32 --teacher-prefetch 2 "${REST[@]}" \
+        --out "$WORK/run-1-served"; then
+        throughput "$WORK/run-1-served"
+    else
+        echo "  the served-teacher run failed; the server's log:"; tail -20 "$WORK/server.log"
+    fi
+    kill -TERM -- "-$server" 2>/dev/null || true
+    wait "$server" 2>/dev/null || true
+else
+    echo "== vLLM runs skipped (pip install -e '.[vllm]')"
+fi
 
 if [[ "$NPROC" -lt 2 ]]; then
     echo "one GPU only: skipping the torchrun runs"
