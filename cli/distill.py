@@ -125,7 +125,7 @@ def distill(recipe, params, **flags):
     from hpd.train.checkpoint import CheckpointError
     from hpd.train.interrupt import Interrupted
     from hpd.train.loop import NonFiniteLoss
-    from hpd.train.rollout_vllm import RolloutEngineError
+    from hpd.train.rollout import RolloutEngineError
     from hpd.train.run import command_line
     from hpd.train.run import distill as run
 

@@ -156,7 +156,7 @@ def test_a_failed_rollout_keeps_the_last_step_and_the_resumed_run_repeats_the_re
     """An engine failure at step 3 (here transformers', made to fail): one line, a checkpoint
     of step 2 and nothing of step 3; the resumed run takes step 3's batches again."""
     from hpd.train.rollout import Rollouts
-    from hpd.train.rollout_vllm import RolloutEngineError
+    from hpd.train.rollout import RolloutEngineError
 
     sampling = Sampling(max_new_tokens=8)
     hpd.distill(_config(assets, tmp_path / "full", {"lambda_start": 1.0}), rollout=Rollouts(sampling))

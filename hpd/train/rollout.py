@@ -18,6 +18,11 @@ from hpd.data.examples import IGNORE_INDEX, DataError, Example, pad_id_of, promp
 from hpd.data.routing import prompt_routes
 
 
+class RolloutEngineError(RuntimeError):
+    """The rollout engine failed; the message is one line that says what to do. The run
+    stops on it, mid-run after a checkpoint of the last finished step (hpd.train.run)."""
+
+
 @dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int = 128
@@ -213,5 +218,5 @@ def _completed(out: Path) -> set[tuple[int, int]]:
     return done
 
 
-__all__ = ["Sampling", "Rollouts", "BackendRollouts", "rollout_batch", "rollout_examples", "data_examples",
-           "make_rollout", "generate_file", "prompts_of", "prompt_ids"]
+__all__ = ["RolloutEngineError", "Sampling", "Rollouts", "BackendRollouts", "rollout_batch", "rollout_examples",
+           "data_examples", "make_rollout", "generate_file", "prompts_of", "prompt_ids"]

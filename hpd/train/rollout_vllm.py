@@ -21,11 +21,7 @@ import math
 import time
 
 from hpd.objectives.uniforms import keyed_seeds
-
-
-class RolloutEngineError(RuntimeError):
-    """The rollout engine failed; the message is one line that says what to do."""
-
+from hpd.train.rollout import RolloutEngineError
 
 VLLM_ONLY = ("rollout_kv_cache_mb", "rollout_max_model_len", "rollout_vllm_args")
 

@@ -36,12 +36,12 @@ from hpd.report.evaluate import EVAL_SPLITS, eval_source
 from hpd.teachers import setup as teacher_setup
 from hpd.train import checkpoint as ckpt
 from hpd.train import resume as resume_check
-from hpd.train import rollout_vllm
+from hpd.train import rollout_engines
 from hpd.train.config import DistillConfig
 from hpd.train.interrupt import Interrupted, StopOnSignal, signal_name
 from hpd.train.loop import Loop, LoopState
 from hpd.train.metrics_log import MetricsLog
-from hpd.train.rollout import BackendRollouts, Sampling, make_rollout
+from hpd.train.rollout import RolloutEngineError, Sampling, make_rollout
 
 
 def say(message: str, rank: int = 0) -> None:
@@ -112,8 +112,8 @@ class Run:
         self.cfg, self.backend, self.stop, self.command, self.hooks = cfg, backend, stop, command, hooks
         self.rank, self.out = backend.rank, Path(cfg.out)
         self.saved_at: int | None = None  # the step of the latest checkpoint
-        # what generates the rollouts (hpd.train.rollout): the backend's generate, or an engine
-        self.rollout_engine, self.rollout_options = BackendRollouts("hf" if backend.name == "torch" else "mlx-lm"), None
+        # what generates the rollouts (hpd.train.rollout_engines), unless a hook is given
+        self.rollout_engine, self.start_rollouts = None, None
 
     def say(self, message: str) -> None:
         say(message, self.rank)
@@ -151,8 +151,8 @@ class Run:
         data = self.data
         self.say(f"data: {data.rows} rows from {cfg.data}, {len(data)} usable, {data.truncated} truncated "
                  f"to {cfg.max_length} tokens, {data.target_tokens} target tokens")
-        if "rollout" not in self.hooks and rollout_vllm.wanted(cfg):  # checked before any model loads
-            self.rollout_options = rollout_vllm.prepare(cfg, data)
+        if "rollout" not in self.hooks:  # the engine's checks, before any model loads
+            self.start_rollouts = rollout_engines.plan(cfg, data)
         self.eval_batches = None
         if cfg.eval_data:
             held = load_dataset(cfg.eval_data, self.tokenizer, cfg.max_length, route=self.teacher.route,
@@ -168,8 +168,8 @@ class Run:
         if len(self.tokenizer) > self.vocab:
             raise ValueError(f"the tokenizer has {len(self.tokenizer)} tokens but a model's vocabulary only "
                              f"{self.vocab}")
-        if self.rollout_options is not None:
-            self.rollout_engine = rollout_vllm.start(self.cfg, backend, self.tokenizer, self.rollout_options, self.say)
+        if self.start_rollouts is not None:
+            self.rollout_engine = self.start_rollouts(backend, self.tokenizer, self.say)
 
     def _training_state(self) -> None:
         """The batches, the schedule, the optimizer and the loop's counters, restored from a
@@ -271,8 +271,8 @@ class Run:
         try:
             try:
                 last = self.loop.run()
-            except rollout_vllm.RolloutEngineError as e:  # the last finished step is kept, then one line
-                raise rollout_vllm.RolloutEngineError(f"{e}: {self._checkpoint_now()}") from None
+            except RolloutEngineError as e:  # the last finished step is kept, then one line
+                raise RolloutEngineError(f"{e}: {self._checkpoint_now()}") from None
             if self.loop.state.step < self.total:  # a signal stopped the loop: checkpoint, then say how to go on
                 self._stop_with_checkpoint()
         except BaseException:
