@@ -78,12 +78,9 @@ class ObjectiveLoss:
         self.teacher = None
 
     def __call__(self, student_out: Outputs):
-        # a source over the rows of several teachers names each position's teacher
-        # (hpd.teachers.routed): the metrics are then also reported per teacher
-        routed = getattr(self.teacher, "groups", None)
+        groups, names = routing(self.teacher)
         common = dict(sampled=self.sampled, uniforms=self.uniforms, num_tokens=self.num_tokens,
-                      temperature=self.temperature,
-                      groups=None if routed is None else (routed[0], len(routed[1])))
+                      temperature=self.temperature, groups=groups)
 
         def term(obj):
             if student_out.logits is not None:
@@ -97,12 +94,20 @@ class ObjectiveLoss:
         metrics = {}
         for obj, m in zip(self.objectives, found):
             metrics.update(metric_names(m, obj.method, len(self.objectives)))
-        if routed is not None:
-            metrics.update(per_group([obj.weight for obj in self.objectives], found, routed[1]))
+        if names:
+            metrics.update(per_group([obj.weight for obj in self.objectives], found, names))
         report = getattr(self.teacher, "metrics", None)  # a source's own figures (hpd.teachers.cross)
         if report is not None:
             metrics.update(report())
         return total, metrics
+
+
+def routing(source) -> tuple[tuple | None, list]:
+    """The `groups` argument of the loss and the teachers' names, where a source over the rows
+    of several teachers names each position's (hpd.teachers.routed): the metrics are then
+    also reported per teacher. (None, []) for one teacher."""
+    routed = getattr(source, "groups", None)
+    return (None, []) if routed is None else ((routed[0], len(routed[1])), list(routed[1]))
 
 
 def per_group(weights, found: list[dict], names) -> dict[str, float]:
@@ -301,11 +306,10 @@ class Loop:
                 _, m = loss("sft", s_out.logits, s_out.logits, arrays["targets"])
             else:  # the same source as training (a teacher of another tokenizer reads its own tokens)
                 teacher = teacher_source_of(self.teacher_source(self, mb, arrays, None))
-                routed = getattr(teacher, "groups", None)  # per-teacher KL where rows name theirs
-                _, m = loss("fkl", s_out.logits, teacher, arrays["targets"], temperature=1.0,
-                            groups=None if routed is None else (routed[0], len(routed[1])))
-                if routed is not None:
-                    m.update(per_group([1.0], [m], routed[1]))
+                groups, names = routing(teacher)  # per-teacher KL where rows name theirs
+                _, m = loss("fkl", s_out.logits, teacher, arrays["targets"], temperature=1.0, groups=groups)
+                if names:
+                    m.update(per_group([1.0], [m], names))
             means.add(m, m["tokens"])
         r = means.result()
         out = {"eval/loss": r.get("nll", float("nan")), "eval/tokens": r.get("tokens", 0.0)}
