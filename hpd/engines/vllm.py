@@ -104,12 +104,15 @@ class Engine:
             llm.llm_engine.engine_core.shutdown()
 
 
-def start(model: str, options: EngineOptions = EngineOptions(), **engine_args) -> Engine:
-    """An engine for `model` (a local folder or hub id) in this process; `engine_args` are
-    more vllm.LLM arguments (enable_lora=True, say). The process's RNG states, thread count
-    and environment are as they were before."""
+def start(model: str, options: EngineOptions = EngineOptions(), env: dict[str, str] | None = None,
+          **engine_args) -> Engine:
+    """An engine for `model` (a local folder or hub id) in this process; `env`: environment
+    variables vLLM reads while it starts; `engine_args` are more vllm.LLM arguments
+    (enable_lora=True, say). The process's RNG states, thread count and environment are as
+    they were before."""
     vllm = import_vllm()
-    saved = _process_state()
+    saved = _process_state(tuple(env or ()))
+    os.environ.update(env or {})
     try:
         llm = vllm.LLM(model=str(model), **{**options.engine_args(vllm), **engine_args})
     finally:
@@ -117,12 +120,12 @@ def start(model: str, options: EngineOptions = EngineOptions(), **engine_args) -
     return Engine(llm, str(model), options)
 
 
-def _process_state() -> dict:
+def _process_state(env_keys: tuple[str, ...] = ()) -> dict:
     import torch
 
     return {"torch_rng": torch.get_rng_state(), "numpy_rng": np.random.get_state(), "random": random.getstate(),
             "threads": torch.get_num_threads(), "set_num_threads": torch.set_num_threads,
-            "env": {k: os.environ.get(k) for k in _ENGINE_ENV}}
+            "env": {k: os.environ.get(k) for k in (*_ENGINE_ENV, *env_keys)}}
 
 
 def _restore(saved: dict) -> None:

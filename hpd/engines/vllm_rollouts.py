@@ -19,8 +19,6 @@ and recomputes it later (slower, the same tokens).
 from __future__ import annotations
 
 import json
-import os
-from contextlib import contextmanager
 from pathlib import Path
 
 from hpd.engines import vllm as engines
@@ -43,21 +41,6 @@ def position_limit(folder: str) -> int:
     return int(json.loads((source / "config.json").read_text()).get("max_position_embeddings") or 0)
 
 
-@contextmanager
-def _env(key: str, value: str | None):
-    """os.environ[key] = value meanwhile (None: left as it is)."""
-    saved = os.environ.get(key)
-    if value is not None:
-        os.environ[key] = value
-    try:
-        yield
-    finally:
-        if value is not None and saved is None:
-            os.environ.pop(key, None)
-        elif value is not None:
-            os.environ[key] = saved
-
-
 class StudentEngine:
     """An engine on the student's architecture, loaded with the student's weights on request."""
 
@@ -70,8 +53,8 @@ class StudentEngine:
         as long as the run's rows may pass the model's max_position_embeddings, as the
         trainer's own forward does; vLLM allows that only when asked."""
         longer = options.max_model_len > position_limit(folder) > 0
-        with _env("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "1" if longer else None):
-            return cls(engines.start(folder, options), eos)
+        return cls(engines.start(folder, options, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"} if longer else None),
+                   eos)
 
     @property
     def max_model_len(self) -> int:
